@@ -1,0 +1,135 @@
+"""
+One client connection, whatever its transport: size check, parsing, the
+move rate limit and dispatch to the hub. WebSocket and SockJS adapters feed
+it frames and give it a way to send and close; the rules live here once.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from . import wire
+from .hub import Frame, Hub, Member, Subscriber
+
+DEFAULT_RATE = 10.0
+# A client still over the rate limit after this many seconds is closed.
+RATE_CLOSE_AFTER = 5.0
+
+
+class MoveLimiter:
+    """
+    Token bucket of `rate` moves a second (bursts up to `rate`), plus the
+    protocol's rules for the excess: drop it, warn at most once a second,
+    close when it goes on for `close_after` seconds.
+    """
+
+    ACCEPT, DROP, WARN, CLOSE = range(4)
+
+    def __init__(self, clock: IReactorTime, rate: float,
+                 close_after: float = RATE_CLOSE_AFTER) -> None:
+        self.clock = clock
+        self.rate = rate
+        self.capacity = max(1.0, rate)
+        self.close_after = close_after
+        self.tokens = self.capacity
+        self.updated = clock.seconds()
+        self.streak_started: Optional[float] = None
+        self.last_drop = -1e18
+        self.last_warning = -1e18
+
+    def check(self) -> int:
+        now = self.clock.seconds()
+        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return self.ACCEPT
+        if self.streak_started is None or now - self.last_drop > 1.0:
+            self.streak_started = now
+        self.last_drop = now
+        if now - self.streak_started >= self.close_after:
+            return self.CLOSE
+        if now - self.last_warning >= 1.0:
+            self.last_warning = now
+            return self.WARN
+        return self.DROP
+
+
+class Client:
+    """The protocol state of one connection to one map."""
+
+    log = Logger()
+
+    def __init__(self, hub: Hub, map_name: str, transport: Subscriber, *,
+                 rate: float = DEFAULT_RATE) -> None:
+        self.hub = hub
+        self.transport = transport
+        self.limiter = MoveLimiter(hub.clock, rate)
+        self.closed = False
+        self.member: Member = hub.join(map_name, transport)
+
+    @property
+    def id(self) -> str:
+        return self.member.id
+
+    def message_received(self, payload: Union[bytes, str], binary: bool = False) -> None:
+        """Handle one client frame; bad input becomes an error frame."""
+        if self.closed:
+            return
+        size = len(payload) if isinstance(payload, bytes) else len(payload.encode("utf-8"))
+        if size > wire.MAX_MESSAGE_BYTES:
+            self._reject(wire.TOO_BIG, f"message over {wire.MAX_MESSAGE_BYTES} bytes")
+            self.close(wire.CLOSE_TOO_BIG, "message too big")
+            return
+        if binary:
+            self._reject(wire.BAD_MESSAGE, "binary frames are not part of the protocol")
+            return
+        try:
+            message = wire.parse(payload)
+        except wire.ProtocolError as error:
+            self._reject(error.code, error.message)
+            return
+        if isinstance(message, wire.Move):
+            self._move(message)
+        elif isinstance(message, wire.Hello):
+            self.member.hello(message.name)
+        else:
+            self.member.set_view(message.bbox)
+
+    def _move(self, move: wire.Move) -> None:
+        verdict = self.limiter.check()
+        if verdict == MoveLimiter.ACCEPT:
+            self.member.move(move)
+            return
+        self.hub.stats.reject(wire.RATE_LIMITED)
+        if verdict == MoveLimiter.WARN:
+            self._send_error(wire.RATE_LIMITED,
+                             f"more than {self.limiter.rate:g} moves a second; excess dropped")
+        elif verdict == MoveLimiter.CLOSE:
+            self._send_error(wire.RATE_LIMITED, "rate limit exceeded for too long")
+            self.close(wire.CLOSE_POLICY, "rate limit exceeded")
+
+    def _reject(self, code: str, message: str) -> None:
+        self.hub.stats.reject(code)
+        self._send_error(code, message)
+
+    def _send_error(self, code: str, message: str) -> None:
+        self.transport.send_frame(Frame(wire.encode_error(code, message)))
+
+    def close(self, code: int, reason: str) -> None:
+        if not self.closed:
+            self.closed = True
+            self.transport.close(code, reason)
+
+    def pause(self) -> None:
+        self.member.pause()
+
+    def resume(self) -> None:
+        self.member.resume()
+
+    def connection_lost(self) -> None:
+        self.closed = True
+        self.member.leave()

@@ -1,0 +1,74 @@
+"""
+Prometheus metrics: a registry per server, read from the hub's plain
+counters at scrape time so the hot path never touches a metric object.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .hub import Hub
+
+# Per-map series are capped so that many maps cannot blow up the scrape.
+MAX_MAP_SERIES = 20
+
+
+class HubCollector(Collector):
+    """Reads the hub's counters and sizes when Prometheus scrapes."""
+
+    def __init__(self, hub: Hub, extra: Callable[[], Iterator[Metric]] = lambda: iter(())) -> None:
+        self.hub = hub
+        self.extra = extra
+
+    def collect(self) -> Iterator[Metric]:
+        hub, stats = self.hub, self.hub.stats
+        yield GaugeMetricFamily("livemap_connections", "Open client connections.",
+                                value=hub.connection_count())
+        yield CounterMetricFamily("livemap_connections_opened", "Client connections opened.",
+                                  value=stats.connections_opened)
+        yield GaugeMetricFamily("livemap_maps", "Maps with connections or pins.",
+                                value=len(hub.maps))
+        yield GaugeMetricFamily("livemap_pins_total", "Pins on all maps.",
+                                value=sum(len(m.pins) for m in hub.maps.values()))
+        per_map = GaugeMetricFamily(
+            "livemap_pins", f"Pins per map (the {MAX_MAP_SERIES} busiest maps).",
+            labels=["map"])
+        busiest = sorted(hub.maps.values(), key=lambda m: len(m.pins), reverse=True)
+        for map_state in busiest[:MAX_MAP_SERIES]:
+            per_map.add_metric([map_state.name], len(map_state.pins))
+        yield per_map
+        yield CounterMetricFamily("livemap_moves_accepted", "Moves accepted.",
+                                  value=stats.moves_accepted)
+        rejected = CounterMetricFamily("livemap_messages_rejected",
+                                       "Client messages rejected, by error code.",
+                                       labels=["code"])
+        for code, count in sorted(stats.rejected.items()):
+            rejected.add_metric([code], count)
+        yield rejected
+        yield CounterMetricFamily("livemap_frames_sent", "Frames sent to clients.",
+                                  value=stats.frames_sent)
+        yield CounterMetricFamily("livemap_bytes_sent", "Payload bytes sent to clients.",
+                                  value=stats.bytes_sent)
+        yield CounterMetricFamily("livemap_ticks", "Fan-out ticks run.", value=stats.ticks)
+        yield CounterMetricFamily("livemap_slow_skips",
+                                  "Ticks a congested client was skipped for.",
+                                  value=stats.slow_skips)
+        yield CounterMetricFamily("livemap_slow_closes",
+                                  "Clients closed for not reading.",
+                                  value=stats.slow_closes)
+        yield from self.extra()
+
+
+def make_registry(hub: Hub) -> tuple[CollectorRegistry, Histogram]:
+    """A fresh registry for one server (tests run several in one process)."""
+    registry = CollectorRegistry()
+    registry.register(HubCollector(hub))
+    tick_seconds = Histogram(
+        "livemap_tick_seconds", "Time one map's fan-out tick took.",
+        buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+        registry=registry)
+    return registry, tick_seconds

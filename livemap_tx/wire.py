@@ -1,0 +1,217 @@
+"""
+The livemap wire protocol (../shared/PROTOCOL.md, version 1): parse and
+validate client messages, encode server messages.
+
+Pure functions and small value classes: nothing here knows about sockets or
+Twisted, so the rules can be tested (and fuzzed) directly.
+
+Encoding is built for fan-out: a pin's JSON is encoded once per accepted
+state (`pin_json`) and whole messages are assembled by joining those
+fragments, so one update serves every subscriber without re-encoding.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Iterable, Optional, Union
+
+import orjson
+
+MAX_MESSAGE_BYTES = 4096
+MAX_NAME_CHARS = 64
+MAX_SEQ = 2**53
+MAP_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+DEFAULT_MAP = "public"
+
+# Error codes of the protocol's error table.
+BAD_JSON = "bad_json"
+BAD_MESSAGE = "bad_message"
+OUT_OF_RANGE = "out_of_range"
+RATE_LIMITED = "rate_limited"
+TOO_BIG = "too_big"
+
+# Close codes (RFC 6455) the protocol uses.
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_INTERNAL_ERROR = 1011
+
+
+def is_map_name(name: str) -> bool:
+    """A map name is 1 to 64 characters of A-Z a-z 0-9 _ -."""
+    return MAP_NAME.fullmatch(name) is not None
+
+
+class ProtocolError(Exception):
+    """A client message was rejected; `code` is the protocol's error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+BBox = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    lat: float
+    lng: float
+    heading: Optional[float]
+    accuracy: Optional[float]
+    seq: Optional[int]
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    """bbox is (west, south, east, north); None is the whole world."""
+
+    bbox: Optional[BBox]
+
+
+Message = Union[Move, Hello, View]
+
+
+def _loads(payload: Union[bytes, str]) -> object:
+    try:
+        return orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        # orjson is strict; the standard parser also reads NaN, Infinity and
+        # integers beyond 64 bits, which must be answered with out_of_range
+        # rather than bad_json.  Only the error path pays for it.
+        try:
+            return json.loads(payload)
+        except (ValueError, RecursionError):
+            raise ProtocolError(BAD_JSON, "frame is not valid JSON") from None
+
+
+def _number(obj: dict, key: str, low: float, high: float, *,
+            high_open: bool = False, optional: bool = False) -> Optional[float]:
+    value = obj.get(key)
+    if value is None:
+        if optional:
+            return None
+        raise ProtocolError(BAD_MESSAGE, f"'{key}' is required")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ProtocolError(BAD_MESSAGE, f"'{key}' must be a number")
+    if isinstance(value, int):
+        value = float(value) if abs(value) < 2**63 else math.inf
+    if not math.isfinite(value) or value < low or value > high or (
+            high_open and value >= high):
+        bound = ")" if high_open else "]"
+        raise ProtocolError(
+            OUT_OF_RANGE, f"'{key}' must be a finite number in [{low:g}, {high:g}{bound}")
+    return value
+
+
+def _parse_move(obj: dict) -> Move:
+    lat = _number(obj, "lat", -90.0, 90.0)
+    lng = _number(obj, "lng", -180.0, 180.0)
+    heading = _number(obj, "heading", 0.0, 360.0, high_open=True, optional=True)
+    accuracy = _number(obj, "accuracy", 0.0, math.inf, optional=True)
+    seq = obj.get("seq")
+    if seq is not None:
+        if isinstance(seq, bool) or not isinstance(seq, int):
+            raise ProtocolError(BAD_MESSAGE, "'seq' must be an integer")
+        if not 0 <= seq < MAX_SEQ:
+            raise ProtocolError(OUT_OF_RANGE, "'seq' must be in [0, 2^53)")
+    assert lat is not None and lng is not None
+    return Move(lat, lng, heading, accuracy, seq)
+
+
+def _parse_hello(obj: dict) -> Hello:
+    name = obj.get("name")
+    if not isinstance(name, str):
+        raise ProtocolError(BAD_MESSAGE, "'name' must be a string")
+    name = name.strip()
+    if not 1 <= len(name) <= MAX_NAME_CHARS:
+        raise ProtocolError(
+            BAD_MESSAGE, f"'name' must be 1 to {MAX_NAME_CHARS} characters after trimming")
+    return Hello(name)
+
+
+def _parse_view(obj: dict) -> View:
+    if "bbox" not in obj:
+        raise ProtocolError(BAD_MESSAGE, "'bbox' is required (null for the whole world)")
+    bbox = obj["bbox"]
+    if bbox is None:
+        return View(None)
+    if not isinstance(bbox, list) or len(bbox) != 4:
+        raise ProtocolError(BAD_MESSAGE, "'bbox' must be [west, south, east, north] or null")
+    box = {"west": bbox[0], "south": bbox[1], "east": bbox[2], "north": bbox[3]}
+    west = _number(box, "west", -180.0, 180.0)
+    south = _number(box, "south", -90.0, 90.0)
+    east = _number(box, "east", -180.0, 180.0)
+    north = _number(box, "north", -90.0, 90.0)
+    assert west is not None and south is not None and east is not None and north is not None
+    if south > north:
+        raise ProtocolError(OUT_OF_RANGE, "'bbox' south must not be above north")
+    return View((west, south, east, north))
+
+
+_PARSERS = {"move": _parse_move, "hello": _parse_hello, "view": _parse_view}
+
+
+def parse(payload: Union[bytes, str]) -> Message:
+    """
+    Parse one client frame into a message, or raise ProtocolError with the
+    protocol's code. The size limit is the transport's job (it must answer
+    before buffering a huge frame); this function assumes a bounded input.
+    """
+    obj = _loads(payload)
+    if not isinstance(obj, dict):
+        raise ProtocolError(BAD_JSON, "frame is not a JSON object")
+    kind = obj.get("type")
+    parser = _PARSERS.get(kind) if isinstance(kind, str) else None
+    if parser is None:
+        raise ProtocolError(BAD_MESSAGE, "unknown or missing 'type'")
+    return parser(obj)
+
+
+def in_bbox(bbox: BBox, lat: float, lng: float) -> bool:
+    """Whether a point is inside a box; WEST > EAST crosses the antimeridian."""
+    west, south, east, north = bbox
+    if not south <= lat <= north:
+        return False
+    if west <= east:
+        return west <= lng <= east
+    return lng >= west or lng <= east
+
+
+# Encoding.  Messages are assembled from pre-encoded pin fragments.
+
+def pin_json(pin_id: str, lat: float, lng: float, heading: Optional[float],
+             accuracy: Optional[float], name: Optional[str], seq: Optional[int],
+             ts: int) -> bytes:
+    """One PIN object, encoded once per accepted state."""
+    return orjson.dumps({
+        "id": pin_id, "lat": lat, "lng": lng, "heading": heading,
+        "accuracy": accuracy, "name": name, "seq": seq, "ts": ts,
+    })
+
+
+def encode_welcome(client_id: str, pins: Iterable[bytes]) -> bytes:
+    return b"".join((b'{"type":"welcome","id":', orjson.dumps(client_id),
+                     b',"pins":[', b",".join(pins), b"]}"))
+
+
+def encode_update(pins: Iterable[bytes], gone: list[str]) -> bytes:
+    return b"".join((b'{"type":"update","pins":[', b",".join(pins),
+                     b'],"gone":', orjson.dumps(gone), b"}"))
+
+
+def encode_snapshot(pins: Iterable[bytes]) -> bytes:
+    return b"".join((b'{"type":"snapshot","pins":[', b",".join(pins), b"]}"))
+
+
+def encode_error(code: str, message: str) -> bytes:
+    return orjson.dumps({"type": "error", "code": code, "message": message})

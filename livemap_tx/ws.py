@@ -1,0 +1,149 @@
+"""
+The WebSocket transport: Autobahn frames in, hub frames out.
+
+Every limit is set explicitly (STYLE.md): message size, handshake timeout,
+pings, no permessage-deflate (it would force a per-client encode on the
+broadcast path). Flow control uses Twisted's producer API: when a client's
+write buffer fills, Twisted pauses us and the hub skips that client until
+it drains.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+from twisted.internet.interfaces import IPushProducer
+
+from . import wire
+from .client import DEFAULT_RATE, Client
+from .hub import Frame, Hub
+
+# Autobahn drops anything larger without reading it; between 4 KiB and this
+# bound the client gets the protocol's `too_big` error before the close.
+FRAME_LIMIT = 64 * 1024
+WS_PREFIX = "/ws/"
+
+
+def map_from_path(path: str) -> Optional[str]:
+    """The map name of a WebSocket request path, or None if it is not one."""
+    if not path.startswith(WS_PREFIX):
+        return None
+    name = path[len(WS_PREFIX):]
+    return name if wire.is_map_name(name) else None
+
+
+@implementer(IPushProducer)
+class _FlowControl:
+    """Relays Twisted's pause/resume of the TCP transport to the hub."""
+
+    def __init__(self, protocol: LiveMapProtocol) -> None:
+        self.protocol = protocol
+
+    def pauseProducing(self) -> None:
+        client = self.protocol.client
+        if client is not None:
+            client.pause()
+
+    def resumeProducing(self) -> None:
+        client = self.protocol.client
+        if client is not None:
+            client.resume()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class LiveMapProtocol(WebSocketServerProtocol):
+    """One browser or app on one map."""
+
+    client: Optional[Client] = None
+    map_name: str = wire.DEFAULT_MAP
+    factory: LiveMapFactory
+
+    def onConnect(self, request):  # noqa: N802 (Autobahn's name)
+        map_name = map_from_path(request.path)
+        if map_name is None:
+            raise ConnectionDeny(404, "no such map")
+        self.map_name = map_name
+        return None
+
+    def onOpen(self) -> None:  # noqa: N802
+        try:
+            self.client = Client(self.factory.hub, self.map_name, self,
+                                 rate=self.factory.rate)
+            transport = self.transport
+            assert transport is not None
+            # twisted.web's channel was the transport's producer; it is ours now.
+            transport.unregisterProducer()
+            transport.registerProducer(_FlowControl(self), True)
+            self.factory.protocols.add(self)
+            self.factory.log.info(
+                "client {client} opened on map {map} from {peer}",
+                client=self.client.id, map=self.map_name, peer=self.peer)
+        except Exception:
+            self.factory.log.failure("could not open a client on map {map}", map=self.map_name)
+            self.sendClose(wire.CLOSE_INTERNAL_ERROR, "internal error")
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:  # noqa: N802,N803
+        if self.client is not None:
+            self.client.message_received(payload, isBinary)
+
+    def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:  # noqa: N802,N803
+        client, self.client = self.client, None
+        self.factory.protocols.discard(self)
+        if client is not None:
+            client.connection_lost()
+            self.factory.log.info(
+                "client {client} closed on map {map}: {code} {reason}",
+                client=client.id, map=self.map_name, code=code, reason=reason)
+
+    # The hub's Subscriber interface.
+
+    def send_frame(self, frame: Frame) -> None:
+        factory = self.factory
+        prepared = frame.cache.get(factory)
+        if prepared is None:
+            prepared = frame.cache[factory] = factory.prepareMessage(frame.payload)
+        if self.state == WebSocketServerProtocol.STATE_OPEN:
+            self.sendPreparedMessage(prepared)
+
+    def close(self, code: int, reason: str) -> None:
+        if self.state == WebSocketServerProtocol.STATE_OPEN:
+            self.sendClose(code, reason)
+
+
+class LiveMapFactory(WebSocketServerFactory):
+    """Builds one protocol per connection and keeps the shared settings."""
+
+    protocol = LiveMapProtocol
+    log = Logger()
+
+    def __init__(self, hub: Hub, reactor: IReactorTime, *, rate: float = DEFAULT_RATE,
+                 ping_interval: float = 30.0, ping_timeout: float = 30.0,
+                 handshake_timeout: float = 10.0) -> None:
+        super().__init__(reactor=reactor)
+        self.hub = hub
+        self.rate = rate
+        self.protocols: set[LiveMapProtocol] = set()
+        self.setProtocolOptions(
+            maxFramePayloadSize=FRAME_LIMIT,
+            maxMessagePayloadSize=FRAME_LIMIT,
+            openHandshakeTimeout=handshake_timeout,
+            closeHandshakeTimeout=2.0,
+            autoPingInterval=ping_interval,
+            autoPingTimeout=ping_timeout,
+            autoPingRestartOnAnyTraffic=True,
+            perMessageCompressionAccept=lambda offers: None,
+            tcpNoDelay=True,
+            failByDrop=False,
+        )
+
+    def close_all(self, code: int = wire.CLOSE_GOING_AWAY,
+                  reason: str = "server shutting down") -> None:
+        for protocol in list(self.protocols):
+            protocol.close(code, reason)
