@@ -1,0 +1,440 @@
+"""
+The map page in a real headless Chromium against a real `twistd livemap`.
+
+Playwright's sync API blocks, so the server runs as a subprocess (the
+`twistd_server` fixture). Nothing leaves the machine: map tiles are answered
+with a small local PNG (or aborted, to play "no internet"), and any other
+request to a host that is not the server fails the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import struct
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+from urllib.parse import urlsplit
+
+import pytest
+
+sync_api = pytest.importorskip("playwright.sync_api")
+from playwright.sync_api import Browser, BrowserContext, Page, expect  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
+ROOT = Path(__file__).resolve().parent.parent
+SCREENSHOT = ROOT / "docs" / "screenshot.png"
+# Generous: waits end as soon as the page gets there; this only bounds a hang.
+WAIT_MS = 20_000
+
+BERLIN = {"latitude": 52.5200, "longitude": 13.4050, "accuracy": 12}
+NEARBY = {"latitude": 52.5155, "longitude": 13.3940, "accuracy": 20}
+
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                                reason="Debian chromium is not installed")
+
+
+def tile_png(size: int = 256) -> bytes:
+    """A made-up street tile (land, a park, a grid of roads): offline, yet it reads as a map."""
+    land, park, casing, road = (242, 239, 233), (205, 235, 176), (214, 208, 200), (255, 255, 255)
+
+    def colour(x: int, y: int) -> tuple[int, int, int]:
+        for centre, half in ((64, 5), (192, 5), (128, 2)):
+            for v in (x, y):
+                distance = abs(v - centre)
+                if distance <= half:
+                    return road
+                if distance <= half + 1:
+                    return casing
+        if 140 <= x <= 180 and 140 <= y <= 180:
+            return park
+        return land
+
+    rows = b"".join(b"\x00" + b"".join(bytes(colour(x, y)) for x in range(size))
+                    for y in range(size))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    header = struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b""))
+
+
+TILE = tile_png()
+
+
+def is_tile(url: str) -> bool:
+    return urlsplit(url).hostname == "tile.openstreetmap.org"
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def base_url(request: pytest.FixtureRequest) -> str:
+    """The server under test: LIVEMAP_TEST_URL if set (a server run by hand), else twistd."""
+    given = os.environ.get("LIVEMAP_TEST_URL")
+    if given:
+        return given.rstrip("/")
+    return request.getfixturevalue("twistd_server").url
+
+
+@pytest.fixture
+def map_name() -> str:
+    """A map of this test's own, so tests never see each other's pins."""
+    return "t-" + secrets.token_hex(6)
+
+
+@dataclass
+class Viewer:
+    """One person: a browser context with its page and everything that went wrong in it."""
+
+    context: BrowserContext
+    page: Page
+    problems: list[str] = field(default_factory=list)
+    third_party: list[str] = field(default_factory=list)
+
+    def state(self) -> dict[str, Any]:
+        return self.page.evaluate("window.livemap.state()")
+
+    def pin(self, pin_id: str) -> Optional[dict[str, Any]]:
+        return self.page.evaluate("(id) => window.livemap.pin(id)", pin_id)
+
+    def wait(self, predicate: str, arg: Any = None) -> None:
+        self.page.wait_for_function(predicate, arg=arg, timeout=WAIT_MS)
+
+    def own_id(self) -> str:
+        self.wait("() => window.livemap && window.livemap.state().connected")
+        return self.state()["id"]
+
+    def assert_clean(self) -> None:
+        assert self.problems == [], "\n".join(self.problems)
+        assert self.third_party == [], f"third-party requests: {self.third_party}"
+
+
+def open_viewer(browser: Browser, url: str, *, geolocation: Optional[dict] = None,
+                grant: bool = True, name: Optional[str] = None, tiles: str = "local",
+                viewport: Optional[dict] = None, mobile: bool = False,
+                before_load: Optional[Callable[[Page], None]] = None) -> Viewer:
+    """Open the page in a fresh context, watching for errors and stray requests."""
+    context = browser.new_context(
+        geolocation=geolocation, permissions=["geolocation"] if grant else [],
+        viewport=viewport or {"width": 1100, "height": 640}, locale="en-US",
+        is_mobile=mobile, has_touch=mobile)
+    if name is not None:
+        context.add_init_script(f"localStorage.setItem('livemap.name', {json.dumps(name)})")
+    page = context.new_page()
+    viewer = Viewer(context, page)
+    server_host = urlsplit(url).hostname
+
+    def route(route: Any) -> None:
+        request_url = route.request.url
+        if is_tile(request_url):
+            if tiles == "local":
+                route.fulfill(status=200, content_type="image/png", body=TILE)
+            else:
+                route.abort("internetdisconnected")
+        elif urlsplit(request_url).scheme in ("http", "https") and \
+                urlsplit(request_url).hostname != server_host:
+            viewer.third_party.append(request_url)
+            route.abort()
+        else:
+            route.continue_()
+
+    def on_console(message: Any) -> None:
+        if message.type != "error":
+            return
+        if tiles != "local" and is_tile(message.location.get("url", "")):
+            return  # the expected noise of playing offline
+        viewer.problems.append(f"console error: {message.text} at {message.location}")
+
+    def on_failed(request: Any) -> None:
+        # Leaflet cancels tile loads it no longer needs; tiles are not the page.
+        if not is_tile(request.url):
+            viewer.problems.append(f"request failed: {request.url} ({request.failure})")
+
+    def on_response(response: Any) -> None:
+        if response.status >= 400:
+            viewer.problems.append(f"HTTP {response.status}: {response.url}")
+
+    context.route("**/*", route)
+    page.on("console", on_console)
+    page.on("pageerror", lambda error: viewer.problems.append(f"page error: {error}"))
+    page.on("requestfailed", on_failed)
+    page.on("response", on_response)
+    page.on("dialog", lambda dialog: (viewer.problems.append(f"dialog: {dialog.message}"),
+                                      dialog.dismiss()))
+    if before_load is not None:
+        before_load(page)
+    page.goto(url)
+    return viewer
+
+
+def pin_centre(viewer: Viewer, pin_id: str) -> tuple[float, float]:
+    box = viewer.page.locator(f'[data-pin-id="{pin_id}"]').bounding_box()
+    assert box is not None
+    return box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+
+
+def test_two_viewers_see_each_other_move_and_leave(
+        browser: Browser, base_url: str, map_name: str) -> None:
+    """The core promise: every viewer sees every pin, live, and pins go when people go."""
+    url = f"{base_url}/m/{map_name}"
+    ada = open_viewer(browser, url, geolocation=BERLIN, name="Ada")
+    grace = open_viewer(browser, url, geolocation=NEARBY, mobile=True,
+                        viewport={"width": 390, "height": 780})
+    ada_id, grace_id = ada.own_id(), grace.own_id()
+    assert ada_id != grace_id
+    grace.page.fill("#name", "Grace")  # a name typed in is sent as hello
+
+    for viewer, own in ((ada, ada_id), (grace, grace_id)):
+        expect(viewer.page.locator("[data-pin-id]")).to_have_count(2, timeout=WAIT_MS)
+        mine = viewer.page.locator("[data-pin-id].mine")
+        expect(mine).to_have_count(1)
+        expect(mine).to_have_attribute("data-pin-id", own)
+        expect(viewer.page.locator("#count")).to_have_text("2 people")
+        expect(viewer.page.locator("#status")).to_have_text("connected \u00b7 WebSocket")
+        assert sorted(viewer.state()["pins"]) == sorted([ada_id, grace_id])
+        assert viewer.state()["transport"] == "websocket"
+    expect(grace.page.locator(f'[data-pin-id="{ada_id}"] .pin-label')).to_have_text("Ada")
+    expect(ada.page.locator(f'[data-pin-id="{grace_id}"] .pin-label')).to_have_text(
+        "Grace", timeout=WAIT_MS)
+    # The first fix centres the map on the viewer, close enough to see a street.
+    assert ada.page.evaluate("document.querySelector('.mine').getBoundingClientRect().x") > 0
+
+    # A compass heading turns the dot into an arrow for everyone.
+    ada.page.evaluate("""window.dispatchEvent(new DeviceOrientationEvent(
+        'deviceorientationabsolute', {alpha: 300, beta: 0, gamma: 0, absolute: true}))""")
+    grace.wait("(id) => { const p = window.livemap.pin(id); return p && p.heading === 60; }",
+               ada_id)
+    arrow = grace.page.locator(f'[data-pin-id="{ada_id}"] .pin-arrow')
+    expect(arrow).to_be_visible()
+    expect(arrow).to_have_attribute("style", "transform: rotate(60deg);")
+    expect(grace.page.locator(f'[data-pin-id="{grace_id}"] .pin-dot')).to_be_visible()
+
+    # The README's picture: both pins with their names, everyone in view.
+    ada.page.click("#fit-all")
+    ada.page.wait_for_timeout(800)  # let the fly-to animation settle; not an assertion
+    SCREENSHOT.parent.mkdir(exist_ok=True)
+    ada.page.screenshot(path=str(SCREENSHOT))
+    for pin_id in (ada_id, grace_id):
+        x, y = pin_centre(ada, pin_id)
+        assert 0 < x < 1100 and 0 < y < 640, "fit-all left a pin out of view"
+
+    # Ada moves; Grace sees the same pin object move, not a new one.
+    before = pin_centre(grace, ada_id)
+    ada.context.set_geolocation({"latitude": 52.5230, "longitude": 13.4130})
+    grace.wait("(id) => { const p = window.livemap.pin(id);"
+               " return p && Math.abs(p.lat - 52.523) < 1e-9 && Math.abs(p.lng - 13.413) < 1e-9; }",
+               ada_id)
+    after = pin_centre(grace, ada_id)
+    assert after[0] > before[0] and after[1] < before[1], (before, after)  # north-east
+    expect(grace.page.locator("[data-pin-id]")).to_have_count(2)
+
+    # A name with HTML in it is text, on every screen.
+    evil = "<img src=x onerror=alert(1)><b>bold</b>"
+    ada.page.fill("#name", evil)
+    ada.page.press("#name", "Enter")
+    label = grace.page.locator(f'[data-pin-id="{ada_id}"] .pin-label')
+    expect(label).to_have_text(evil, timeout=WAIT_MS)
+    assert grace.page.locator(".leaflet-marker-pane img, .leaflet-marker-pane b").count() == 0
+    expect(ada.page.locator(".mine .pin-label")).to_have_text(evil, timeout=WAIT_MS)
+    assert ada.page.evaluate("localStorage.getItem('livemap.name')") == evil
+
+    for viewer in (ada, grace):
+        viewer.assert_clean()
+
+    # Grace leaves; her pin leaves Ada's map.
+    grace.context.close()
+    expect(ada.page.locator(f'[data-pin-id="{grace_id}"]')).to_have_count(0, timeout=WAIT_MS)
+    expect(ada.page.locator("[data-pin-id]")).to_have_count(1)
+    expect(ada.page.locator("#count")).to_have_text("1 person")
+    assert ada.state()["pins"] == [ada_id]
+    ada.assert_clean()
+    ada.context.close()
+
+
+def test_denied_location_lets_the_user_place_themselves(
+        browser: Browser, base_url: str, map_name: str) -> None:
+    """No permission and no internet: the page says so and a tap on the map places the pin."""
+    viewer = open_viewer(browser, f"{base_url}/m/{map_name}", grant=False, tiles="offline")
+    notice = viewer.page.locator("#notice")
+    expect(notice).to_be_visible(timeout=WAIT_MS)
+    expect(notice).to_contain_text("Tap the map to place yourself")
+    own = viewer.own_id()
+    expect(viewer.page.locator("[data-pin-id]")).to_have_count(0)
+
+    viewer.page.mouse.click(550, 330)
+    mine = viewer.page.locator(f'[data-pin-id="{own}"].mine')
+    expect(mine).to_have_count(1, timeout=WAIT_MS)
+    expect(notice).to_be_hidden()
+    x, y = pin_centre(viewer, own)
+    assert abs(x - 550) <= 2 and abs(y - 330) <= 2, (x, y)
+    pin = viewer.pin(own)
+    assert pin is not None and pin["accuracy"] is None and pin["heading"] is None
+
+    # Another tap moves the same pin.
+    viewer.page.mouse.click(300, 400)
+    viewer.wait("(id) => { const b = document.querySelector(`[data-pin-id='${id}']`)"
+                ".getBoundingClientRect(); return Math.abs(b.x + b.width / 2 - 300) <= 2; }", own)
+    expect(viewer.page.locator("[data-pin-id]")).to_have_count(1)
+    viewer.assert_clean()
+    viewer.context.close()
+
+
+class WebSocketTap:
+    """
+    Stands between the page and the server's WebSocket (Playwright's
+    route_web_socket): records what the page sends on each connection, and
+    can cut a connection or refuse them all, as a flaky network would.
+    """
+
+    def __init__(self, refuse: bool = False) -> None:
+        self.refuse = refuse
+        self.connections: list[dict[str, Any]] = []
+
+    def install(self, page: Page) -> None:
+        page.route_web_socket(re.compile(r"/ws/"), self._handle)
+
+    def _handle(self, route: Any) -> None:
+        if self.refuse:
+            self.connections.append({"route": route, "server": None, "sent": []})
+            route.close(code=1011, reason="blocked by the test")
+            return
+        server = route.connect_to_server()
+        record: dict[str, Any] = {"route": route, "server": server, "sent": []}
+        self.connections.append(record)
+
+        def from_page(message: str | bytes) -> None:
+            record["sent"].append(json.loads(message))
+            server.send(message)
+        route.on_message(from_page)
+
+    def moves(self, connection: int = -1) -> list[dict[str, Any]]:
+        return [m for m in self.connections[connection]["sent"] if m["type"] == "move"]
+
+    def cut(self, connection: int = -1) -> None:
+        record = self.connections[connection]
+        record["server"].close(code=1000)
+        record["route"].close(code=1001, reason="going away")
+
+
+def until(page: Page, condition: Callable[[], bool], what: str) -> None:
+    """Let Playwright deliver events until `condition` holds (bounded, never timed)."""
+    for _ in range(WAIT_MS // 50):
+        if condition():
+            return
+        page.wait_for_timeout(50)
+    raise AssertionError(f"gave up waiting for {what}")
+
+
+def set_compass(page: Page, heading: float) -> None:
+    page.evaluate("""(alpha) => window.dispatchEvent(new DeviceOrientationEvent(
+        'deviceorientationabsolute', {alpha, beta: 0, gamma: 0, absolute: true}))""",
+                  (360 - heading) % 360)
+
+
+def test_moves_are_throttled_and_small_turns_are_not_sent(
+        browser: Browser, base_url: str, map_name: str) -> None:
+    """At most `rate` moves a second with the latest state last; turns under 5 degrees stay home."""
+    tap = WebSocketTap()
+    viewer = open_viewer(browser, f"{base_url}/m/{map_name}", geolocation=BERLIN,
+                         before_load=tap.install)
+    viewer.own_id()
+    until(viewer.page, lambda: len(tap.moves()) >= 1, "the first move")
+    first = tap.moves()[0]
+    assert (first["lat"], first["lng"], first["accuracy"]) == (52.52, 13.405, 12)
+    assert first["heading"] is None
+
+    set_compass(viewer.page, 100)
+    until(viewer.page, lambda: tap.moves()[-1]["heading"] == 100, "heading 100")
+    sent_before = len(tap.moves())
+    viewer.page.wait_for_timeout(300)  # leave the throttle window, so a send would be at once
+
+    # 3 degrees: nothing. The hello right after marks the point a move would have been sent by.
+    set_compass(viewer.page, 103)
+    viewer.page.fill("#name", "marker")
+    viewer.page.press("#name", "Enter")
+    sent = tap.connections[-1]["sent"]
+    until(viewer.page, lambda: sent[-1] == {"type": "hello", "name": "marker"}, "the hello")
+    assert len(tap.moves()) == sent_before
+    set_compass(viewer.page, 106)  # 6 degrees from what was sent: goes
+    until(viewer.page, lambda: tap.moves()[-1]["heading"] == 106, "heading 106")
+    viewer.page.wait_for_timeout(300)
+
+    # Thirty turns in one go: the first is sent at once, the rest coalesce into the last.
+    burst_start = len(tap.moves())
+    viewer.page.evaluate("""() => { for (let i = 1; i <= 30; i++) {
+        window.dispatchEvent(new DeviceOrientationEvent('deviceorientationabsolute',
+            {alpha: (360 - (106 + 10 * i) % 360) % 360, beta: 0, gamma: 0, absolute: true}));
+    } }""")
+    final = (106 + 300) % 360
+    until(viewer.page, lambda: tap.moves()[-1]["heading"] == final, "the trailing move")
+    burst = tap.moves()[burst_start:]
+    assert [m["heading"] for m in burst] == [116, final]
+    viewer.page.fill("#name", "marker two")
+    viewer.page.press("#name", "Enter")
+    until(viewer.page, lambda: sent[-1] == {"type": "hello", "name": "marker two"}, "a hello")
+    assert len(tap.moves()) == burst_start + 2
+
+    seqs = [m["seq"] for m in tap.moves()]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    viewer.assert_clean()
+    viewer.context.close()
+
+
+def test_reconnects_after_a_drop_and_says_who_and_where_again(
+        browser: Browser, base_url: str, map_name: str) -> None:
+    """A dropped connection clears the pins, backs off, and rebuilds from a new welcome."""
+    tap = WebSocketTap()
+    viewer = open_viewer(browser, f"{base_url}/m/{map_name}", geolocation=BERLIN,
+                         name="Ada", before_load=tap.install)
+    first_id = viewer.own_id()
+    expect(viewer.page.locator(".mine")).to_have_count(1, timeout=WAIT_MS)
+
+    tap.cut()
+    expect(viewer.page.locator("#status")).to_contain_text("reconnecting in", timeout=WAIT_MS)
+    expect(viewer.page.locator("[data-pin-id]")).to_have_count(0)
+    assert viewer.state()["connected"] is False
+
+    viewer.wait("(old) => { const s = window.livemap.state();"
+                " return s.connected && s.id !== old && s.pins.includes(s.id); }", first_id)
+    assert len(tap.connections) == 2
+    sent = tap.connections[1]["sent"]
+    assert {"type": "hello", "name": "Ada"} in sent
+    assert [(m["lat"], m["lng"]) for m in tap.moves(1)] == [(52.52, 13.405)]
+    expect(viewer.page.locator(f'[data-pin-id="{first_id}"]')).to_have_count(0)
+    expect(viewer.page.locator(".mine .pin-label")).to_have_text("Ada", timeout=WAIT_MS)
+    expect(viewer.page.locator("#status")).to_have_text("connected \u00b7 WebSocket")
+    viewer.assert_clean()
+    viewer.context.close()
+
+
+def test_forced_websocket_does_not_fall_back(
+        browser: Browser, base_url: str, map_name: str) -> None:
+    """?transport=websocket means exactly that: a blocked WebSocket is retried, not replaced."""
+    tap = WebSocketTap(refuse=True)
+    viewer = open_viewer(browser, f"{base_url}/m/{map_name}?transport=websocket",
+                         geolocation=BERLIN, before_load=tap.install)
+    sockjs_requests: list[str] = []
+    viewer.page.on("request", lambda r: "sockjs" in r.url and sockjs_requests.append(r.url))
+    expect(viewer.page.locator("#status")).to_contain_text("reconnecting in", timeout=WAIT_MS)
+    until(viewer.page, lambda: len(tap.connections) >= 2, "a second try")
+    assert sockjs_requests == []
+    assert viewer.state()["connected"] is False
+    viewer.assert_clean()
+    viewer.context.close()
