@@ -12,7 +12,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from . import wire
-from .hub import Frame, Hub, Member, Subscriber
+from .hub import Hub, Member, Subscriber
 
 DEFAULT_RATE = 10.0
 # A client still over the rate limit after this many seconds is closed.
@@ -117,7 +117,7 @@ class Client:
         self._send_error(code, message)
 
     def _send_error(self, code: str, message: str) -> None:
-        self.transport.send_frame(Frame(wire.encode_error(code, message)))
+        self.member.send(wire.encode_error(code, message))
 
     def close(self, code: int, reason: str) -> None:
         if not self.closed:

@@ -177,6 +177,10 @@ class Member:
     def leave(self) -> None:
         self.map.leave(self)
 
+    def send(self, payload: bytes) -> None:
+        """A message for this member alone (an error, say), counted like the rest."""
+        self.map._send(self, payload)
+
 
 class MapState:
     """The pins and subscribers of one map."""

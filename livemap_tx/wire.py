@@ -120,6 +120,10 @@ def _parse_move(obj: dict) -> Move:
     accuracy = _number(obj, "accuracy", 0.0, math.inf, optional=True)
     seq = obj.get("seq")
     if seq is not None:
+        # A JSON number with an integral value is an integer, however written
+        # (5.0, or a huge integer that the parser read as a float).
+        if isinstance(seq, float) and seq.is_integer():
+            seq = int(seq) if seq < MAX_SEQ else MAX_SEQ
         if isinstance(seq, bool) or not isinstance(seq, int):
             raise ProtocolError(BAD_MESSAGE, "'seq' must be an integer")
         if not 0 <= seq < MAX_SEQ:

@@ -14,6 +14,7 @@ from typing import Optional
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
+from autobahn.util import encode_truncate
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -87,7 +88,7 @@ class LiveMapProtocol(WebSocketServerProtocol):
                 client=self.client.id, map=self.map_name, peer=self.peer)
         except Exception:
             self.factory.log.failure("could not open a client on map {map}", map=self.map_name)
-            self.sendClose(wire.CLOSE_INTERNAL_ERROR, "internal error")
+            self.close(wire.CLOSE_INTERNAL_ERROR, "internal error")
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:  # noqa: N802,N803
         if self.client is not None:
@@ -113,8 +114,9 @@ class LiveMapProtocol(WebSocketServerProtocol):
             self.sendPreparedMessage(prepared)
 
     def close(self, code: int, reason: str) -> None:
+        """Close with any protocol code; Autobahn's sendClose only allows 1000 and 3000+."""
         if self.state == WebSocketServerProtocol.STATE_OPEN:
-            self.sendClose(code, reason)
+            self.sendCloseFrame(code=code, reasonUtf8=encode_truncate(reason, 123), isReply=False)
 
 
 class LiveMapFactory(WebSocketServerFactory):

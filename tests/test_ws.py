@@ -1,0 +1,219 @@
+"""The WebSocket endpoint over real sockets on 127.0.0.1 (PROTOCOL.md end to end)."""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+
+from conftest import deferLater, start_server, stop_server
+from wsclient import connect
+
+MOVE = {"type": "move", "lat": 48.85, "lng": 2.35, "heading": 90, "accuracy": 5, "seq": 1}
+
+
+def pin_ids(message: dict) -> set:
+    return {pin["id"] for pin in message["pins"]}
+
+
+@pytest_twisted.ensureDeferred
+async def test_welcome_then_moves_reach_every_client(server):
+    """Welcome comes first; a move reaches every client, the sender included."""
+    alice = await connect(server.ws_url("walk"))
+    welcome = await alice.next()
+    assert welcome["type"] == "welcome" and welcome["pins"] == [] and welcome["id"]
+    bob = await connect(server.ws_url("walk"))
+    bob_welcome = await bob.next("welcome")
+    assert bob_welcome["id"] != welcome["id"]
+
+    alice.send(MOVE)
+    for client in (alice, bob):
+        update = await client.next("update")
+        assert update["gone"] == []
+        [pin] = update["pins"]
+        assert pin["id"] == welcome["id"]
+        assert (pin["lat"], pin["lng"], pin["heading"], pin["accuracy"], pin["seq"]) == (
+            48.85, 2.35, 90, 5, 1)
+        assert pin["name"] is None and isinstance(pin["ts"], int)
+
+    carol = await connect(server.ws_url("walk"))
+    assert pin_ids(await carol.next("welcome")) == {welcome["id"]}
+    for client in (alice, bob, carol):
+        client.close()
+        await client.wait_closed()
+
+
+@pytest_twisted.ensureDeferred
+async def test_maps_are_separate(server):
+    alice = await connect(server.ws_url("one"))
+    await alice.next("welcome")
+    bob = await connect(server.ws_url("two"))
+    await bob.next("welcome")
+    alice.send(MOVE)
+    await alice.next("update")
+    carol = await connect(server.ws_url("two"))
+    assert (await carol.next("welcome"))["pins"] == []
+    assert bob.messages == []
+    for client in (alice, bob, carol):
+        client.close()
+        await client.wait_closed()
+
+
+@pytest_twisted.ensureDeferred
+async def test_hello_names_the_pin_for_everyone(server):
+    alice = await connect(server.ws_url("names"))
+    me = (await alice.next("welcome"))["id"]
+    bob = await connect(server.ws_url("names"))
+    await bob.next("welcome")
+    alice.send({"type": "hello", "name": "  Alice  "})
+    alice.send(MOVE)
+    update = await bob.until(lambda m: m["type"] == "update" and m["pins"])
+    assert update["pins"][0]["name"] == "Alice"
+    alice.send({"type": "hello", "name": "Al"})
+    update = await bob.until(lambda m: m["type"] == "update" and m["pins"])
+    assert [(p["id"], p["name"]) for p in update["pins"]] == [(me, "Al")]
+    alice.close()
+    bob.close()
+    await alice.wait_closed()
+    await bob.wait_closed()
+
+
+@pytest_twisted.ensureDeferred
+async def test_closed_connection_pin_is_gone_for_everyone(server):
+    alice = await connect(server.ws_url("leave"))
+    alice_id = (await alice.next("welcome"))["id"]
+    bob = await connect(server.ws_url("leave"))
+    await bob.next("welcome")
+    alice.send(MOVE)
+    await bob.next("update")
+    alice.abort()
+    update = await bob.until(lambda m: m["type"] == "update" and m["gone"])
+    assert update["gone"] == [alice_id]
+    bob.close()
+    await bob.wait_closed()
+
+
+@pytest_twisted.ensureDeferred
+async def test_view_snapshot_and_filtered_updates(server):
+    """A view limits what is sent; leaving the box reads as gone."""
+    watcher = await connect(server.ws_url("views"))
+    await watcher.next("welcome")
+    mover = await connect(server.ws_url("views"))
+    mover_id = (await mover.next("welcome"))["id"]
+    mover.send({"type": "move", "lat": 10, "lng": 10})
+    await watcher.next("update")
+    watcher.send({"type": "view", "bbox": [170, -10, -170, 10]})  # across the antimeridian
+    assert (await watcher.next("snapshot"))["pins"] == []
+    mover.send({"type": "move", "lat": 1, "lng": 179.5})
+    update = await watcher.until(lambda m: m["type"] == "update" and m["pins"])
+    assert pin_ids(update) == {mover_id}
+    mover.send({"type": "move", "lat": 1, "lng": 0})
+    update = await watcher.until(lambda m: m["type"] == "update" and m["gone"])
+    assert update["gone"] == [mover_id] and update["pins"] == []
+    watcher.send({"type": "view", "bbox": None})
+    assert pin_ids(await watcher.next("snapshot")) == {mover_id}
+    for client in (watcher, mover):
+        client.close()
+        await client.wait_closed()
+
+
+@pytest.mark.parametrize("payload, code", [
+    (b"not json", "bad_json"),
+    (b"[1, 2]", "bad_json"),
+    (b'{"type": "jump"}', "bad_message"),
+    (b'{"type": "move", "lat": "north", "lng": 0}', "bad_message"),
+    (b'{"type": "move", "lat": 91, "lng": 0}', "out_of_range"),
+    (b'{"type": "move", "lat": NaN, "lng": 0}', "out_of_range"),
+    (b'{"type": "move", "lat": 1e999, "lng": 0}', "out_of_range"),
+    (b'{"type": "hello", "name": "   "}', "bad_message"),
+])
+@pytest_twisted.ensureDeferred
+async def test_bad_frames_get_errors_and_the_connection_stays(server, payload, code):
+    client = await connect(server.ws_url())
+    await client.next("welcome")
+    client.send_raw(payload)
+    error = await client.next("error")
+    assert error["code"] == code and error["message"]
+    client.send(MOVE)  # still served
+    assert (await client.next("update"))["pins"]
+    client.close()
+    await client.wait_closed()
+
+
+@pytest_twisted.ensureDeferred
+async def test_binary_frame_is_bad_message(server):
+    client = await connect(server.ws_url())
+    await client.next("welcome")
+    client.send_raw(b'{"type": "move", "lat": 1, "lng": 1}', binary=True)
+    assert (await client.next("error"))["code"] == "bad_message"
+    client.close()
+    await client.wait_closed()
+
+
+@pytest.mark.parametrize("size", [4097, 100_000])
+@pytest_twisted.ensureDeferred
+async def test_too_big_closes_with_1009(server, size):
+    client = await connect(server.ws_url())
+    await client.next("welcome")
+    client.send_raw(b'{"type":"hello","name":"' + b"x" * size + b'"}')
+    code, _ = await client.wait_closed()
+    assert code == 1009
+    if size < 65536:
+        assert any(m.get("code") == "too_big" for m in client.messages)
+
+
+@pytest_twisted.ensureDeferred
+async def test_rate_limit_drops_excess_and_warns_once(server):
+    client = await connect(server.ws_url("rate"))
+    await client.next("welcome")
+    for seq in range(30):
+        client.send({**MOVE, "seq": seq})
+    error = await client.next("error")
+    assert error["code"] == "rate_limited"
+    await deferLater(0.3)
+    errors = [m for m in client.messages if m["type"] == "error"]
+    assert errors == []  # at most one such error a second
+    seqs = [pin["seq"] for m in client.messages if m["type"] == "update" for pin in m["pins"]]
+    assert seqs and max(seqs) < 30 and seqs == sorted(seqs)
+    client.close()
+    await client.wait_closed()
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_map_name_refuses_the_upgrade(server):
+    with pytest.raises(Exception):
+        await connect(server.ws_url("no.such"))
+    with pytest.raises(Exception):
+        await connect(server.ws_url("x" * 65))
+
+
+@pytest_twisted.ensureDeferred
+async def test_shutdown_closes_clients_with_1001():
+    live = await start_server()
+    client = await connect(live.ws_url())
+    await client.next("welcome")
+    await stop_server(live)
+    code, _ = await client.wait_closed()
+    assert code == 1001
+
+
+@pytest_twisted.ensureDeferred
+async def test_silent_peer_is_closed_after_ping_timeout():
+    """A connection that answers no ping is dropped and its pin goes."""
+    live = await start_server("--ping", "1")
+    try:
+        watcher = await connect(live.ws_url("ping"))
+        await watcher.next("welcome")
+        silent = await connect(live.ws_url("ping"))
+        silent_id = (await silent.next("welcome"))["id"]
+        silent.send(MOVE)
+        await watcher.next("update")
+        # Stop reading: no pongs go back.
+        silent.protocol.transport.pauseProducing()
+        update = await watcher.until(lambda m: m["type"] == "update" and m["gone"], timeout=10)
+        assert update["gone"] == [silent_id]
+        silent.protocol.transport.resumeProducing()
+        watcher.close()
+        await watcher.wait_closed()
+        await silent.wait_closed()
+    finally:
+        await stop_server(live)
