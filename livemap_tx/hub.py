@@ -75,7 +75,7 @@ class Pin:
     """The latest accepted state of one connection's position."""
 
     __slots__ = ("id", "lat", "lng", "heading", "accuracy", "name", "seq", "ts",
-                 "sent_lat", "sent_lng", "cell", "_json")
+                 "origin", "version", "sent_lat", "sent_lng", "cell", "_json")
 
     def __init__(self, pin_id: str) -> None:
         self.id = pin_id
@@ -86,6 +86,10 @@ class Pin:
         self.name: Optional[str] = None
         self.seq: Optional[int] = None
         self.ts = 0
+        # None for a pin of this process; else the node that owns it.
+        self.origin: Optional[str] = None
+        # Counts the owner's changes, so a stale remote state never wins.
+        self.version = 0
         # Position as of the last tick, to tell which views it has left.
         self.sent_lat: Optional[float] = None
         self.sent_lng: Optional[float] = None
@@ -193,8 +197,8 @@ class MapState:
         self.pins: dict[str, Pin] = {}
         self.members: dict[str, Member] = {}
         self.dirty: set[str] = set()
-        # Pins removed since the last tick, with where they were last sent.
-        self.gone: list[tuple[str, Optional[float], Optional[float]]] = []
+        # Pins removed since the last tick (they know where they were last sent).
+        self.gone: list[Pin] = []
         self.world: set[Member] = set()
         self.groups: dict[BBox, ViewGroup] = {}
         self.view_cells: dict[tuple[int, int], set[ViewGroup]] = {}
@@ -224,15 +228,50 @@ class MapState:
         if pin is not None:
             member.pin = None
             self.remove_pin(pin)
-        if not self.members and not self.pins:
-            self.hub.forget(self)
+        self._forget_if_empty()
 
     def remove_pin(self, pin: Pin) -> None:
         del self.pins[pin.id]
         self.dirty.discard(pin.id)
         self._unindex_pin(pin)
-        self.gone.append((pin.id, pin.sent_lat, pin.sent_lng))
+        self.gone.append(pin)
         self._schedule()
+
+    def _forget_if_empty(self) -> None:
+        if not self.members and not self.pins:
+            self.hub.forget(self)
+
+    def apply_remote(self, origin: str, states: Iterable[dict], gone: Iterable[str]) -> None:
+        """States and departures of pins owned by another node."""
+        pins = self.pins
+        for state in states:
+            pin = pins.get(state["id"])
+            if pin is None:
+                pin = pins[state["id"]] = Pin(state["id"])
+                pin.origin = origin
+                pin.version = -1
+            elif pin.origin != origin or state["version"] <= pin.version:
+                continue
+            pin.version = state["version"]
+            pin.lat, pin.lng = state["lat"], state["lng"]
+            pin.heading, pin.accuracy = state["heading"], state["accuracy"]
+            pin.name, pin.seq, pin.ts = state["name"], state["seq"], state["ts"]
+            pin._json = None
+            self._index_pin(pin)
+            self._mark(pin)
+        for pin_id in gone:
+            pin = pins.get(pin_id)
+            if pin is not None and pin.origin == origin:
+                self.remove_pin(pin)
+        self._forget_if_empty()
+
+    def drop_origin(self, origin: str) -> int:
+        """Remove every pin of a node that is gone; returns how many."""
+        dropped = [pin for pin in self.pins.values() if pin.origin == origin]
+        for pin in dropped:
+            self.remove_pin(pin)
+        self._forget_if_empty()
+        return len(dropped)
 
     # Client messages
 
@@ -245,6 +284,7 @@ class MapState:
         pin.lat, pin.lng = move.lat, move.lng
         pin.heading, pin.accuracy, pin.seq = move.heading, move.accuracy, move.seq
         pin.ts = int(self.hub.clock.seconds() * 1000)
+        pin.version += 1
         pin._json = None
         self._index_pin(pin)
         self.hub.stats.moves_accepted += 1
@@ -255,6 +295,7 @@ class MapState:
         pin = member.pin
         if pin is not None and pin.name != name:
             pin.name = name
+            pin.version += 1
             pin._json = None
             self._mark(pin)
 
@@ -334,17 +375,23 @@ class MapState:
         self.gone = []
         if self.world:
             self._broadcast(self.world, wire.encode_update(
-                [pin.json() for pin in changed], [pin_id for pin_id, _, _ in gone]))
+                [pin.json() for pin in changed], [pin.id for pin in gone]))
         if self.groups:
             self._fan_out_views(changed, gone)
         if self.slow:
             self._note_missed(changed, gone, started)
+        publisher = self.hub.publisher
+        if publisher is not None:
+            local = [pin for pin in changed if pin.origin is None]
+            local_gone = [pin.id for pin in gone if pin.origin is None]
+            if local or local_gone:
+                publisher(self.name, local, local_gone)
         for pin in changed:
             pin.sent_lat, pin.sent_lng = pin.lat, pin.lng
         self.hub.tick_observer(clock.seconds() - started)
 
     def _fan_out_views(self, changed: list[Pin],
-                       gone: list[tuple[str, Optional[float], Optional[float]]]) -> None:
+                       gone: list[Pin]) -> None:
         touched: set[ViewGroup] = set()
         cells = self.view_cells
         for pin in changed:
@@ -362,12 +409,13 @@ class MapState:
                 else:
                     continue
                 touched.add(group)
-        for pin_id, lat, lng in gone:
+        for pin in gone:
+            lat, lng = pin.sent_lat, pin.sent_lng
             if lat is None or lng is None:
                 continue
             for group in cells.get(_cell(lat, lng), ()):
                 if in_bbox(group.bbox, lat, lng):
-                    group.gone.append(pin_id)
+                    group.gone.append(pin.id)
                     touched.add(group)
         for group in touched:
             self._broadcast(group.members, wire.encode_update(group.pins, group.gone))
@@ -375,10 +423,10 @@ class MapState:
             group.gone = []
 
     def _note_missed(self, changed: list[Pin],
-                     gone: list[tuple[str, Optional[float], Optional[float]]],
+                     gone: list[Pin],
                      now: float) -> None:
         ids = [pin.id for pin in changed]
-        ids.extend(pin_id for pin_id, _, _ in gone)
+        ids.extend(pin.id for pin in gone)
         stats = self.hub.stats
         timeout = self.hub.slow_timeout
         limit = self.hub.max_missed
@@ -471,15 +519,40 @@ class Hub:
         self.max_missed = max_missed
         self.tick_observer = tick_observer
         self.new_id = new_id
+        # Set by a backplane: called once per map tick with this node's
+        # changed pins and departed pin ids, to share them with other nodes.
+        self.publisher: Optional[Callable[[str, list[Pin], list[str]], None]] = None
         self.maps: dict[str, MapState] = {}
         self.stats = Stats()
 
-    def join(self, map_name: str, subscriber: Subscriber) -> Member:
-        """Add a connection to a map; it is sent its welcome at once."""
+    def map(self, map_name: str) -> MapState:
         map_state = self.maps.get(map_name)
         if map_state is None:
             map_state = self.maps[map_name] = MapState(self, map_name)
-        return map_state.join(subscriber)
+        return map_state
+
+    def join(self, map_name: str, subscriber: Subscriber) -> Member:
+        """Add a connection to a map; it is sent its welcome at once."""
+        return self.map(map_name).join(subscriber)
+
+    def apply_remote(self, map_name: str, origin: str, states: Iterable[dict],
+                     gone: Iterable[str] = ()) -> None:
+        """
+        Pins owned by node `origin`: each state is a dict with the PIN keys
+        plus `version`; older versions than the one held are ignored.
+        """
+        self.map(map_name).apply_remote(origin, states, gone)
+
+    def drop_origin(self, origin: str) -> int:
+        """A node died or was cut off: its pins leave every map."""
+        return sum(m.drop_origin(origin) for m in list(self.maps.values()))
+
+    def local_pins(self) -> Iterator[tuple[str, Pin]]:
+        """This node's own pins, to publish again after a reconnect."""
+        for map_state in self.maps.values():
+            for pin in map_state.pins.values():
+                if pin.origin is None:
+                    yield map_state.name, pin
 
     def forget(self, map_state: MapState) -> None:
         """An empty map costs nothing: drop it (it is made again on demand)."""

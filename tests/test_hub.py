@@ -301,3 +301,60 @@ def test_pins_api_view(hub, clock):
     [pin] = hub.pins("m")
     assert (pin["lat"], pin["lng"], pin["seq"]) == (3, 4, 2)
     assert hub.pins("nowhere") == []
+
+
+def remote(pin_id, version, lat=1.0, lng=2.0, name=None, seq=None, ts=5):
+    return {"id": pin_id, "version": version, "lat": lat, "lng": lng, "heading": None,
+            "accuracy": None, "name": name, "seq": seq, "ts": ts}
+
+
+def test_remote_pins_fan_out_and_join_the_welcome(hub, clock):
+    watcher, out = join(hub)
+    out.take()
+    hub.apply_remote("m", "node-b", [remote("r1", 1, seq=1)])
+    clock.advance(1)
+    assert [p["id"] for p in out.take()[0]["pins"]] == ["r1"]
+    _, late_out = join(hub)
+    assert [p["id"] for p in late_out.take()[0]["pins"]] == ["r1"]
+
+
+def test_stale_remote_states_never_win(hub, clock):
+    _, out = join(hub)
+    hub.apply_remote("m", "node-b", [remote("r1", 5, lat=5.0)])
+    hub.apply_remote("m", "node-b", [remote("r1", 4, lat=4.0)])
+    hub.apply_remote("m", "node-c", [remote("r1", 9, lat=9.0)])  # not its owner
+    assert hub.pins("m")[0]["lat"] == 5.0
+
+
+def test_publisher_gets_only_local_changes_once_per_tick(hub, clock):
+    published = []
+    hub.publisher = lambda name, pins, gone: published.append(
+        (name, [(p.id, p.version) for p in pins], gone))
+    alice, _ = join(hub)
+    bob, _ = join(hub)
+    alice.move(move())
+    alice.move(move())
+    hub.apply_remote("m", "node-b", [remote("r1", 1)])
+    clock.advance(1)
+    assert published == [("m", [("id0", 2)], [])]
+    hub.apply_remote("m", "node-b", [], ["r1"])
+    clock.advance(1)
+    assert len(published) == 1  # remote departures are not re-published
+    alice.leave()
+    clock.advance(1)
+    assert published[-1] == ("m", [], ["id0"])
+
+
+def test_drop_origin_removes_a_dead_nodes_pins(hub, clock):
+    _, out = join(hub)
+    hub.apply_remote("m", "node-b", [remote("r1", 1), remote("r2", 1)])
+    hub.apply_remote("other", "node-b", [remote("r3", 1)])
+    hub.apply_remote("m", "node-c", [remote("r4", 1)])
+    clock.advance(1)
+    out.take()
+    assert hub.drop_origin("node-b") == 3
+    clock.advance(1)
+    assert sorted(out.take()[0]["gone"]) == ["r1", "r2"]
+    assert [p["id"] for p in hub.pins("m")] == ["r4"]
+    assert "other" not in hub.maps
+    assert [(name, pin.id) for name, pin in hub.local_pins()] == []
