@@ -20,6 +20,7 @@ from .client import DEFAULT_RATE
 from .hub import Hub
 from .metrics import make_registry
 from .pirate import PirateFactory
+from .sockjs_endpoint import sockjs_resource
 from .web import OSM_ATTRIBUTION, OSM_TILES, LiveMapSite
 from .ws import LiveMapFactory
 
@@ -139,8 +140,10 @@ def make_server(reactor: Any, options: Options) -> tuple[Hub, LiveMapFactory, Li
     hub.tick_observer = tick_seconds.observe
     factory = LiveMapFactory(hub, reactor, rate=options["rate"],
                              ping_interval=options["ping"], ping_timeout=options["ping"])
+    sockjs = sockjs_resource(hub, reactor, rate=options["rate"], ping=options["ping"])
     site = LiveMapSite(hub, WebSocketResource(factory), registry, tiles=options["tiles"],
-                       attribution=options["attribution"], rate=options["rate"])
+                       attribution=options["attribution"], rate=options["rate"],
+                       sockjs=sockjs)
     return hub, factory, site
 
 
