@@ -362,7 +362,10 @@ class Session:
             return
         now = self._clock.seconds()
         due = self._last_write + delay
-        if now + 1e-6 >= due:
+        if receiver.paused:
+            # Data is waiting in a full buffer: the line is not idle.
+            self._heartbeat_call = self._clock.callLater(delay, self._heartbeat_due)
+        elif now + 1e-6 >= due:
             self._write(receiver, frames.HEARTBEAT)
             if self._receiver is receiver:
                 self._heartbeat_call = self._clock.callLater(delay, self._heartbeat_due)
