@@ -111,7 +111,13 @@ class LiveMapProtocol(WebSocketServerProtocol):
         if prepared is None:
             prepared = frame.cache[factory] = factory.prepareMessage(frame.payload)
         if self.state == WebSocketServerProtocol.STATE_OPEN:
-            self.sendPreparedMessage(prepared)
+            # The prepared frame is complete wire bytes: write them directly.
+            # (sendPreparedMessage -> sendData formats debug log arguments on
+            # every call, which is most of the cost of a broadcast.)
+            if self.send_queue:
+                self.sendPreparedMessage(prepared)
+            else:
+                self.transport.write(prepared.payloadHybi)
 
     def close(self, code: int, reason: str) -> None:
         """Close with any protocol code; Autobahn's sendClose only allows 1000 and 3000+."""
