@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import struct
+import urllib.request
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,7 +215,9 @@ def test_two_viewers_see_each_other_move_and_leave(
     expect(ada.page.locator(f'[data-pin-id="{grace_id}"] .pin-label')).to_have_text(
         "Grace", timeout=WAIT_MS)
     # The first fix centres the map on the viewer, close enough to see a street.
-    assert ada.page.evaluate("document.querySelector('.mine').getBoundingClientRect().x") > 0
+    x, y = pin_centre(ada, ada_id)
+    assert abs(x - 550) <= 2 and abs(y - 320) <= 2, (x, y)
+    assert ada.state()["zoom"] == 15
 
     # A compass heading turns the dot into an arrow for everyone.
     ada.page.evaluate("""window.dispatchEvent(new DeviceOrientationEvent(
@@ -437,4 +440,89 @@ def test_forced_websocket_does_not_fall_back(
     assert sockjs_requests == []
     assert viewer.state()["connected"] is False
     viewer.assert_clean()
+    viewer.context.close()
+
+
+def require_sockjs(base_url: str, map_name: str) -> None:
+    try:
+        with urllib.request.urlopen(f"{base_url}/sockjs/{map_name}/info", timeout=5) as response:
+            if response.status == 200:
+                return
+    except OSError:
+        pass
+    pytest.skip("this server does not serve SockJS yet")
+
+
+def see_each_other(one: Viewer, other: Viewer) -> tuple[str, str]:
+    one_id, other_id = one.own_id(), other.own_id()
+    for viewer in (one, other):
+        viewer.wait("(ids) => { const s = window.livemap.state();"
+                    " return ids.every((id) => s.pins.includes(id)); }", [one_id, other_id])
+        expect(viewer.page.locator("[data-pin-id]")).to_have_count(2)
+    return one_id, other_id
+
+
+def test_blocked_websocket_falls_back_to_sockjs_unnoticed(
+        browser: Browser, base_url: str, map_name: str) -> None:
+    """A network that refuses WebSocket gets SockJS, and stays on it once it worked."""
+    require_sockjs(base_url, map_name)
+    url = f"{base_url}/m/{map_name}"
+    tap = WebSocketTap(refuse=True)
+    blocked = open_viewer(browser, url, geolocation=BERLIN, name="Behind a proxy",
+                          before_load=tap.install)
+    direct = open_viewer(browser, url, geolocation=NEARBY)
+    blocked_id, direct_id = see_each_other(blocked, direct)
+    state = blocked.state()
+    assert state["sockjs"] is True and state["transport"] == "xhr-streaming"
+    expect(blocked.page.locator("#status")).to_have_text("connected \u00b7 SockJS xhr-streaming")
+    expect(direct.page.locator(f'[data-pin-id="{blocked_id}"] .pin-label')).to_have_text(
+        "Behind a proxy", timeout=WAIT_MS)
+    assert len(tap.connections) == 1
+
+    blocked.context.set_geolocation({"latitude": 52.5210, "longitude": 13.4070})
+    direct.wait("(id) => { const p = window.livemap.pin(id);"
+                " return p && Math.abs(p.lat - 52.521) < 1e-9; }", blocked_id)
+    direct.context.set_geolocation({"latitude": 52.5160, "longitude": 13.3950})
+    blocked.wait("(id) => { const p = window.livemap.pin(id);"
+                 " return p && Math.abs(p.lat - 52.516) < 1e-9; }", direct_id)
+
+    # A send that fails drops the session; the reconnect is SockJS again, no new WebSocket try.
+    xhr_send = re.compile(r"/xhr_send(\?|$)")
+    blocked.page.route(xhr_send, lambda route: route.abort())
+    blocked.context.set_geolocation({"latitude": 52.5220, "longitude": 13.4080})
+    expect(blocked.page.locator("#status")).to_contain_text("reconnecting in", timeout=WAIT_MS)
+    blocked.page.unroute(xhr_send)
+    blocked.problems.clear()  # the failed send is this test's doing
+    blocked.wait("([old, other]) => { const s = window.livemap.state();"
+                 " return s.connected && s.id !== old && s.pins.includes(s.id)"
+                 " && s.pins.includes(other); }", [blocked_id, direct_id])
+    assert blocked.state()["transport"] == "xhr-streaming"
+    assert len(tap.connections) == 1
+    for viewer in (blocked, direct):
+        viewer.assert_clean()
+        viewer.context.close()
+
+
+@pytest.mark.parametrize("transport", ["xhr-streaming", "xhr-polling", "eventsource",
+                                       "htmlfile", "jsonp-polling", "sockjs-websocket"])
+def test_forced_sockjs_transport(
+        browser: Browser, base_url: str, map_name: str, transport: str) -> None:
+    """?transport=NAME uses SockJS with only that transport, and it carries the whole protocol."""
+    require_sockjs(base_url, map_name)
+    url = f"{base_url}/m/{map_name}"
+    viewer = open_viewer(browser, f"{url}?transport={transport}", geolocation=BERLIN)
+    other = open_viewer(browser, url, geolocation=NEARBY, name="Other")
+    viewer_id, other_id = see_each_other(viewer, other)
+    name = transport.removeprefix("sockjs-")
+    assert viewer.state()["transport"] == name and viewer.state()["sockjs"] is True
+    expect(viewer.page.locator("#status")).to_have_text(f"connected \u00b7 SockJS {name}")
+    expect(viewer.page.locator(f'[data-pin-id="{other_id}"] .pin-label')).to_have_text(
+        "Other", timeout=WAIT_MS)
+    other.context.set_geolocation({"latitude": 52.5170, "longitude": 13.3960})
+    viewer.wait("(id) => { const p = window.livemap.pin(id);"
+                " return p && Math.abs(p.lat - 52.517) < 1e-9; }", other_id)
+    viewer.assert_clean()
+    other.assert_clean()
+    other.context.close()
+    expect(viewer.page.locator("[data-pin-id]")).to_have_count(1, timeout=WAIT_MS)
     viewer.context.close()

@@ -56,12 +56,16 @@ const config = readConfig();
 const MOVE_INTERVAL_MS = 1000 / config.rate + 10;
 
 // ?transport=websocket forces the plain WebSocket; ?transport=sockjs forces
-// SockJS with its own choice of transports; any SockJS transport name forces
-// SockJS with only that transport.
-const forcedTransport = (() => {
+// SockJS with its own choice of transports; a SockJS transport name forces
+// SockJS with only that transport (sockjs-websocket: SockJS's websocket).
+// null: automatic (WebSocket, falling back to SockJS).
+const forced = (() => {
   const want = new URLSearchParams(location.search).get('transport');
   if (!want) return null;
-  if (want === 'websocket' || want === 'sockjs' || SOCKJS_TRANSPORTS.has(want)) return want;
+  if (want === 'websocket') return {sockjs: false};
+  if (want === 'sockjs') return {sockjs: true, transports: undefined};
+  if (want === 'sockjs-websocket') return {sockjs: true, transports: ['websocket']};
+  if (SOCKJS_TRANSPORTS.has(want)) return {sockjs: true, transports: [want]};
   console.warn(`livemap: unknown transport ${JSON.stringify(want)}, choosing automatically`);
   return null;
 })();
@@ -318,8 +322,9 @@ function onFix(pos) {
 }
 
 function letUserPlace(why) {
-  if (hadFix && !placeByClick && why === 'timeout') {
-    // We had a position; a slow next fix is no reason to interrupt anyone.
+  if (hadFix && !placeByClick && why !== 'denied') {
+    // We had a position: a slow or lost next fix (a tunnel) is no reason to
+    // interrupt anyone; the last position stands until a new one comes.
     return;
   }
   placeByClick = true;
@@ -451,7 +456,7 @@ let link = null; // {transport, sockjs, send(text), close()}
 let connected = false; // welcomed on the current link
 let attempt = 0; // bumps on every new link, so late events of an old one are ignored
 let failures = 0;
-let useSockjs = forcedTransport !== null && forcedTransport !== 'websocket';
+let useSockjs = forced !== null && forced.sockjs;
 let retryTimer = null;
 let retryAt = 0;
 let countdownTimer = null;
@@ -532,7 +537,7 @@ function linkDown(myAttempt, l, hadWelcome) {
   sendTimer = null;
   clearPins();
   // WebSocket never got as far as a welcome: quietly try SockJS at once.
-  if (!l.sockjs && !hadWelcome && forcedTransport === null) {
+  if (!l.sockjs && !hadWelcome && forced === null) {
     openSockjs();
     return;
   }
@@ -635,9 +640,7 @@ function openSockjs() {
   const pending = {sockjs: true, transport: 'sockjs'};
   loadSockjs().then((SockJS) => {
     if (myAttempt !== attempt) return;
-    let transports = SOCKJS_FALLBACK;
-    if (forcedTransport === 'sockjs') transports = undefined;
-    else if (forcedTransport !== null) transports = [forcedTransport];
+    const transports = forced !== null ? forced.transports : SOCKJS_FALLBACK;
     const sock = new SockJS(`${location.origin}${config.sockjsPath}`, null, {transports});
     const l = {
       transport: 'sockjs',
@@ -680,6 +683,7 @@ window.livemap = Object.freeze({
     connected,
     transport: connected && link ? link.transport : null,
     sockjs: Boolean(connected && link && link.sockjs),
+    zoom: map.getZoom(),
   }),
   pin: (id) => {
     const entry = pins.get(id);
