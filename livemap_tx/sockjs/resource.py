@@ -182,6 +182,9 @@ class SockJSResource(Resource):
             perMessageCompressionAccept=lambda offers: None,
             webStatus=False,
             utf8validateIncoming=True,
+            # Tell a client why it is cut off (1009, 1007...) instead of
+            # dropping the TCP connection without a word.
+            failByDrop=False,
         )
         self._ws_resource = WebSocketResource(self._ws_factory)
 

@@ -333,6 +333,11 @@ class SockJSWebSocketProtocol(WebSocketServerProtocol):
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         receiver = getattr(self, "_receiver", None)
         if receiver is not None:
+            if self.closedByMe and self.localCloseCode is not None:
+                # We closed it (a limit Autobahn enforces, say): our code
+                # says why, not the peer's echo.
+                code = self.localCloseCode
+                reason = (self.localCloseReason or b"").decode("utf-8", "replace")
             if code is None:
                 code, reason = CONNECTION_INTERRUPTED
             receiver.connection_closed(code, reason or "")
