@@ -8,11 +8,13 @@ point (/sockjs/{map}), exactly as ws.py does for WebSocket.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from . import wire
+from .admission import Admission, Refused
 from .client import Client
 from .hub import Frame, Hub
 from .sockjs import SockJSConnection, SockJSResource, quote
@@ -26,9 +28,29 @@ class SockJSClient:
 
     log = Logger()
 
-    def __init__(self, connection: SockJSConnection, hub: Hub, rate: float) -> None:
+    client: Optional[Client] = None
+    address: Optional[str] = None
+
+    def __init__(self, connection: SockJSConnection, hub: Hub, rate: float,
+                 admission: Admission) -> None:
         self.connection = connection
+        self.admission = admission
         self.map_name = connection.prefix[-1].decode("ascii")
+        headers = connection.headers
+        peer = connection.remote_address
+        try:
+            admission.check_origin(headers.get("origin"), headers.get("host"))
+            address = admission.client_address(
+                getattr(peer, "host", "unknown"), headers.get("x-forwarded-for"))
+            admission.acquire(address)
+        except Refused as refused:
+            # SockJS has no way to refuse before the session opens: close it
+            # at once with the policy code and the reason.
+            self.log.info("refused a SockJS session on map {map}: {reason}",
+                          map=self.map_name, reason=refused.reason)
+            connection.close(wire.CLOSE_POLICY, refused.reason)
+            return
+        self.address = address
         self.client = Client(hub, self.map_name, self, rate=rate)
         self.log.info("client {client} opened on map {map} over SockJS {transport}",
                       client=self.client.id, map=self.map_name,
@@ -37,18 +59,26 @@ class SockJSClient:
     # SockJSHandler
 
     def message_received(self, message: str) -> None:
-        self.client.message_received(message)
+        if self.client is not None:
+            self.client.message_received(message)
 
     def connection_lost(self, code: int, reason: str) -> None:
-        self.client.connection_lost()
-        self.log.info("client {client} closed on map {map}: {code} {reason}",
-                      client=self.client.id, map=self.map_name, code=code, reason=reason)
+        client, self.client = self.client, None
+        address, self.address = self.address, None
+        if address is not None:
+            self.admission.release(address)
+        if client is not None:
+            client.connection_lost()
+            self.log.info("client {client} closed on map {map}: {code} {reason}",
+                          client=client.id, map=self.map_name, code=code, reason=reason)
 
     def pause_writing(self) -> None:
-        self.client.pause()
+        if self.client is not None:
+            self.client.pause()
 
     def resume_writing(self) -> None:
-        self.client.resume()
+        if self.client is not None:
+            self.client.resume()
 
     # Subscriber
 
@@ -62,10 +92,11 @@ class SockJSClient:
         self.connection.close(code, reason)
 
 
-def sockjs_resource(hub: Hub, clock: IReactorTime, *, rate: float,
-                    ping: float = 30.0) -> SockJSResource:
+def sockjs_resource(hub: Hub, clock: IReactorTime, *, rate: float, ping: float = 30.0,
+                    admission: Optional[Admission] = None) -> SockJSResource:
     """The SockJS service mounted at /sockjs/{map} (one resource for every map)."""
+    shared = admission or Admission()
     factory: Callable[[SockJSConnection], SockJSClient] = (
-        lambda connection: SockJSClient(connection, hub, rate))
+        lambda connection: SockJSClient(connection, hub, rate, shared))
     return SockJSResource(factory, clock, websocket_ping_interval=ping,
                           websocket_ping_timeout=ping)

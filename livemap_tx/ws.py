@@ -15,12 +15,12 @@ from typing import Optional
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
 from autobahn.util import encode_truncate
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
-from twisted.internet.interfaces import IPushProducer
 
 from . import wire
+from .admission import Admission, Refused
 from .client import DEFAULT_RATE, Client
 from .hub import Frame, Hub
 
@@ -64,6 +64,8 @@ class LiveMapProtocol(WebSocketServerProtocol):
 
     client: Optional[Client] = None
     map_name: str = wire.DEFAULT_MAP
+    # The client address counted by admission, until the connection closes.
+    address: Optional[str] = None
     factory: LiveMapFactory
 
     def onConnect(self, request):  # noqa: N802 (Autobahn's name)
@@ -71,6 +73,18 @@ class LiveMapProtocol(WebSocketServerProtocol):
         if map_name is None:
             raise ConnectionDeny(404, "no such map")
         self.map_name = map_name
+        admission = self.factory.admission
+        headers = request.headers
+        transport = self.transport
+        assert transport is not None
+        try:
+            admission.check_origin(headers.get("origin"), headers.get("host"))
+            address = admission.client_address(transport.getPeer().host,
+                                               headers.get("x-forwarded-for"))
+            admission.acquire(address)
+        except Refused as refused:
+            raise ConnectionDeny(refused.status, refused.reason) from None
+        self.address = address
         return None
 
     def onOpen(self) -> None:  # noqa: N802
@@ -97,6 +111,9 @@ class LiveMapProtocol(WebSocketServerProtocol):
     def onClose(self, wasClean: bool, code: Optional[int], reason: Optional[str]) -> None:  # noqa: N802,N803
         client, self.client = self.client, None
         self.factory.protocols.discard(self)
+        address, self.address = self.address, None
+        if address is not None:
+            self.factory.admission.release(address)
         if client is not None:
             client.connection_lost()
             self.factory.log.info(
@@ -133,10 +150,12 @@ class LiveMapFactory(WebSocketServerFactory):
 
     def __init__(self, hub: Hub, reactor: IReactorTime, *, rate: float = DEFAULT_RATE,
                  ping_interval: float = 30.0, ping_timeout: float = 30.0,
-                 handshake_timeout: float = 10.0) -> None:
+                 handshake_timeout: float = 10.0,
+                 admission: Optional[Admission] = None) -> None:
         super().__init__(reactor=reactor)
         self.hub = hub
         self.rate = rate
+        self.admission = admission or Admission()
         self.protocols: set[LiveMapProtocol] = set()
         self.setProtocolOptions(
             maxFramePayloadSize=FRAME_LIMIT,

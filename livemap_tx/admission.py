@@ -1,0 +1,131 @@
+"""
+Who may open a live connection: the Origin check against cross-site
+WebSocket hijacking, and connection limits in total and per client address
+(the address read from X-Forwarded-For only when a trusted proxy sent it).
+
+Both transports (WebSocket and SockJS) ask the same `Admission` object, so a
+client cannot get around a limit by switching transport.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Iterable, Optional, Union
+from urllib.parse import urlsplit
+
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+DEFAULT_MAX_CONNECTIONS = 20_000
+DEFAULT_MAX_PER_IP = 200
+
+
+class Refused(Exception):
+    """A connection is not admitted; `status` is the HTTP code to answer with."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def _origin_netloc(value: str) -> Optional[str]:
+    """`host:port` of an origin (the scheme's default port if none is given)."""
+    try:
+        parts = urlsplit(value.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    default = 443 if parts.scheme == "https" else 80
+    return f"{parts.hostname.lower()}:{port or default}"
+
+
+def _same_origin(origin_netloc: str, host: str) -> bool:
+    """
+    Whether an Origin names the Host the client asked for. A Host without a
+    port matches the origin's host on any port: behind a TLS-terminating
+    proxy this process cannot tell the scheme the browser used.
+    """
+    try:
+        parts = urlsplit("//" + host.strip())
+        port = parts.port
+    except ValueError:
+        return False
+    hostname = (parts.hostname or "").lower()
+    origin_host, _, origin_port = origin_netloc.rpartition(":")
+    return hostname == origin_host and (port is None or str(port) == origin_port)
+
+
+def parse_networks(values: Iterable[str]) -> list[Network]:
+    """CIDR blocks or single addresses, as given to --trust-proxy."""
+    return [ipaddress.ip_network(value.strip(), strict=False) for value in values if value.strip()]
+
+
+class Admission:
+    """The admission rules of one server, and its count of open connections."""
+
+    def __init__(self, *, max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 max_per_ip: int = DEFAULT_MAX_PER_IP,
+                 allowed_origins: Iterable[str] = (),
+                 trusted_proxies: Iterable[Network] = ()) -> None:
+        self.max_connections = max_connections
+        self.max_per_ip = max_per_ip
+        self.allowed_origins = {n for n in map(_origin_netloc, allowed_origins) if n}
+        self.trusted_proxies = list(trusted_proxies)
+        self.total = 0
+        self.per_ip: dict[str, int] = {}
+
+    def check_origin(self, origin: Optional[str], host: Optional[str]) -> None:
+        """
+        A browser always sends Origin: it must be this server's own (the Host
+        it asked for) or an allowed one. No Origin means an app or a tool.
+        """
+        if origin is None:
+            return
+        netloc = _origin_netloc(origin)
+        if netloc is None:
+            raise Refused(403, "origin not allowed")
+        if netloc in self.allowed_origins:
+            return
+        if host is not None and _same_origin(netloc, host):
+            return
+        raise Refused(403, "origin not allowed")
+
+    def client_address(self, peer: str, forwarded_for: Optional[str]) -> str:
+        """The client's address: the peer, unless a trusted proxy says otherwise."""
+        if not forwarded_for or not self._trusted(peer):
+            return peer
+        # Walk from the nearest hop back; the first untrusted hop is the client.
+        hops = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()]
+        for hop in reversed(hops):
+            if not self._trusted(hop):
+                return hop
+        return hops[0] if hops else peer
+
+    def _trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self.trusted_proxies)
+
+    def acquire(self, address: str) -> None:
+        """Count a new connection from `address`, or refuse it."""
+        if self.total >= self.max_connections:
+            raise Refused(503, "server full")
+        count = self.per_ip.get(address, 0)
+        if count >= self.max_per_ip:
+            raise Refused(429, "too many connections from this address")
+        self.total += 1
+        self.per_ip[address] = count + 1
+
+    def release(self, address: str) -> None:
+        count = self.per_ip.get(address, 0)
+        if count <= 0:
+            return
+        self.total -= 1
+        if count == 1:
+            del self.per_ip[address]
+        else:
+            self.per_ip[address] = count - 1

@@ -1,0 +1,88 @@
+"""Origin checks and connection limits, as rules and on the real WebSocket endpoint."""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+
+from livemap_tx.admission import Admission, Refused, parse_networks
+from wsclient import connect
+
+
+@pytest.mark.parametrize("origin, host, ok", [
+    (None, "example.com", True),                       # apps and tools send no Origin
+    ("http://example.com", "example.com", True),
+    ("https://example.com", "example.com", True),      # TLS ended at a proxy
+    ("http://127.0.0.1:8080", "127.0.0.1:8080", True),
+    ("http://EXAMPLE.com:8080", "example.com:8080", True),
+    ("http://evil.example", "example.com", False),
+    ("http://localhost:9999", "localhost:8080", False),
+    ("https://example.com", "example.com:8443", False),
+    ("null", "example.com", False),
+    ("file://", "example.com", False),
+    ("http://example.com:notaport", "example.com", False),
+    ("http://friend.example", "example.com", True),    # --allow-origin
+])
+def test_origin_rules(origin, host, ok):
+    admission = Admission(allowed_origins=["http://friend.example"])
+    if ok:
+        admission.check_origin(origin, host)
+    else:
+        with pytest.raises(Refused) as refused:
+            admission.check_origin(origin, host)
+        assert refused.value.status == 403
+
+
+def test_forwarded_for_is_trusted_only_from_trusted_proxies():
+    admission = Admission(trusted_proxies=parse_networks(["10.0.0.0/8", "::1"]))
+    assert admission.client_address("203.0.113.9", "1.2.3.4") == "203.0.113.9"
+    assert admission.client_address("10.1.1.1", "1.2.3.4") == "1.2.3.4"
+    assert admission.client_address("10.1.1.1", "6.6.6.6, 1.2.3.4, 10.2.2.2") == "1.2.3.4"
+    assert admission.client_address("::1", None) == "::1"
+    assert admission.client_address("10.1.1.1", "garbage") == "garbage"
+
+
+def test_limits_per_address_and_in_total():
+    admission = Admission(max_connections=3, max_per_ip=2)
+    admission.acquire("a")
+    admission.acquire("a")
+    with pytest.raises(Refused) as refused:
+        admission.acquire("a")
+    assert refused.value.status == 429
+    admission.acquire("b")
+    with pytest.raises(Refused) as refused:
+        admission.acquire("c")
+    assert refused.value.status == 503
+    admission.release("a")
+    admission.acquire("c")
+    for address in ("a", "b", "c"):
+        admission.release(address)
+    admission.release("never-seen")
+    assert (admission.total, admission.per_ip) == (0, {})
+
+
+@pytest_twisted.ensureDeferred
+async def test_cross_site_websocket_is_refused_and_same_origin_allowed(server):
+    with pytest.raises(Exception):
+        await connect(server.ws_url(), origin="http://evil.example")
+    client = await connect(server.ws_url(), origin=server.url)
+    assert (await client.next())["type"] == "welcome"
+    client.close()
+    await client.wait_closed()
+
+
+@pytest_twisted.ensureDeferred
+async def test_per_address_limit_refuses_the_upgrade_and_frees_on_close(server):
+    server.factory.admission = Admission(max_per_ip=2)
+    first = await connect(server.ws_url())
+    second = await connect(server.ws_url())
+    with pytest.raises(Exception, match="429"):
+        await connect(server.ws_url())
+    first.close()
+    await first.wait_closed()
+    third = await connect(server.ws_url())
+    assert server.factory.admission.total == 2
+    for client in (second, third):
+        client.close()
+        await client.wait_closed()
+    assert server.factory.admission.total == 0
