@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
@@ -78,13 +78,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--interface", default="127.0.0.1")
     args = parser.parse_args(argv)
 
-    from twisted.internet import reactor
+    from twisted.internet import reactor as _reactor
 
+    reactor: Any = _reactor
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)])
-    site = Site(make_root(reactor))  # type: ignore[arg-type]
-    port = reactor.listenTCP(args.port, site, interface=args.interface)  # type: ignore[attr-defined]
+    site = Site(make_root(reactor))
+    port = reactor.listenTCP(args.port, site, interface=args.interface)
     log.info("SockJS conformance server on {host}:{port}", host=args.interface, port=port.getHost().port)
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.run()
 
 
 if __name__ == "__main__":

@@ -445,7 +445,7 @@ class SockJSResource(Resource):
 
     def _callback(self, request: Request) -> bytes | str:
         """The JSONP/htmlfile callback name, or the error text."""
-        args = request.args or {}
+        args: dict[bytes, list[bytes]] = request.args or {}
         values = args.get(b"c") or args.get(b"callback")
         if not values:
             return '"callback" parameter required'

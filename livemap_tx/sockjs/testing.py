@@ -119,11 +119,15 @@ class MemoryResponse:
 
     def pause(self) -> None:
         """The TCP send buffer filled up: the transport pauses its producer."""
-        self.transport.producer.pauseProducing()
+        producer = self.transport.producer
+        assert producer is not None
+        producer.pauseProducing()
 
     def resume(self) -> None:
         """The TCP send buffer drained."""
-        self.transport.producer.resumeProducing()
+        producer = self.transport.producer
+        assert producer is not None
+        producer.resumeProducing()
 
 
 class MemoryClient:

@@ -303,6 +303,7 @@ class SockJSWebSocketProtocol(WebSocketServerProtocol):
             self._receiver = WebSocketReceiver(self, context.raw)
             self._session = context.new_session(raw=context.raw)
             transport = self.transport
+            assert transport is not None
             # twisted.web's HTTPChannel is still registered on the transport
             # it handed over: swap in the receiver so a full send buffer
             # reaches the session.
@@ -368,6 +369,7 @@ class SockJSWebSocketFactory(WebSocketServerFactory):
 
     def buildProtocol(self, addr: Any) -> SockJSWebSocketProtocol:
         protocol = super().buildProtocol(addr)
+        assert isinstance(protocol, SockJSWebSocketProtocol)
         protocol.sockjs_context = self.next_context
         self.next_context = None
         return protocol
