@@ -13,6 +13,7 @@ from twisted.logger import Logger
 
 from . import wire
 from .hub import Hub, Member, Subscriber
+from .privacy import coarsen
 
 DEFAULT_RATE = 10.0
 # A client still over the rate limit after this many seconds is closed.
@@ -64,10 +65,13 @@ class Client:
     log = Logger()
 
     def __init__(self, hub: Hub, map_name: str, transport: Subscriber, *,
-                 rate: float = DEFAULT_RATE) -> None:
+                 rate: float = DEFAULT_RATE, precision: float = 0.0) -> None:
         self.hub = hub
         self.transport = transport
         self.limiter = MoveLimiter(hub.clock, rate)
+        # Metres positions are coarsened to: the server's, or the client's
+        # own wish if coarser.
+        self.server_precision = self.precision = precision
         self.closed = False
         self.member: Member = hub.join(map_name, transport)
 
@@ -95,6 +99,8 @@ class Client:
         if isinstance(message, wire.Move):
             self._move(message)
         elif isinstance(message, wire.Hello):
+            if message.precision is not None:
+                self.precision = max(self.server_precision, message.precision)
             self.member.hello(message.name)
         else:
             self.member.set_view(message.bbox)
@@ -102,6 +108,8 @@ class Client:
     def _move(self, move: wire.Move) -> None:
         verdict = self.limiter.check()
         if verdict == MoveLimiter.ACCEPT:
+            if self.precision > 0:
+                move = self._coarsened(move)
             self.member.move(move)
             return
         self.hub.stats.reject(wire.RATE_LIMITED)
@@ -111,6 +119,11 @@ class Client:
         elif verdict == MoveLimiter.CLOSE:
             self._send_error(wire.RATE_LIMITED, "rate limit exceeded for too long")
             self.close(wire.CLOSE_POLICY, "rate limit exceeded")
+
+    def _coarsened(self, move: wire.Move) -> wire.Move:
+        lat, lng = coarsen(move.lat, move.lng, self.precision)
+        accuracy = self.precision if move.accuracy is None else max(move.accuracy, self.precision)
+        return wire.Move(lat, lng, move.heading, accuracy, move.seq)
 
     def _reject(self, code: str, message: str) -> None:
         self.hub.stats.reject(code)

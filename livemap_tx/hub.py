@@ -30,6 +30,10 @@ _COLUMNS = int(360 / CELL_DEGREES)
 _ROWS = int(180 / CELL_DEGREES)
 
 
+class MapFull(Exception):
+    """A map (or the server) has as many members as it may have."""
+
+
 class Frame:
     """
     One encoded server message, shared by every subscriber it goes to.
@@ -210,6 +214,8 @@ class MapState:
     # Membership
 
     def join(self, subscriber: Subscriber) -> Member:
+        if len(self.members) >= self.hub.max_members:
+            raise MapFull("map full")
         member = Member(self.hub.new_id(), self, subscriber)
         self.members[member.id] = member
         self.world.add(member)
@@ -264,6 +270,18 @@ class MapState:
             if pin is not None and pin.origin == origin:
                 self.remove_pin(pin)
         self._forget_if_empty()
+
+    def expire_pins(self, older_than_ms: int) -> int:
+        """Remove this node's pins whose last fix is older than a bound."""
+        expired = [pin for pin in self.pins.values()
+                   if pin.origin is None and pin.ts < older_than_ms]
+        for pin in expired:
+            member = self.members.get(pin.id)
+            if member is not None:
+                member.pin = None
+            self.remove_pin(pin)
+        self._forget_if_empty()
+        return len(expired)
 
     def drop_origin(self, origin: str) -> int:
         """Remove every pin of a node that is gone; returns how many."""
@@ -511,12 +529,15 @@ class Hub:
 
     def __init__(self, clock: IReactorTime, *, tick_interval: float = 0.1,
                  slow_timeout: float = 30.0, max_missed: int = 20_000,
+                 max_members: int = 50_000, max_maps: int = 10_000,
                  tick_observer: Callable[[float], None] = lambda seconds: None,
                  new_id: Callable[[], str] = lambda: secrets.token_urlsafe(12)) -> None:
         self.clock = clock
         self.tick_interval = tick_interval
         self.slow_timeout = slow_timeout
         self.max_missed = max_missed
+        self.max_members = max_members
+        self.max_maps = max_maps
         self.tick_observer = tick_observer
         self.new_id = new_id
         # Set by a backplane: called once per map tick with this node's
@@ -525,11 +546,33 @@ class Hub:
         self.maps: dict[str, MapState] = {}
         self.stats = Stats()
 
-    def map(self, map_name: str) -> MapState:
+    def map(self, map_name: str, *, limited: bool = True) -> MapState:
+        """The state of a map, made on demand (up to `max_maps` if `limited`)."""
         map_state = self.maps.get(map_name)
         if map_state is None:
+            if limited and len(self.maps) >= self.max_maps:
+                raise MapFull("too many maps")
             map_state = self.maps[map_name] = MapState(self, map_name)
         return map_state
+
+    def can_join(self, map_name: str) -> bool:
+        """Whether a new connection to this map would be admitted now."""
+        map_state = self.maps.get(map_name)
+        if map_state is None:
+            return len(self.maps) < self.max_maps
+        return len(map_state.members) < self.max_members
+
+    def close_map(self, map_name: str, code: int, reason: str) -> None:
+        """Close every connection of a map (it expired, say)."""
+        map_state = self.maps.get(map_name)
+        if map_state is not None:
+            for member in list(map_state.members.values()):
+                member.subscriber.close(code, reason)
+
+    def expire_pins(self, max_age: float) -> int:
+        """Remove pins whose last fix is older than `max_age` seconds."""
+        bound = int((self.clock.seconds() - max_age) * 1000)
+        return sum(m.expire_pins(bound) for m in list(self.maps.values()))
 
     def join(self, map_name: str, subscriber: Subscriber) -> Member:
         """Add a connection to a map; it is sent its welcome at once."""
@@ -541,7 +584,9 @@ class Hub:
         Pins owned by node `origin`: each state is a dict with the PIN keys
         plus `version`; older versions than the one held are ignored.
         """
-        self.map(map_name).apply_remote(origin, states, gone)
+        # Not limited: another node admitted these pins, and dropping them
+        # here would leave this node's clients with a different map.
+        self.map(map_name, limited=False).apply_remote(origin, states, gone)
 
     def drop_origin(self, origin: str) -> int:
         """A node died or was cut off: its pins leave every map."""

@@ -19,6 +19,7 @@ from .client import Client
 from .hub import Frame, Hub
 from .sockjs import SockJSConnection, SockJSResource, quote
 
+SOCKJS_CLIENT_PATH = "/vendor/sockjs-client/sockjs.min.js"
 # Frame.cache key: a broadcast is quoted into a SockJS string once per tick.
 _QUOTED = object()
 
@@ -98,5 +99,6 @@ def sockjs_resource(hub: Hub, clock: IReactorTime, *, rate: float, ping: float =
     shared = admission or Admission()
     factory: Callable[[SockJSConnection], SockJSClient] = (
         lambda connection: SockJSClient(connection, hub, rate, shared))
+    # The iframe transports load the client from this server, never a CDN.
     return SockJSResource(factory, clock, websocket_ping_interval=ping,
-                          websocket_ping_timeout=ping)
+                          websocket_ping_timeout=ping, sockjs_url=SOCKJS_CLIENT_PATH)

@@ -6,19 +6,24 @@ SockJS resources (PROTOCOL.md's table of paths).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import orjson
 from klein import Klein
 from prometheus_client import CollectorRegistry
 from prometheus_client.twisted import MetricsResource
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource, NoResource
-from twisted.web.server import Request
+from twisted.web.server import Request, Site
 from twisted.web.static import File
 
 from . import wire
 from .hub import Hub
+from .maps import DirectoryFull, MapDirectory, parse_ttl
 
 WEB_ROOT = Path(__file__).resolve().parent.parent / "web"
 CONFIG_PLACEHOLDER = b'{"livemap": "config"}'
@@ -40,16 +45,98 @@ def script_json(value: object) -> bytes:
             .replace(b"&", b"\\u0026"))
 
 
+# Paths that carry a map name, for the access log: a private map's name is
+# its only key, so it never goes into a log.
+_MAP_IN_PATH = re.compile(rb"^(/(?:m|ws|sockjs|api/maps)/)(?!public(?:/|$))[^/?]+")
+
+
+def _log_escape(value: bytes) -> str:
+    return repr(value)[2:-1].replace('"', '\\"')
+
+
+def private_log_formatter(timestamp: str, request: Any) -> str:
+    """
+    The combined log format without what would leak where people are:
+    query strings, map names other than `public`, and referrers (map links).
+    """
+    address = request.getClientAddress()
+    path = request.uri.split(b"?", 1)[0]
+    path = _MAP_IN_PATH.sub(rb"\1*", path)
+    return '"%s" - - %s "%s %s %s" %d %s "-" "%s"' % (
+        _log_escape(getattr(address, "host", "-").encode()), timestamp,
+        _log_escape(request.method), _log_escape(path), _log_escape(request.clientproto),
+        request.code, request.sentLength or "-",
+        _log_escape(request.getHeader(b"user-agent") or b"-"))
+
+
+class BoundedChannel(HTTPChannel):
+    """
+    HTTP/1.1 with a deadline for each request's headers: a client that
+    dribbles them (slowloris), or keeps an idle connection, is cut off.
+    """
+
+    header_timeout = 20.0
+    _header_deadline: Optional[IDelayedCall] = None
+    log = Logger()
+
+    def connectionMade(self) -> None:  # noqa: N802 (Twisted's names)
+        super().connectionMade()
+        self._arm()
+
+    def allHeadersReceived(self) -> None:  # noqa: N802
+        self._disarm()
+        super().allHeadersReceived()
+
+    def requestDone(self, request: Request) -> None:  # noqa: N802
+        # Armed first: a pipelined request handled inside requestDone disarms it.
+        self._arm()
+        super().requestDone(request)
+
+    def connectionLost(self, reason: Any) -> None:  # noqa: N802
+        self._disarm()
+        super().connectionLost(reason)
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._header_deadline = self.callLater(self.header_timeout, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._header_deadline is not None and self._header_deadline.active():
+            self._header_deadline.cancel()
+        self._header_deadline = None
+
+    def _too_slow(self) -> None:
+        self._header_deadline = None
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+
+def make_site(resource: IResource, reactor: Any, *, header_timeout: float = 20.0) -> Site:
+    """The twisted.web Site for livemap's resource: bounded headers, private logs."""
+    site = Site(resource, logFormatter=private_log_formatter, reactor=reactor)
+
+    def channel() -> BoundedChannel:
+        built = BoundedChannel()
+        built.header_timeout = header_timeout
+        return built
+    site.protocol = channel  # type: ignore[assignment]
+    return site
+
+
 class LiveMapSite:
     """Routes of one livemap server; state lives on the instance."""
 
     app = Klein()
+    log = Logger()
 
     def __init__(self, hub: Hub, websocket: IResource, registry: CollectorRegistry, *,
                  tiles: str = OSM_TILES, attribution: str = OSM_ATTRIBUTION,
                  rate: float = 10.0, sockjs: Optional[IResource] = None,
-                 web_root: Path = WEB_ROOT, health: Optional[dict] = None) -> None:
+                 web_root: Path = WEB_ROOT, directory: Optional[MapDirectory] = None,
+                 stale: float = 600.0) -> None:
         self.hub = hub
+        self.directory = directory or MapDirectory(hub.clock)
+        self.stale = stale
         self.websocket = websocket
         self.sockjs = sockjs
         self.metrics = MetricsResource(registry=registry)
@@ -76,12 +163,12 @@ class LiveMapSite:
 
     @app.route("/m/<map_name>", methods=["GET", "HEAD"])
     def map_page(self, request: Request, map_name: str) -> object:
-        if not wire.is_map_name(map_name):
+        if not self.directory.exists(map_name):
             return NoResource("No such map.")
         config = {
             "map": map_name, "tiles": self.tiles, "attribution": self.attribution,
             "rate": self.rate, "wsPath": f"/ws/{map_name}",
-            "sockjsPath": f"/sockjs/{map_name}", "maxZoom": 19,
+            "sockjsPath": f"/sockjs/{map_name}", "maxZoom": 19, "stale": self.stale,
         }
         request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
         request.setHeader(b"Cache-Control", b"no-cache")
@@ -90,20 +177,47 @@ class LiveMapSite:
         return self.page.replace(CONFIG_PLACEHOLDER, script_json(config))
 
     @app.route("/ws/<map_name>")
-    def websocket_endpoint(self, request: Request, map_name: str) -> IResource:
-        if not wire.is_map_name(map_name):
+    def websocket_endpoint(self, request: Request, map_name: str) -> object:
+        if not self.directory.exists(map_name):
             return NoResource("No such map.")
+        if not self.hub.can_join(map_name):
+            request.setResponseCode(503)
+            return b"map full"
         return self.websocket
 
     @app.route("/sockjs/<map_name>/", branch=True)
     def sockjs_endpoint(self, request: Request, map_name: str) -> IResource:
-        if self.sockjs is None or not wire.is_map_name(map_name):
+        if self.sockjs is None or not self.directory.exists(map_name):
             return NoResource("No such map.")
         return self.sockjs
 
+    @app.route("/api/maps", methods=["POST"])
+    def create_map(self, request: Request) -> bytes:
+        """A private map with an unguessable name; `?ttl=SECONDS` makes it expire."""
+        request.setHeader(b"Content-Type", b"application/json")
+        request.setHeader(b"Cache-Control", b"no-store")
+        raw = request.args.get(b"ttl", [None])[0]
+        try:
+            ttl = parse_ttl(None if raw is None else raw.decode("ascii", "replace"))
+        except ValueError as error:
+            request.setResponseCode(400)
+            return orjson.dumps({"error": "bad_ttl", "message": str(error)})
+        try:
+            entry = self.directory.create(ttl)
+        except DirectoryFull as error:
+            request.setResponseCode(503)
+            return orjson.dumps({"error": "full", "message": str(error)})
+        request.setResponseCode(201)
+        path = f"/m/{entry.name}"
+        request.setHeader(b"Location", path.encode())
+        expires = None if entry.expires is None else int(entry.expires * 1000)
+        return orjson.dumps({"map": entry.name, "path": path,
+                             "url": request.prePathURL().decode().rsplit("/api/", 1)[0] + path,
+                             "expires": expires})
+
     @app.route("/api/maps/<map_name>/pins", methods=["GET", "HEAD"])
     def pins(self, request: Request, map_name: str) -> object:
-        if not wire.is_map_name(map_name):
+        if not self.directory.exists(map_name):
             return NoResource("No such map.")
         request.setHeader(b"Content-Type", b"application/json")
         request.setHeader(b"Cache-Control", b"no-store")

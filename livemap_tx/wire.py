@@ -23,6 +23,7 @@ import orjson
 MAX_MESSAGE_BYTES = 4096
 MAX_NAME_CHARS = 64
 MAX_SEQ = 2**53
+MAX_PRECISION = 100_000.0
 MAP_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 DEFAULT_MAP = "public"
 
@@ -69,6 +70,9 @@ class Move:
 @dataclass(frozen=True, slots=True)
 class Hello:
     name: str
+    # livemap's extension: the sender asks for its own positions to be
+    # coarsened to about this many metres (docs/protocol.md).
+    precision: Optional[float] = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +144,8 @@ def _parse_hello(obj: dict) -> Hello:
     if not 1 <= len(name) <= MAX_NAME_CHARS:
         raise ProtocolError(
             BAD_MESSAGE, f"'name' must be 1 to {MAX_NAME_CHARS} characters after trimming")
-    return Hello(name)
+    precision = _number(obj, "precision", 0.0, MAX_PRECISION, optional=True)
+    return Hello(name, precision)
 
 
 def _parse_view(obj: dict) -> View:

@@ -21,9 +21,9 @@ from typing import Iterator, Optional
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
-from twisted.web.server import Site
 
 from livemap_tx.service import GracefulClose, Options, make_server
+from livemap_tx.web import make_site
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
@@ -55,7 +55,7 @@ def server_options(*args: str) -> Options:
 
 async def start_server(*args: str) -> LiveServer:
     hub, factory, site = make_server(reactor, server_options(*args))
-    listener = reactor.listenTCP(0, Site(site.resource()), interface="127.0.0.1")
+    listener = reactor.listenTCP(0, make_site(site.resource(), reactor), interface="127.0.0.1")
     return LiveServer(listener.getHost().port, hub, factory, listener, site)
 
 

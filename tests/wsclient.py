@@ -104,8 +104,8 @@ class WSClient:
             self.protocol.transport.abortConnection()
 
 
-async def connect(url: str, origin: Optional[str] = None) -> WSClient:
-    """Open a WebSocket to `url` (ws://127.0.0.1:PORT/ws/MAP)."""
+async def connect(url: str, origin: Optional[str] = None, tls=None) -> WSClient:
+    """Open a WebSocket to `url` (ws://127.0.0.1:PORT/ws/MAP; wss:// with `tls` options)."""
     client = WSClient()
     factory = WebSocketClientFactory(url, origin=origin)
     factory.protocol = _Protocol
@@ -113,7 +113,9 @@ async def connect(url: str, origin: Optional[str] = None) -> WSClient:
     factory.opened = defer.Deferred()
     factory.setProtocolOptions(autoPingInterval=None)
     host, port = factory.host, factory.port
-    endpoint = endpoints.TCP4ClientEndpoint(reactor, host, port)
+    endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1" if host == "localhost" else host, port)
+    if factory.isSecure:
+        endpoint = endpoints.wrapClientTLS(tls, endpoint)
     await endpoint.connect(factory)
     opened = factory.opened
     opened.addTimeout(WAIT, reactor)

@@ -1,0 +1,128 @@
+"""Limits on the HTTP side: slow headers, idle keep-alive, full maps, TLS end to end."""
+
+from __future__ import annotations
+
+import datetime
+import socket
+
+import pytest
+import pytest_twisted
+import treq
+from twisted.internet import reactor, ssl
+from twisted.internet.endpoints import serverFromString
+
+from conftest import deferLater, server_options
+from livemap_tx.service import make_server
+from livemap_tx.web import make_site
+from wsclient import connect
+
+
+async def listen(site_resource, header_timeout=20.0):
+    return reactor.listenTCP(0, make_site(site_resource, reactor, header_timeout=header_timeout),
+                             interface="127.0.0.1")
+
+
+async def wait_closed(sock: socket.socket, timeout: float = 5.0) -> bool:
+    """Whether the server closed the socket within `timeout` (polling, non-blocking)."""
+    sock.setblocking(False)
+    for _ in range(int(timeout / 0.05)):
+        try:
+            if sock.recv(4096) == b"":
+                return True
+        except BlockingIOError:
+            pass
+        except ConnectionResetError:
+            return True
+        await deferLater(0.05)
+    return False
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_headers_are_cut_off_and_others_are_served():
+    hub, factory, site = make_server(reactor, server_options())
+    listener = await listen(site.resource(), header_timeout=0.5)
+    port = listener.getHost().port
+    try:
+        slow = socket.create_connection(("127.0.0.1", port))
+        slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # never finishes
+        idle = socket.create_connection(("127.0.0.1", port))  # says nothing at all
+        response = await treq.get(f"http://127.0.0.1:{port}/healthz")
+        assert (await response.content()) == b"ok"
+        assert await wait_closed(slow) and await wait_closed(idle)
+        slow.close()
+        idle.close()
+    finally:
+        await listener.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_full_map_refuses_the_upgrade_with_503(server):
+    server.hub.max_members = 1
+    first = await connect(server.ws_url("small"))
+    await first.next("welcome")
+    with pytest.raises(Exception, match="503"):
+        await connect(server.ws_url("small"))
+    other = await connect(server.ws_url("other"))  # other maps are not affected
+    await other.next("welcome")
+    for client in (first, other):
+        client.close()
+        await client.wait_closed()
+
+
+def make_certificate(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), False)
+            .sign(key, hashes.SHA256()))
+    key_path, cert_path = tmp_path / "key.pem", tmp_path / "cert.pem"
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_end_to_end_page_and_websocket(tmp_path):
+    """`--port ssl:...` serves the page and a wss:// WebSocket with a real certificate."""
+    key_path, cert_path = make_certificate(tmp_path)
+    hub, factory, site = make_server(reactor, server_options())
+    endpoint = serverFromString(
+        reactor, f"ssl:0:interface=127.0.0.1:privateKey={key_path}:certKey={cert_path}")
+    listener = await endpoint.listen(make_site(site.resource(), reactor))
+    port = listener.getHost().port
+    trust = ssl.Certificate.loadPEM(cert_path.read_bytes())
+    tls = ssl.optionsForClientTLS("localhost", trustRoot=trust)
+    try:
+        from treq.client import HTTPClient
+        from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
+        from twisted.web.iweb import IPolicyForHTTPS
+        from zope.interface import implementer
+
+        @implementer(IPolicyForHTTPS)
+        class TrustOurs:
+            def creatorForNetloc(self, hostname, port):
+                return tls
+
+        http = HTTPClient(Agent(reactor, contextFactory=TrustOurs()))
+        response = await http.get(f"https://localhost:{port}/healthz")
+        assert (await response.content()) == b"ok"
+
+        client = await connect(f"wss://localhost:{port}/ws/secure", tls=tls)
+        assert (await client.next())["type"] == "welcome"
+        client.send({"type": "move", "lat": 1, "lng": 2})
+        assert (await client.next("update"))["pins"][0]["lat"] == 1
+        client.close()
+        await client.wait_closed()
+    finally:
+        await listener.stopListening()
