@@ -526,3 +526,110 @@ def test_forced_sockjs_transport(
     other.context.close()
     expect(viewer.page.locator("[data-pin-id]")).to_have_count(1, timeout=WAIT_MS)
     viewer.context.close()
+
+
+IOS_COMPASS = """
+// Play iOS Safari: no absolute-orientation event, and a compass that needs a tap to ask.
+delete window.ondeviceorientationabsolute;
+window.compassAsked = 0;
+DeviceOrientationEvent.requestPermission = () => {
+  window.compassAsked += 1;
+  return Promise.resolve('granted');
+};
+"""
+
+
+def test_ios_compass_needs_a_tap_then_gives_the_heading(
+        browser: Browser, base_url: str, map_name: str) -> None:
+    """On iOS the compass button asks for permission; webkitCompassHeading then turns the arrow."""
+    tap = WebSocketTap()
+
+    def prepare(page: Page) -> None:
+        page.add_init_script(IOS_COMPASS)
+        tap.install(page)
+
+    viewer = open_viewer(browser, f"{base_url}/m/{map_name}", geolocation=BERLIN,
+                         mobile=True, viewport={"width": 390, "height": 780},
+                         before_load=prepare)
+    own = viewer.own_id()
+    until(viewer.page, lambda: len(tap.moves()) >= 1, "the first move")
+    button = viewer.page.locator("#compass")
+    expect(button).to_be_visible()
+    assert viewer.page.evaluate("window.compassAsked") == 0  # never without a tap
+    button.tap()
+    expect(button).to_be_hidden(timeout=WAIT_MS)
+    assert viewer.page.evaluate("window.compassAsked") == 1
+    viewer.page.evaluate("""() => {
+        const event = new DeviceOrientationEvent('deviceorientation', {alpha: 10});
+        Object.defineProperty(event, 'webkitCompassHeading', {value: 90});
+        window.dispatchEvent(event);
+    }""")
+    until(viewer.page, lambda: tap.moves()[-1]["heading"] == 90, "heading 90")
+    expect(viewer.page.locator(f'[data-pin-id="{own}"] .pin-arrow')).to_have_attribute(
+        "style", "transform: rotate(90deg);", timeout=WAIT_MS)
+    viewer.assert_clean()
+    viewer.context.close()
+
+
+NO_FIX = """
+// A device that never gets a fix: every watch ends in a timeout.
+navigator.geolocation.watchPosition = (ok, fail) => {
+  setTimeout(() => fail({code: 3, message: 'Timeout expired', TIMEOUT: 3}), 0);
+  return 1;
+};
+"""
+
+
+def test_no_fix_says_so_and_lets_the_user_place_themselves(
+        browser: Browser, base_url: str, map_name: str) -> None:
+    """A location that never comes (timeout) is named as such, and a click places the pin."""
+    viewer = open_viewer(browser, f"{base_url}/m/{map_name}", grant=True,
+                         before_load=lambda page: page.add_init_script(NO_FIX))
+    expect(viewer.page.locator("#notice")).to_have_text(
+        "No location fix yet. Tap the map to place yourself.", timeout=WAIT_MS)
+    own = viewer.own_id()
+    viewer.page.mouse.click(700, 420)
+    expect(viewer.page.locator(f'[data-pin-id="{own}"].mine')).to_have_count(1, timeout=WAIT_MS)
+    viewer.assert_clean()
+    viewer.context.close()
+
+
+def test_server_errors_are_shown_briefly_not_logged_as_errors(
+        browser: Browser, base_url: str, map_name: str) -> None:
+    """An `error` message shows as a passing note; odd messages break nothing."""
+    tap = WebSocketTap()
+    viewer = open_viewer(browser, f"{base_url}/m/{map_name}", geolocation=BERLIN,
+                         before_load=tap.install)
+    own = viewer.own_id()
+    expect(viewer.page.locator(".mine")).to_have_count(1, timeout=WAIT_MS)
+    route = tap.connections[-1]["route"]
+    route.send(json.dumps({"type": "error", "code": "rate_limited",
+                           "message": "more than 10 moves a second; excess dropped"}))
+    toast = viewer.page.locator("#toast")
+    expect(toast).to_have_text("Server: more than 10 moves a second; excess dropped",
+                               timeout=WAIT_MS)
+    expect(toast).to_be_hidden(timeout=WAIT_MS)
+    for odd in ("not json", json.dumps({"type": "surprise"}),
+                json.dumps({"type": "update", "pins": [{"id": "x", "lat": "north"}], "gone": []})):
+        route.send(odd)
+    route.send(json.dumps({"type": "update", "pins": [], "gone": [own]}))
+    expect(viewer.page.locator("[data-pin-id]")).to_have_count(0, timeout=WAIT_MS)
+    assert viewer.state()["connected"] is True
+    viewer.assert_clean()
+    viewer.context.close()
+
+
+def test_silent_websocket_falls_back_to_sockjs(
+        browser: Browser, base_url: str, map_name: str) -> None:
+    """A WebSocket that opens but never says welcome (a stalling proxy) is given up for SockJS."""
+    require_sockjs(base_url, map_name)
+    stalled: list[Any] = []
+    viewer = open_viewer(browser, f"{base_url}/m/{map_name}", geolocation=BERLIN,
+                         before_load=lambda page: page.route_web_socket(
+                             re.compile(r"/ws/"), lambda route: stalled.append(route)))
+    viewer.wait("() => window.livemap.state().connected")
+    assert len(stalled) == 1
+    assert viewer.state()["transport"] == "xhr-streaming"
+    expect(viewer.page.locator(".mine")).to_have_count(1, timeout=WAIT_MS)
+    viewer.assert_clean()
+    viewer.context.close()

@@ -207,10 +207,6 @@ function removePin(id) {
 function replacePins(list) {
   const keep = new Set((list || []).map((p) => p && p.id));
   for (const id of [...pins.keys()]) if (!keep.has(id)) removePin(id);
-  // The own pin's look depends on myId, which may be new: rebuild it.
-  if (myId !== null && pins.has(myId) && !pins.get(myId).marker.getElement().classList.contains('mine')) {
-    removePin(myId);
-  }
   for (const pin of list || []) upsertPin(pin);
   showCount();
 }
@@ -225,7 +221,12 @@ function showCount() {
   ui.count.textContent = `${n} ${n === 1 ? 'person' : 'people'}`;
 }
 
+// Until the viewer or a first fix picks a view, a welcome shows where people are.
+let viewChosen = false;
+map.on('dragstart', () => { viewChosen = true; });
+
 function fitAll() {
+  viewChosen = true;
   const points = [...pins.values()].map((e) => e.marker.getLatLng());
   if (points.length === 0) {
     toast('Nobody is on the map yet');
@@ -317,6 +318,7 @@ function onFix(pos) {
   setPosition(c.latitude, c.longitude, c.accuracy);
   if (!hadFix) {
     hadFix = true;
+    viewChosen = true;
     map.setView([c.latitude, c.longitude], FIRST_FIX_ZOOM);
   }
 }
@@ -521,6 +523,7 @@ function onWelcome(msg) {
   setStatus('connected', `connected \u00b7 ${transportLabel(link)}`);
   clearPins(); // the own pin's look may change with the new id
   replacePins(msg.pins);
+  if (!viewChosen && pins.size > 0) fitAll();
   // A new connection knows nothing of us: say who and where we are again.
   lastSentName = null;
   lastSent = null;
