@@ -139,7 +139,7 @@ class LiveMapSite:
         self.stale = stale
         self.websocket = websocket
         self.sockjs = sockjs
-        self.metrics = MetricsResource(registry=registry)
+        self.metrics_resource = MetricsResource(registry=registry)
         self.tiles = tiles
         self.attribution = attribution
         self.rate = rate
@@ -231,7 +231,7 @@ class LiveMapSite:
 
     @app.route("/metrics", methods=["GET"])
     def metrics(self, request: Request) -> IResource:
-        return self.metrics
+        return self.metrics_resource
 
     @app.route("/static/", branch=True)
     def static_files(self, request: Request) -> IResource:
