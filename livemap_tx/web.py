@@ -7,6 +7,7 @@ SockJS resources (PROTOCOL.md's table of paths).
 from __future__ import annotations
 
 import re
+import socket
 from pathlib import Path
 from typing import Any, Optional
 
@@ -81,6 +82,7 @@ class BoundedChannel(HTTPChannel):
 
     def connectionMade(self) -> None:  # noqa: N802 (Twisted's names)
         super().connectionMade()
+        detect_half_open(self.transport)
         self._arm()
 
     def allHeadersReceived(self) -> None:  # noqa: N802
@@ -109,6 +111,31 @@ class BoundedChannel(HTTPChannel):
         self._header_deadline = None
         if self.transport is not None:
             self.transport.abortConnection()
+
+
+# A peer that vanished without a FIN or RST (a phone that lost its network)
+# is found by TCP keepalive after KEEPALIVE_IDLE + KEEPALIVE_COUNT * INTERVAL
+# seconds, instead of the system default of two hours.
+KEEPALIVE_IDLE = 60
+KEEPALIVE_INTERVAL = 10
+KEEPALIVE_COUNT = 6
+
+
+def detect_half_open(transport: Any) -> None:
+    """Tune TCP keepalive on an accepted connection (where the platform allows)."""
+    get_handle = getattr(transport, "getHandle", None)
+    sock = get_handle() if get_handle is not None else None
+    if not isinstance(sock, socket.socket):
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE),
+                            ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
+                            ("TCP_KEEPCNT", KEEPALIVE_COUNT)):
+            if hasattr(socket, name):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+    except OSError:
+        pass
 
 
 def make_site(resource: IResource, reactor: Any, *, header_timeout: float = 20.0) -> Site:

@@ -126,3 +126,21 @@ async def test_tls_end_to_end_page_and_websocket(tmp_path):
         await client.wait_closed()
     finally:
         await listener.stopListening()
+
+
+def test_accepted_connections_detect_half_open_peers():
+    from livemap_tx.web import KEEPALIVE_IDLE, detect_half_open
+
+    class Transport:
+        def __init__(self, sock):
+            self.sock = sock
+
+        def getHandle(self):  # noqa: N802
+            return self.sock
+
+    with socket.socket() as sock:
+        detect_half_open(Transport(sock))
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == KEEPALIVE_IDLE
+    detect_half_open(object())  # no socket: nothing to do, no error
