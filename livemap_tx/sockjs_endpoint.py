@@ -8,7 +8,7 @@ point (/sockjs/{map}), exactly as ws.py does for WebSocket.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, cast
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -84,7 +84,7 @@ class SockJSClient:
     # Subscriber
 
     def send_frame(self, frame: Frame) -> None:
-        quoted = frame.cache.get(_QUOTED)
+        quoted = cast(Optional[bytes], frame.cache.get(_QUOTED))
         if quoted is None:
             quoted = frame.cache[_QUOTED] = quote(frame.payload.decode("utf-8"))
         self.connection.send_encoded(quoted)

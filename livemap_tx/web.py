@@ -9,13 +9,15 @@ from __future__ import annotations
 import re
 import socket
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import orjson
 from klein import Klein
 from prometheus_client import CollectorRegistry
 from prometheus_client.twisted import MetricsResource
 from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import connectionDone
+from twisted.python.failure import Failure
 from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource, NoResource
@@ -94,7 +96,7 @@ class BoundedChannel(HTTPChannel):
         self._arm()
         super().requestDone(request)
 
-    def connectionLost(self, reason: Any) -> None:  # noqa: N802
+    def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
         self._disarm()
         super().connectionLost(reason)
 
@@ -110,7 +112,7 @@ class BoundedChannel(HTTPChannel):
     def _too_slow(self) -> None:
         self._header_deadline = None
         if self.transport is not None:
-            self.transport.abortConnection()
+            cast(Any, self.transport).abortConnection()
 
 
 # A peer that vanished without a FIN or RST (a phone that lost its network)
@@ -189,7 +191,7 @@ class LiveMapSite:
         return b""
 
     @app.route("/m/<map_name>", methods=["GET", "HEAD"])
-    def map_page(self, request: Request, map_name: str) -> object:
+    def map_page(self, request: Request, map_name: str) -> Any:
         if not self.directory.exists(map_name):
             return NoResource("No such map.")
         config = {
@@ -204,7 +206,7 @@ class LiveMapSite:
         return self.page.replace(CONFIG_PLACEHOLDER, script_json(config))
 
     @app.route("/ws/<map_name>")
-    def websocket_endpoint(self, request: Request, map_name: str) -> object:
+    def websocket_endpoint(self, request: Request, map_name: str) -> Any:
         if not self.directory.exists(map_name):
             return NoResource("No such map.")
         if not self.hub.can_join(map_name):
@@ -223,7 +225,8 @@ class LiveMapSite:
         """A private map with an unguessable name; `?ttl=SECONDS` makes it expire."""
         request.setHeader(b"Content-Type", b"application/json")
         request.setHeader(b"Cache-Control", b"no-store")
-        raw = request.args.get(b"ttl", [None])[0]
+        args: dict[bytes, list[bytes]] = request.args or {}
+        raw = args.get(b"ttl", [None])[0]  # type: ignore[list-item]
         try:
             ttl = parse_ttl(None if raw is None else raw.decode("ascii", "replace"))
         except ValueError as error:
@@ -243,7 +246,7 @@ class LiveMapSite:
                              "expires": expires})
 
     @app.route("/api/maps/<map_name>/pins", methods=["GET", "HEAD"])
-    def pins(self, request: Request, map_name: str) -> object:
+    def pins(self, request: Request, map_name: str) -> Any:
         if not self.directory.exists(map_name):
             return NoResource("No such map.")
         request.setHeader(b"Content-Type", b"application/json")

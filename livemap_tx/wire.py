@@ -16,7 +16,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Iterable, Optional, Union
+from typing import Callable, Iterable, Optional, Union
 
 import orjson
 
@@ -167,7 +167,8 @@ def _parse_view(obj: dict) -> View:
     return View((west, south, east, north))
 
 
-_PARSERS = {"move": _parse_move, "hello": _parse_hello, "view": _parse_view}
+_PARSERS: dict[str, Callable[[dict], Message]] = {
+    "move": _parse_move, "hello": _parse_hello, "view": _parse_view}
 
 
 def parse(payload: Union[bytes, str]) -> Message:

@@ -10,9 +10,10 @@ it drains.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional, cast
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.protocol import PreparedMessage
 from autobahn.websocket.types import ConnectionDeny
 from autobahn.util import encode_truncate
 from twisted.internet.interfaces import IPushProducer, IReactorTime
@@ -91,8 +92,7 @@ class LiveMapProtocol(WebSocketServerProtocol):
         try:
             self.client = Client(self.factory.hub, self.map_name, self,
                                  rate=self.factory.rate)
-            transport = self.transport
-            assert transport is not None
+            transport = cast(Any, self.transport)
             # twisted.web's channel was the transport's producer; it is ours now.
             transport.unregisterProducer()
             transport.registerProducer(_FlowControl(self), True)
@@ -124,7 +124,7 @@ class LiveMapProtocol(WebSocketServerProtocol):
 
     def send_frame(self, frame: Frame) -> None:
         factory = self.factory
-        prepared = frame.cache.get(factory)
+        prepared = cast(Optional[PreparedMessage], frame.cache.get(factory))
         if prepared is None:
             prepared = frame.cache[factory] = factory.prepareMessage(frame.payload)
         if self.state == WebSocketServerProtocol.STATE_OPEN:
@@ -134,7 +134,7 @@ class LiveMapProtocol(WebSocketServerProtocol):
             if self.send_queue:
                 self.sendPreparedMessage(prepared)
             else:
-                self.transport.write(prepared.payloadHybi)
+                cast(Any, self.transport).write(prepared.payloadHybi)
 
     def close(self, code: int, reason: str) -> None:
         """Close with any protocol code; Autobahn's sendClose only allows 1000 and 3000+."""
@@ -145,7 +145,7 @@ class LiveMapProtocol(WebSocketServerProtocol):
 class LiveMapFactory(WebSocketServerFactory):
     """Builds one protocol per connection and keeps the shared settings."""
 
-    protocol = LiveMapProtocol
+    protocol = LiveMapProtocol  # type: ignore[assignment]
     log = Logger()
 
     def __init__(self, hub: Hub, reactor: IReactorTime, *, rate: float = DEFAULT_RATE,
