@@ -20,7 +20,8 @@ from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.logger import Logger
 from twisted.web.http import HTTPChannel
-from twisted.web.resource import IResource, NoResource
+from twisted.web import pages
+from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 from twisted.web.static import File
 
@@ -35,11 +36,16 @@ OSM_ATTRIBUTION = ('&copy; <a href="https://www.openstreetmap.org/copyright">'
                    'OpenStreetMap</a> contributors')
 
 
+NO_SUCH_MAP = pages.notFound("No Such Map", "No map has this name.")
+
+
 class StaticFiles(File):
     """Static files without directory listings."""
 
+    childNotFound = pages.notFound()
+
     def directoryListing(self) -> IResource:  # noqa: N802 (Twisted's name)
-        return NoResource()
+        return pages.notFound()
 
 
 def script_json(value: object) -> bytes:
@@ -193,7 +199,7 @@ class LiveMapSite:
     @app.route("/m/<map_name>", methods=["GET", "HEAD"])
     def map_page(self, request: Request, map_name: str) -> Any:
         if not self.directory.exists(map_name):
-            return NoResource("No such map.")
+            return NO_SUCH_MAP
         config = {
             "map": map_name, "tiles": self.tiles, "attribution": self.attribution,
             "rate": self.rate, "wsPath": f"/ws/{map_name}",
@@ -208,7 +214,7 @@ class LiveMapSite:
     @app.route("/ws/<map_name>")
     def websocket_endpoint(self, request: Request, map_name: str) -> Any:
         if not self.directory.exists(map_name):
-            return NoResource("No such map.")
+            return NO_SUCH_MAP
         if not self.hub.can_join(map_name):
             request.setResponseCode(503)
             return b"map full"
@@ -217,7 +223,7 @@ class LiveMapSite:
     @app.route("/sockjs/<map_name>/", branch=True)
     def sockjs_endpoint(self, request: Request, map_name: str) -> IResource:
         if self.sockjs is None or not self.directory.exists(map_name):
-            return NoResource("No such map.")
+            return NO_SUCH_MAP
         return self.sockjs
 
     @app.route("/api/maps", methods=["POST"])
@@ -248,7 +254,7 @@ class LiveMapSite:
     @app.route("/api/maps/<map_name>/pins", methods=["GET", "HEAD"])
     def pins(self, request: Request, map_name: str) -> Any:
         if not self.directory.exists(map_name):
-            return NoResource("No such map.")
+            return NO_SUCH_MAP
         request.setHeader(b"Content-Type", b"application/json")
         request.setHeader(b"Cache-Control", b"no-store")
         return orjson.dumps({"pins": self.hub.pins(map_name)})
@@ -269,7 +275,7 @@ class LiveMapSite:
 
     @app.route("/vendor/<package>/", branch=True)
     def vendor_files(self, request: Request, package: str) -> IResource:
-        return self.vendor.get(package) or NoResource()
+        return self.vendor.get(package) or pages.notFound()
 
     @app.route("/favicon.ico", methods=["GET", "HEAD"])
     def favicon(self, request: Request) -> IResource:
