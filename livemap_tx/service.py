@@ -1,33 +1,47 @@
 """
 Options to one MultiService: the only place that wires livemap's parts
-together (hub, WebSocket, web site, metrics, pirate echo).
+together (hub, WebSocket, web site, metrics, pirate echo, the Redis
+backplane, and the worker processes of `--workers`).
 """
 
 from __future__ import annotations
 
 import resource
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.application import service, strports
 from twisted.internet import defer, endpoints
+from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web.server import Site
+from twisted.web.resource import IResource
+from zope.interface import implementer
 
 from . import wire
+from .backplane import (
+    DEFAULT_CLUSTER,
+    DEFAULT_NODE_TTL,
+    Backplane,
+    BackplaneCollector,
+    make_backplane,
+    parse_redis_url,
+)
 from .client import DEFAULT_RATE
 from .hub import Hub
 from .metrics import make_registry
 from .pirate import PirateFactory
 from .sockjs_endpoint import sockjs_resource
-from .web import OSM_ATTRIBUTION, OSM_TILES, LiveMapSite
+from .web import OSM_ATTRIBUTION, OSM_TILES, LiveMapSite, make_site
+from .workers import PRIVATE_FD, SHARED_FD, AdoptedPort, SessionRouter, Supervisor, WorkerSpec
 from .ws import LiveMapFactory
 
 log = Logger()
 
 LISTEN_BACKLOG = 1024
 SHUTDOWN_GRACE = 3.0
+MAX_WORKERS = 256
 
 
 def _positive(name: str, low: float = 0.0, high: float = float("inf")):
@@ -41,6 +55,19 @@ def _positive(name: str, low: float = 0.0, high: float = float("inf")):
         return number
     coerce.coerceDoc = f"A number in ({low:g}, {high:g}]."  # type: ignore[attr-defined]
     return coerce
+
+
+def _workers(value: str) -> int:
+    try:
+        count = int(value)
+    except ValueError:
+        raise usage.UsageError(f"--workers must be a whole number, not {value!r}") from None
+    if not 1 <= count <= MAX_WORKERS:
+        raise usage.UsageError(f"--workers must be from 1 to {MAX_WORKERS}, not {value!r}")
+    return count
+
+
+_workers.coerceDoc = "A whole number; more than 1 needs --redis."  # type: ignore[attr-defined]
 
 
 class Options(usage.Options):
@@ -68,6 +95,19 @@ class Options(usage.Options):
         ["slow-timeout", None, 30.0,
          "Seconds a client that does not read may stay before it is closed.",
          _positive("slow-timeout", 0.0, 3600.0)],
+        ["redis", None, None,
+         "Link this process to every other one given the same Redis and --cluster, so "
+         "they serve one map: redis://[[user]:password@]host[:port][/db], or rediss:// "
+         "for TLS. Without it the process stands alone."],
+        ["cluster", None, DEFAULT_CLUSTER,
+         "Name of the group of processes that share maps through --redis."],
+        ["node-ttl", None, DEFAULT_NODE_TTL,
+         "Seconds after which the other processes drop the pins of one they no longer "
+         "hear from (it died, or lost Redis); each sends a heartbeat when quiet for a quarter of it.",
+         _positive("node-ttl", 0.0, 600.0)],
+        ["workers", None, 1,
+         "Processes sharing --port on this machine, linked through --redis "
+         "(about one per core).", _workers],
     ]
 
     def postOptions(self) -> None:  # noqa: N802 (Twisted's name)
@@ -82,6 +122,20 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--{name}: bad endpoint {value!r}: {error}") from None
         if not all(part in self["tiles"] for part in ("{z}", "{x}", "{y}")):
             raise usage.UsageError("--tiles must contain {z}, {x} and {y}")
+        if self["redis"] is not None:
+            try:
+                parse_redis_url(self["redis"])
+            except ValueError as error:
+                raise usage.UsageError(f"--redis: {error}") from None
+        if not wire.is_map_name(self["cluster"]):
+            raise usage.UsageError("--cluster must be 1 to 64 characters of A-Z a-z 0-9 _ -")
+        if self["workers"] > 1:
+            if self["redis"] is None:
+                raise usage.UsageError("--workers above 1 needs --redis: the workers share "
+                                       "their maps through it")
+            if self["port"].split(":", 1)[0] not in ("tcp", "tcp6"):
+                raise usage.UsageError("--workers shares a plain TCP --port (tcp:... or "
+                                       "tcp6:...); terminate TLS in front of it")
 
 
 def with_backlog(description: str, backlog: int = LISTEN_BACKLOG) -> str:
@@ -133,31 +187,117 @@ class GracefulClose(service.Service):
         return done
 
 
-def make_server(reactor: Any, options: Options) -> tuple[Hub, LiveMapFactory, LiveMapSite]:
-    """The hub, WebSocket factory and site of one server, wired together."""
+@dataclass
+class Node:
+    """One livemap node's parts: what a listener serves and what a backplane links."""
+
+    hub: Hub
+    factory: LiveMapFactory
+    site: LiveMapSite
+    backplane: Optional[Backplane]
+
+
+def make_node(reactor: Any, options: Options, *,
+              route_sockjs: Optional[Callable[[IResource], IResource]] = None) -> Node:
+    """
+    The hub, WebSocket factory and site of one node, wired together, with a
+    backplane if `--redis` is given (not started: it is a Service).
+    """
     hub = Hub(reactor, tick_interval=options["tick"], slow_timeout=options["slow-timeout"])
     registry, tick_seconds = make_registry(hub)
     hub.tick_observer = tick_seconds.observe
     factory = LiveMapFactory(hub, reactor, rate=options["rate"],
                              ping_interval=options["ping"], ping_timeout=options["ping"])
-    sockjs = sockjs_resource(hub, reactor, rate=options["rate"], ping=options["ping"])
+    sockjs: IResource = sockjs_resource(hub, reactor, rate=options["rate"],
+                                        ping=options["ping"])
+    if route_sockjs is not None:
+        sockjs = route_sockjs(sockjs)
     site = LiveMapSite(hub, WebSocketResource(factory), registry, tiles=options["tiles"],
                        attribution=options["attribution"], rate=options["rate"],
                        sockjs=sockjs)
-    return hub, factory, site
+    backplane = None
+    if options.get("redis"):
+        backplane = make_backplane(hub, reactor, options["redis"], cluster=options["cluster"],
+                                   node_ttl=options["node-ttl"])
+        registry.register(BackplaneCollector(backplane))
+        # Degraded, not down: /healthz stays 200 while Redis is away.
+        site.health_checks["redis"] = backplane.health_problem
+    return Node(hub, factory, site, backplane)
+
+
+def make_server(reactor: Any, options: Options) -> tuple[Hub, LiveMapFactory, LiveMapSite]:
+    """The hub, WebSocket factory and site of one server, wired together."""
+    node = make_node(reactor, options)
+    return node.hub, node.factory, node.site
+
+
+@implementer(IStreamServerEndpoint)
+class AcceptWhen:
+    """
+    An endpoint that listens at once (a busy port still fails at start) but
+    accepts connections only once `ready()` fires, so that the first
+    welcome of a node that joins a cluster already holds the others' pins.
+    """
+
+    def __init__(self, endpoint: IStreamServerEndpoint,
+                 ready: Callable[[], defer.Deferred]) -> None:
+        self.endpoint = endpoint
+        self.ready = ready
+
+    def listen(self, factory: Any) -> defer.Deferred:
+        def hold(port: Any) -> Any:
+            waiting = self.ready()
+            if not waiting.called:
+                port.stopReading()
+                waiting.addCallback(lambda _: port.startReading() if port.connected else None)
+            return port
+        return self.endpoint.listen(factory).addCallback(hold)
+
+
+def _serve_node(reactor: Any, top: service.MultiService, node: Node,
+                listeners: Callable[[Any, Optional[Callable[[], defer.Deferred]]], None]) -> None:
+    # Order matters for stopping (MultiService stops children in reverse):
+    # clients hear 1001 first, then the listeners close, and the backplane
+    # says goodbye last, after the departures of those clients went out.
+    if node.backplane is not None:
+        node.backplane.setServiceParent(top)
+    gate = node.backplane.when_synced if node.backplane is not None else None
+    listeners(make_site(node.site.resource(), reactor), gate)
+    GracefulClose(node.factory, reactor).setServiceParent(top)
+
+
+def make_worker_service(reactor: Any, options: Options, spec: WorkerSpec) -> service.MultiService:
+    """One child of `--workers`: a node on the inherited shared and private ports."""
+    top = service.MultiService()
+    node = make_node(reactor, options,
+                     route_sockjs=lambda local: SessionRouter(local, spec, reactor))
+
+    def listeners(site: Any, gate: Optional[Callable[[], defer.Deferred]]) -> None:
+        AdoptedPort(reactor, SHARED_FD, spec.family, site, gate).setServiceParent(top)
+        # Forwarded SockJS requests come in here, from the other workers only.
+        AdoptedPort(reactor, PRIVATE_FD, spec.family, site).setServiceParent(top)
+    _serve_node(reactor, top, node, listeners)
+    return top
 
 
 def makeService(options: Options) -> service.MultiService:  # noqa: N802 (twistd's name)
     from twisted.internet import reactor
     raise_open_file_limit()
     top = service.MultiService()
-    hub, factory, site = make_server(reactor, options)
-    http = strports.service(with_backlog(options["port"]), Site(site.resource()))
-    http.setServiceParent(top)
+    if options["workers"] > 1:
+        Supervisor(reactor, with_backlog(options["port"]), options["workers"],
+                   {**options, "workers": 1}).setServiceParent(top)
+    else:
+        node = make_node(reactor, options)
+
+        def listeners(site: Any, gate: Optional[Callable[[], defer.Deferred]]) -> None:
+            http = strports.service(with_backlog(options["port"]), site)
+            if gate is not None:
+                http.endpoint = AcceptWhen(http.endpoint, gate)
+            http.setServiceParent(top)
+        _serve_node(reactor, top, node, listeners)
     if options["pirate"] != "none":
+        # In the parent only when there are workers: one echo is plenty.
         pirate = strports.service(with_backlog(options["pirate"]), PirateFactory(reactor))
         pirate.setServiceParent(top)
-    # Stopped first (MultiService stops children in reverse): clients hear
-    # 1001 while the listeners are closing.
-    GracefulClose(factory, reactor).setServiceParent(top)
     return top

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import socket
 from pathlib import Path
-from typing import Any, Optional, cast
+from typing import Any, Callable, Optional, cast
 
 import orjson
 from klein import Klein
@@ -170,6 +170,9 @@ class LiveMapSite:
                  web_root: Path = WEB_ROOT, directory: Optional[MapDirectory] = None,
                  stale: float = 600.0) -> None:
         self.hub = hub
+        # name -> check returning None when fine, else what is wrong (the
+        # Redis link, say): /healthz then says "degraded", still with 200.
+        self.health_checks: dict[str, Callable[[], Optional[str]]] = {}
         self.directory = directory or MapDirectory(hub.clock)
         self.stale = stale
         self.websocket = websocket
@@ -263,6 +266,10 @@ class LiveMapSite:
     def healthz(self, request: Request) -> bytes:
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
         request.setHeader(b"Cache-Control", b"no-store")
+        problems = [f"{name}: {problem}" for name, check in sorted(self.health_checks.items())
+                    if (problem := check()) is not None]
+        if problems:
+            return ("degraded\n" + "\n".join(problems) + "\n").encode()
         return b"ok"
 
     @app.route("/metrics", methods=["GET"])

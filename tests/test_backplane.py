@@ -1,0 +1,557 @@
+"""
+The backplane and its links.
+
+One shared set of tests runs over both links, the in-memory one and Redis
+(a private redis-server): the link contract, and hubs joined through a
+backplane (pins, moves, names, departures, a node that dies, an outage and
+the resync after it). Deterministic details (one message per tick, first
+sync, replacing a node's state, bad messages) run on the memory link with a
+fake clock.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import orjson
+import pytest
+import pytest_twisted
+import treq
+from twisted.internet import defer, reactor, task
+from twisted.python import usage
+
+from conftest import server_options
+from livemap_tx import wire
+from livemap_tx.backplane import (
+    Backplane,
+    MemoryBus,
+    MemoryLink,
+    RedisLink,
+    parse_redis_url,
+)
+from livemap_tx.hub import Frame, Hub
+from livemap_tx.service import Options
+from redis_server import REDIS_SERVER, RedisServer
+
+WAIT = 10.0
+
+
+async def eventually(predicate: Callable[[], Any], timeout: float = WAIT,
+                     what: str = "condition") -> Any:
+    """Poll until `predicate()` is true; a bounded wait, not a timed assertion."""
+    deadline = reactor.seconds() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout} s")
+        await task.deferLater(reactor, 0.02)
+
+
+class Watcher:
+    """A fake subscriber that records the messages a hub sends it."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict] = []
+
+    def send_frame(self, frame: Frame) -> None:
+        self.messages.append(orjson.loads(frame.payload))
+
+    def close(self, code: int, reason: str) -> None:
+        pass
+
+
+def move(lat: float = 1.0, lng: float = 2.0, seq: Optional[int] = None) -> wire.Move:
+    return wire.Move(lat, lng, None, None, seq)
+
+
+def positions(hub: Hub, map_name: str = "m") -> dict[str, tuple]:
+    return {pin["id"]: (pin["lat"], pin["lng"], pin["name"]) for pin in hub.pins(map_name)}
+
+
+# The bus under test: memory or a private Redis
+
+
+class MemoryCluster:
+    kind = "memory"
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.bus = MemoryBus(reactor)
+
+    def link(self, node: str) -> MemoryLink:
+        return MemoryLink(self.bus, node)
+
+    def outage(self) -> None:
+        self.bus.stop()
+
+    def restore(self) -> None:
+        self.bus.start()
+
+    def close(self) -> None:
+        pass
+
+
+class RedisCluster:
+    kind = "redis"
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.server = RedisServer(tmp_path)
+        self.server.start()
+
+    def link(self, node: str) -> RedisLink:
+        return RedisLink(self.server.url, "test", node, reactor, max_backoff=0.3, keepalive=0.3)
+
+    def outage(self) -> None:
+        self.server.stop()
+
+    def restore(self) -> None:
+        self.server.start()
+
+    def close(self) -> None:
+        self.server.stop()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def cluster(request: Any, tmp_path: Path) -> Any:
+    """The same tests over the in-memory link and the Redis link."""
+    if request.param == "redis" and REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server; "
+                    "CI installs it)")
+    made = MemoryCluster(tmp_path) if request.param == "memory" else RedisCluster(tmp_path)
+    yield made
+    made.close()
+
+
+class Recorder:
+    """A LinkReceiver that records what its link does."""
+
+    def __init__(self) -> None:
+        self.messages: list[bytes] = []
+        self.ups = 0
+        self.downs = 0
+
+    def link_up(self) -> None:
+        self.ups += 1
+
+    def link_down(self, reason: str) -> None:
+        self.downs += 1
+
+    def message_received(self, message: bytes) -> None:
+        self.messages.append(message)
+
+
+@pytest_twisted.ensureDeferred
+async def test_link_broadcast_reaches_every_node_in_order_and_targets_one(cluster):
+    links = [cluster.link(f"n{i}") for i in range(3)]
+    receivers = [Recorder() for _ in links]
+    for link, receiver in zip(links, receivers):
+        link.start(receiver)
+    try:
+        await eventually(lambda: all(link.linked for link in links), what="linked")
+        assert all(receiver.ups == 1 for receiver in receivers)
+        for number in range(50):
+            assert links[0].publish(b"%d" % number)
+        assert links[1].publish(b"for n2 only", to="n2")
+        expected = [b"%d" % number for number in range(50)]
+        await eventually(lambda: all(len(r.messages) >= 50 for r in receivers),
+                         what="delivery")
+        await eventually(lambda: receivers[2].messages[-1:] == [b"for n2 only"],
+                         what="targeted delivery")
+        assert receivers[0].messages == expected  # the sender hears itself too
+        assert receivers[1].messages == expected
+        assert receivers[2].messages == [*expected, b"for n2 only"]
+    finally:
+        for link in links:
+            await link.stop()
+
+
+async def present_until(link: Any, predicate: Callable[[set], bool]) -> set:
+    """Ask for the present nodes until the answer satisfies `predicate` (bounded)."""
+    deadline = reactor.seconds() + WAIT
+    while True:
+        nodes = await link.present()
+        if predicate(nodes) or reactor.seconds() > deadline:
+            return nodes
+        await task.deferLater(reactor, 0.02)
+
+
+@pytest_twisted.ensureDeferred
+async def test_link_presence_expires_by_itself(cluster):
+    first, second = cluster.link("a"), cluster.link("b")
+    first.start(Recorder())
+    second.start(Recorder())
+    try:
+        await eventually(lambda: first.linked and second.linked, what="linked")
+        first.announce(60)
+        second.announce(0.5)
+        assert await present_until(first, lambda nodes: nodes == {"a", "b"}) == {"a", "b"}
+        # b is not refreshed: it expires by itself.
+        assert await present_until(first, lambda nodes: nodes == {"a"}) == {"a"}
+        first.withdraw()
+        assert await present_until(second, lambda nodes: not nodes) == set()
+    finally:
+        await first.stop()
+        await second.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_link_goes_down_with_the_bus_and_comes_back(cluster):
+    link = cluster.link("a")
+    receiver = Recorder()
+    link.start(receiver)
+    try:
+        await eventually(lambda: link.linked, what="linked")
+        cluster.outage()
+        await eventually(lambda: receiver.downs == 1, what="link down")
+        assert not link.publish(b"lost")
+        cluster.restore()
+        await eventually(lambda: receiver.ups == 2, what="link back")
+        assert link.publish(b"after")
+        await eventually(lambda: receiver.messages == [b"after"], what="delivery after")
+        assert receiver.downs == 1  # the loss is reported once
+    finally:
+        await link.stop()
+
+
+# Hubs joined by backplanes, over either link
+
+
+class Nodes:
+    def __init__(self, cluster: Any, node_ttl: float = 1.0) -> None:
+        self.cluster = cluster
+        self.node_ttl = node_ttl
+        self.hubs: list[Hub] = []
+        self.backplanes: list[Backplane] = []
+
+    def add(self, name: str) -> tuple[Hub, Backplane]:
+        hub = Hub(reactor, tick_interval=0.02)
+        backplane = Backplane(hub, self.cluster.link(name), reactor, node_ttl=self.node_ttl,
+                              reply_delay=0.01)
+        backplane.startService()
+        self.hubs.append(hub)
+        self.backplanes.append(backplane)
+        return hub, backplane
+
+    async def close(self) -> None:
+        for backplane in self.backplanes:
+            if backplane.running:
+                await backplane.stopService()
+        for hub in self.hubs:
+            for member in list(hub.members()):
+                member.leave()
+            for map_state in list(hub.maps.values()):
+                if map_state.tick_call is not None and map_state.tick_call.active():
+                    map_state.tick_call.cancel()
+
+
+@pytest.fixture
+def nodes(cluster):
+    made = Nodes(cluster)
+    yield made
+    pytest_twisted.blockon(defer.Deferred.fromCoroutine(made.close()))
+
+
+@pytest_twisted.ensureDeferred
+async def test_pins_moves_names_and_departures_reach_the_other_nodes(nodes):
+    (hub_a, plane_a), (hub_b, plane_b) = nodes.add("a"), nodes.add("b")
+    await defer.gatherResults([plane_a.when_synced(), plane_b.when_synced()])
+    alice = hub_a.join("m", Watcher())
+    alice.hello("Alice")
+    alice.move(move(1, 2, seq=1))
+    bob = hub_b.join("m", Watcher())
+    bob.move(move(3, 4))
+    both = {alice.id: (1, 2, "Alice"), bob.id: (3, 4, None)}
+    await eventually(lambda: positions(hub_a) == both == positions(hub_b), what="both pins")
+    # A late client of node b gets a's pin in its welcome.
+    late = Watcher()
+    hub_b.join("m", late)
+    assert {pin["id"] for pin in late.messages[0]["pins"]} == {alice.id, bob.id}
+    alice.move(move(5, 6, seq=2))
+    bob.hello("Bob")
+    moved = {alice.id: (5, 6, "Alice"), bob.id: (3, 4, "Bob")}
+    await eventually(lambda: positions(hub_a) == moved == positions(hub_b), what="moves")
+    await eventually(lambda: any(pin["id"] == alice.id and pin["seq"] == 2
+                                 for m in late.messages if m["type"] == "update"
+                                 for pin in m["pins"]), what="update to the late client")
+    alice.leave()
+    await eventually(lambda: positions(hub_b) == {bob.id: (3, 4, "Bob")}, what="departure")
+    assert any(alice.id in m["gone"] for m in late.messages if m["type"] == "update")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_node_that_dies_loses_its_pins_everywhere(nodes):
+    (hub_a, plane_a), (hub_b, plane_b) = nodes.add("a"), nodes.add("b")
+    await defer.gatherResults([plane_a.when_synced(), plane_b.when_synced()])
+    hub_a.join("m", Watcher()).move(move())
+    hub_a.join("other", Watcher()).move(move())
+    hub_b.join("m", Watcher()).move(move())
+    await eventually(lambda: len(hub_b.pins("m")) == 2 and hub_b.pins("other"), what="pins")
+    await plane_a.abandon()  # no goodbye: as kill -9
+    await eventually(lambda: len(hub_b.pins("m")) == 1 and not hub_b.pins("other"),
+                     timeout=nodes.node_ttl * 3, what="dead node's pins gone")
+    assert plane_b.stats.nodes_expired == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stopping_node_says_goodbye(nodes):
+    (hub_a, plane_a), (hub_b, plane_b) = nodes.add("a"), nodes.add("b")
+    await defer.gatherResults([plane_a.when_synced(), plane_b.when_synced()])
+    hub_a.join("m", Watcher()).move(move())
+    await eventually(lambda: hub_b.pins("m"), what="pin")
+    await plane_a.stopService()
+    await eventually(lambda: not hub_b.pins("m"), what="goodbye")
+    assert plane_b.stats.nodes_expired == 0  # it went at once, not by expiry
+
+
+@pytest_twisted.ensureDeferred
+async def test_outage_then_resync_converges_without_reconnecting(nodes):
+    (hub_a, plane_a), (hub_b, plane_b) = nodes.add("a"), nodes.add("b")
+    await defer.gatherResults([plane_a.when_synced(), plane_b.when_synced()])
+    alice = hub_a.join("m", Watcher())
+    carol = hub_a.join("m", Watcher())
+    bob = hub_b.join("m", Watcher())
+    alice.move(move(1, 1))
+    carol.move(move(2, 2))
+    bob.move(move(3, 3))
+    await eventually(lambda: len(hub_a.pins("m")) == len(hub_b.pins("m")) == 3, what="pins")
+    nodes.cluster.outage()
+    await eventually(lambda: not plane_a.link.linked and not plane_b.link.linked, what="down")
+    assert plane_a.health_problem() is not None
+    # Meanwhile: moves, a departure and a newcomer, all unseen by the other node.
+    alice.move(move(10, 10))
+    carol.leave()
+    dave = hub_a.join("m", Watcher())
+    dave.move(move(4, 4))
+    bob.move(move(30, 30))
+    await task.deferLater(reactor, 0.1)  # their ticks pass while cut off
+    assert plane_a.stats.dropped and plane_b.stats.dropped
+    nodes.cluster.restore()
+    truth = {alice.id: (10, 10, None), dave.id: (4, 4, None), bob.id: (30, 30, None)}
+    await eventually(lambda: positions(hub_a) == truth == positions(hub_b), what="converged")
+    assert plane_a.health_problem() is None and plane_b.stats.resyncs == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_third_node_joining_late_gets_everything_before_its_first_welcome(nodes):
+    hub_a, plane_a = nodes.add("a")
+    hub_b, plane_b = nodes.add("b")
+    await defer.gatherResults([plane_a.when_synced(), plane_b.when_synced()])
+    hub_a.join("m", Watcher()).move(move(1, 1))
+    hub_b.join("m", Watcher()).move(move(2, 2))
+    await eventually(lambda: len(hub_b.pins("m")) == 2 and len(hub_a.pins("m")) == 2,
+                     what="pins")
+    hub_c, plane_c = nodes.add("c")
+    how = await plane_c.when_synced()
+    assert how == "complete"
+    newcomer = Watcher()
+    hub_c.join("m", newcomer)
+    assert len(newcomer.messages[0]["pins"]) == 2
+
+
+# Deterministic details on the memory link and a fake clock
+
+
+def clocked(count: int = 2, node_ttl: float = 3.0) -> tuple[task.Clock, MemoryBus,
+                                                            list[Hub], list[Backplane]]:
+    clock = task.Clock()
+    bus = MemoryBus(clock)
+    hubs, planes = [], []
+    for index in range(count):
+        hub = Hub(clock, tick_interval=0.1)
+        plane = Backplane(hub, MemoryLink(bus, f"n{index}"), clock, node_ttl=node_ttl,
+                          reply_delay=0.05)
+        plane.startService()
+        hubs.append(hub)
+        planes.append(plane)
+    clock.advance(0)
+    clock.pump([0.05] * 4)
+    return clock, bus, hubs, planes
+
+
+def test_one_message_per_map_tick_however_many_moves():
+    clock, bus, hubs, planes = clocked()
+    alice = hubs[0].join("m", Watcher())
+    bob = hubs[0].join("m", Watcher())
+    before = bus.published
+    for number in range(100):
+        alice.move(move(1, number % 90))
+        bob.move(move(2, number % 90))
+    clock.pump([0.01] * 30)  # three ticks' worth of time, one tick had work
+    assert bus.published - before == 1
+    assert positions(hubs[1])[alice.id][:2] == (1, 99 % 90)
+
+
+def test_heartbeats_only_when_quiet_and_silence_expires_a_node():
+    ttl = 3.0
+    clock, bus, hubs, planes = clocked(node_ttl=ttl)
+    sent: list[dict] = []
+    deliver = bus.deliver
+    bus.deliver = lambda message, to: (  # type: ignore[method-assign]
+        sent.append(orjson.loads(message)), deliver(message, to))[1]
+    member = hubs[0].join("m", Watcher())
+    for _ in range(30):  # 3 s of moves: deltas, and no beat from the mover
+        member.move(move())
+        clock.advance(0.1)
+    beats = [message["n"] for message in sent if message["t"] == "beat"]
+    assert beats == ["n1"] * len(beats) and 1 <= len(beats) <= 5
+    before = bus.published
+    clock.pump([0.1] * 30)  # 3 s of quiet: a beat every ttl/4 from each node
+    assert 6 <= bus.published - before <= 10
+    assert hubs[1].pins("m")  # heartbeats keep the pin
+    last_heard = planes[1].last_seen["n0"]
+    planes[0].abandon()
+    while hubs[1].pins("m"):
+        clock.advance(0.05)
+    assert last_heard + ttl <= clock.seconds() <= last_heard + ttl + ttl / 6 + 0.05
+
+
+def test_first_sync_waits_for_present_nodes_or_times_out():
+    clock = task.Clock()
+    bus = MemoryBus(clock)
+    hub_a = Hub(clock)
+    plane_a = Backplane(hub_a, MemoryLink(bus, "a"), clock, node_ttl=6, reply_delay=0.05)
+    plane_a.startService()
+    clock.advance(0)
+    assert plane_a.when_synced().result == "no other node"
+    hub_a.join("m", Watcher()).move(move())
+    clock.advance(0.2)
+    # A node that is present but never answers (its presence key outlives it).
+    bus.expires["ghost"] = clock.seconds() + 100
+    hub_b = Hub(clock)
+    plane_b = Backplane(hub_b, MemoryLink(bus, "b"), clock, node_ttl=6, reply_delay=0.05)
+    plane_b.startService()
+    synced = plane_b.when_synced()
+    clock.pump([0.05] * 10)
+    assert not synced.called and hub_b.pins("m")  # a's pins are in, the ghost's never come
+    clock.advance(plane_b.sync_timeout)
+    assert synced.result == "timed out"
+
+
+def test_a_full_state_replaces_what_a_node_held_in_chunks():
+    clock, bus, hubs, planes = clocked()
+    planes[0].full_chunk = 2
+    members = [hubs[0].join(f"map{i % 2}", Watcher()) for i in range(5)]
+    for member in members:
+        member.move(move())
+    clock.pump([0.05] * 5)
+    assert len(hubs[1].pins("map0")) + len(hubs[1].pins("map1")) == 5
+    assert len(planes[0].full_messages()) == 3
+    # A ghost of n0 that n1 holds by mistake goes when n0's full state comes.
+    hubs[1].apply_remote("map0", "n0", [{"id": "ghost", "version": 1, "lat": 0, "lng": 0,
+                                         "heading": None, "accuracy": None, "name": None,
+                                         "seq": None, "ts": 0}])
+    planes[0]._send_full(None)
+    clock.pump([0.05] * 3)
+    assert "ghost" not in {pin["id"] for pin in hubs[1].pins("map0")}
+    assert len(hubs[1].pins("map0")) + len(hubs[1].pins("map1")) == 5
+
+
+def test_a_node_heard_mid_stream_is_asked_for_its_whole_state():
+    clock, bus, hubs, planes = clocked()
+    first = hubs[0].join("m", Watcher())
+    first.move(move())
+    clock.pump([0.05] * 4)
+    # n1 forgets n0 (as after a long stall) and then hears only a delta.
+    planes[1]._forget("n0", "test")
+    assert not hubs[1].pins("m")
+    second = hubs[0].join("m", Watcher())
+    second.move(move())
+    clock.pump([0.05] * 6)
+    assert {first.id, second.id} == set(positions(hubs[1]))
+
+
+def test_malformed_messages_are_counted_and_ignored():
+    clock, bus, hubs, planes = clocked()
+    for junk in (b"not json", b"[]", b'{"t": "delta"}', b'{"t": "what", "n": "x"}',
+                 b'{"t": "delta", "n": "x", "m": "m", "p": [[1]], "g": []}'):
+        bus.deliver(junk, None)
+    clock.advance(0)
+    assert planes[1].stats.bad_messages == 5
+    hubs[0].join("m", Watcher()).move(move())
+    clock.pump([0.05] * 4)
+    assert hubs[1].pins("m")
+
+
+def test_health_and_metrics_say_when_the_link_is_down():
+    from livemap_tx.backplane import BackplaneCollector
+    clock, bus, hubs, planes = clocked()
+    collected = {m.name: m.samples[0].value for m in BackplaneCollector(planes[0]).collect()}
+    assert collected["livemap_backplane_connected"] == 1
+    assert collected["livemap_backplane_resyncs"] == 1
+    assert planes[0].health_problem() is None
+    bus.stop()
+    clock.advance(5)
+    assert "cut off from memory for 5 s" in planes[0].health_problem()
+    hubs[0].join("m", Watcher()).move(move())
+    clock.advance(0.2)
+    collected = {m.name: m.samples[0].value for m in BackplaneCollector(planes[0]).collect()}
+    assert collected["livemap_backplane_connected"] == 0
+    assert collected["livemap_backplane_messages_dropped"] >= 1
+
+
+# The web face with a backplane: /healthz degraded, still 200; /metrics
+
+
+@pytest_twisted.ensureDeferred
+async def test_healthz_is_degraded_but_200_and_metrics_show_the_link(tmp_path):
+    from livemap_tx.service import make_node
+    from livemap_tx.web import make_site
+    # A Redis URL nobody answers: the node serves, degraded.
+    node = make_node(reactor, server_options("--redis", "redis://127.0.0.1:1/0"))
+    assert node.backplane is not None
+    node.backplane.startService()
+    listener = reactor.listenTCP(0, make_site(node.site.resource(), reactor),
+                                 interface="127.0.0.1")
+    url = f"http://127.0.0.1:{listener.getHost().port}"
+    try:
+        response = await treq.get(f"{url}/healthz")
+        body = await response.text()
+        assert response.code == 200
+        assert body.startswith("degraded\nredis: connecting to redis://127.0.0.1:1/0")
+        metrics = await (await treq.get(f"{url}/metrics")).text()
+        assert "livemap_backplane_connected 0.0" in metrics
+        assert "livemap_backplane_messages_published_total" in metrics
+    finally:
+        await node.backplane.stopService()
+        await listener.stopListening()
+
+
+# Options and URLs
+
+
+def test_redis_urls():
+    address = parse_redis_url("rediss://user:p%40ss@redis.example:6380/3")
+    assert (address.host, address.port, address.db, address.tls) == ("redis.example", 6380, 3, True)
+    assert (address.username, address.password) == ("user", "p@ss")
+    assert str(address) == "rediss://***@redis.example:6380/3"  # no secrets in logs
+    plain = parse_redis_url("redis://:secret@10.0.0.5")
+    assert (plain.port, plain.db, plain.username, plain.password) == (6379, 0, None, "secret")
+    for bad in ("http://x", "redis://", "redis://h:port/0", "redis://h/db"):
+        with pytest.raises(ValueError):
+            parse_redis_url(bad)
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--redis", "http://x"], "--redis"),
+    (["--workers", "2"], "--workers"),
+    (["--workers", "0"], "--workers"),
+    (["--workers", "two"], "--workers"),
+    (["--workers", "2", "--redis", "redis://h", "--port", "unix:/tmp/livemap.sock"], "--workers"),
+    (["--cluster", "a b"], "--cluster"),
+    (["--node-ttl", "0"], "--node-ttl"),
+])
+def test_cluster_options_are_checked(args, named):
+    with pytest.raises(usage.UsageError, match=named):
+        Options().parseOptions(args)
+
+
+def test_without_redis_nothing_changes():
+    options = Options()
+    options.parseOptions([])
+    assert (options["redis"], options["cluster"], options["workers"]) == (None, "livemap", 1)
+    from livemap_tx.service import make_node
+    node = make_node(reactor, server_options())
+    assert node.backplane is None and node.hub.publisher is None
+    assert node.site.health_checks == {}
