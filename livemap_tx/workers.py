@@ -11,7 +11,7 @@ client of any worker sees one map.
 SockJS's HTTP transports need every request of a session to reach the
 process that holds the session, but the kernel hands each TCP connection to
 whichever worker accepts first. So each session has an owner, worker
-`crc32(session id) % N`, and a worker that gets a request of a session it
+`hash(session id) % N`, and a worker that gets a request of a session it
 does not own forwards it to the owner over loopback (a private port per
 worker, also opened by the parent, so a restarted worker gets it back).
 WebSocket connections (raw or SockJS's) are one TCP connection each and are
@@ -25,12 +25,12 @@ exits while the parent runs is started again with back-off.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
 import socket
 import sys
-import zlib
 from io import BytesIO
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
@@ -81,7 +81,8 @@ class WorkerSpec:
 
 def session_owner(session_id: bytes, count: int) -> int:
     """The worker that holds a SockJS session: the same answer in every worker."""
-    return zlib.crc32(session_id) % count
+    digest = hashlib.blake2b(session_id, digest_size=8).digest()
+    return int.from_bytes(digest, "big") % count
 
 
 class _QuietHTTP11ClientFactory(_HTTP11ClientFactory):
