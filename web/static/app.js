@@ -8,6 +8,17 @@
 /* global L */
 
 const NAME_KEY = 'livemap.name';
+const APPROXIMATE_KEY = 'livemap.approximate';
+const TTL_KEY = 'livemap.ttl';
+const CREATED_KEY = 'livemap.created'; // sessionStorage: the map this tab just made
+// `hello` needs a name; someone who shares an approximate location without
+// having typed one is called this.
+const DEFAULT_NAME = 'Someone';
+const APPROXIMATE_METRES = 1000;
+const STALE_CHECK_MS = 15000; // how often "last seen N min ago" is brought up to date
+const COPIED_MS = 2000;
+const SENT_SEQS_KEPT = 32; // send times kept to match echoes of our own moves
+const MAP_PATH = /^\/m\/([A-Za-z0-9_-]{1,64})$/;
 const FIRST_FIX_ZOOM = 15;
 const HEADING_STEP = 5; // degrees: smaller heading-only changes are not sent
 const BACKOFF_FIRST_MS = 1000;
@@ -47,6 +58,8 @@ function readConfig() {
     wsPath: raw.wsPath || `/ws/${map}`,
     sockjsPath: raw.sockjsPath || `/sockjs/${map}`,
     maxZoom: Number(raw.maxZoom) > 0 ? Number(raw.maxZoom) : 19,
+    // Seconds after which a pin that has not moved is shown as stale.
+    stale: Number(raw.stale) > 0 ? Number(raw.stale) : 600,
   };
 }
 
@@ -54,6 +67,9 @@ const config = readConfig();
 // Sent no faster than `rate` a second; the small margin keeps network jitter
 // from bunching two sends into one of the server's rate windows.
 const MOVE_INTERVAL_MS = 1000 / config.rate + 10;
+// A visible page whose position has not changed says so again now and then,
+// so that someone sitting still is not shown as stale (or expired) to others.
+const KEEPALIVE_MS = Math.min(300000, Math.max(1000, config.stale * 1000 / 3));
 
 // ?transport=websocket forces the plain WebSocket; ?transport=sockjs forces
 // SockJS with its own choice of transports; a SockJS transport name forces
@@ -83,6 +99,17 @@ const ui = {
   compass: $('compass'),
   actions: $('actions'),
   pinTemplate: $('pin-template'),
+  gone: $('gone'),
+  goneText: $('gone-text'),
+  goneLink: $('gone-link'),
+  copyLink: $('copy-link'),
+  copyText: $('copy-text'),
+  linkBox: $('link-box'),
+  linkField: $('link-field'),
+  newMap: $('new-map'),
+  ttl: $('new-map-ttl'),
+  approximate: $('approximate'),
+  mapInfo: $('map-info'),
 };
 
 const map = L.map('map', {
@@ -122,9 +149,70 @@ function notice(text) {
   ui.notice.hidden = !text;
 }
 
+// ---------------------------------------------------------------- server clock
+
+// A pin's `ts` is the server's clock, so its age is measured on the server's
+// clock too: serverNow() = Date.now() + skew. The skew comes from the best
+// evidence at hand, in this order:
+// - the echo of one of our own moves: the server stamped `ts` between our
+//   send and the echo's arrival, so skew lies in [ts - arrival, ts - send];
+//   the middle of that interval is off by at most half a round trip;
+// - until then, the Date header of a small request at start (1 s resolution);
+// - always: no `ts` can be later than the server's now when it arrives, so
+//   a pin from "the future" moves the estimate forward (a slow local clock).
+// Date.now() rather than performance.now() carries the estimate forward,
+// because it keeps counting while a laptop sleeps.
+let skew = 0;
+let skewFromEcho = false;
+const sentSeqs = new Map(); // seq -> Date.now() when sent, on this connection
+
+function serverNow() {
+  return Date.now() + skew;
+}
+
+function skewInterval(low, high) {
+  skew = (low + high) / 2;
+}
+
+function noteMoveSent(seqSent) {
+  sentSeqs.set(seqSent, Date.now());
+  if (sentSeqs.size > SENT_SEQS_KEPT) sentSeqs.delete(sentSeqs.keys().next().value);
+}
+
+function noteTs(pin) {
+  if (!Number.isFinite(pin.ts)) return;
+  const arrived = Date.now();
+  if (pin.id === myId && sentSeqs.has(pin.seq)) {
+    skewInterval(pin.ts - arrived, pin.ts - sentSeqs.get(pin.seq));
+    skewFromEcho = true;
+    for (const s of [...sentSeqs.keys()]) if (s <= pin.seq) sentSeqs.delete(s);
+  }
+  if (pin.ts - arrived > skew) skew = pin.ts - arrived;
+}
+
+function syncWithDateHeader(response, sentAt) {
+  const date = Date.parse(response.headers.get('Date') || '');
+  if (skewFromEcho || !Number.isFinite(date)) return;
+  // The header is truncated to the second: the server's time was in [date, date + 1 s).
+  skewInterval(date - Date.now(), date + 1000 - sentAt);
+}
+
+function ago(ms) {
+  const s = Math.max(0, Math.floor(ms / 1000));
+  if (s < 60) return `${s} s ago`;
+  const min = Math.floor(s / 60);
+  if (min < 60) return `${min} min ago`;
+  const h = Math.floor(min / 60);
+  if (h < 48) return `${h} h ago`;
+  return `${Math.floor(h / 24)} days ago`;
+}
+
 // ---------------------------------------------------------------- pins
 
-/** @type {Map<string, {marker: L.Marker, arrow: Element, body: Element, label: Element, pin: object}>} */
+/**
+ * @type {Map<string, {marker: L.Marker, inner: Element, arrow: Element, body: Element,
+ *   name: Element, age: Element, pin: object, seen: string}>}
+ */
 const pins = new Map();
 let myId = null;
 
@@ -156,12 +244,30 @@ function renderPin(entry, pin) {
   if (heading !== null) entry.arrow.style.transform = `rotate(${heading}deg)`;
   const name = typeof pin.name === 'string' && pin.name.trim() ? pin.name : '';
   // textContent, never innerHTML: names come from other people.
-  entry.label.textContent = name || (mine ? 'you' : 'anonymous');
-  entry.label.classList.toggle('unnamed', !name);
+  entry.name.textContent = name || (mine ? 'you' : 'anonymous');
+  entry.name.classList.toggle('unnamed', !name);
   const at = entry.marker.getLatLng();
   if (at.lat !== pin.lat || at.lng !== pin.lng) entry.marker.setLatLng([pin.lat, pin.lng]);
   entry.marker.setZIndexOffset(mine ? 1000 : 0);
   entry.pin = pin;
+  renderAge(entry, serverNow());
+}
+
+// A pin that has not moved for `stale` seconds is dimmed and says how old it is.
+function renderAge(entry, now) {
+  const ts = entry.pin.ts;
+  const age = Number.isFinite(ts) ? now - ts : 0;
+  const seen = age >= config.stale * 1000 ? `last seen ${ago(age)}` : '';
+  if (seen === entry.seen) return;
+  entry.seen = seen;
+  entry.inner.classList.toggle('stale', seen !== '');
+  entry.age.textContent = seen;
+  entry.inner.title = seen ? `${entry.name.textContent}, ${seen}` : '';
+}
+
+function refreshAges() {
+  const now = serverNow();
+  for (const entry of pins.values()) renderAge(entry, now);
 }
 
 function upsertPin(pin) {
@@ -169,6 +275,7 @@ function upsertPin(pin) {
     console.warn('livemap: ignoring malformed pin', pin);
     return;
   }
+  noteTs(pin);
   let entry = pins.get(pin.id);
   if (!entry) {
     const content = ui.pinTemplate.content.firstElementChild.cloneNode(true);
@@ -186,10 +293,13 @@ function upsertPin(pin) {
     }).addTo(map);
     entry = {
       marker,
+      inner: content,
       body: content.querySelector('.pin-body'),
       arrow: content.querySelector('.pin-arrow'),
-      label: content.querySelector('.pin-label'),
+      name: content.querySelector('.pin-name'),
+      age: content.querySelector('.pin-age'),
       pin,
+      seen: '',
     };
     pins.set(pin.id, entry);
   }
@@ -254,16 +364,44 @@ let lastSentAt = -Infinity;
 let sendTimer = null;
 let placeByClick = false;
 let hadFix = false;
+let positionLive = false; // the position still holds: a fix without a later error, or a tap
 
 function currentHeading() {
   return sensorHeading !== null ? sensorHeading : gpsHeading;
 }
 
+// The same grid as the server's (livemap_tx/privacy.py): latitude in steps
+// of `metres`, longitude in steps that are `metres` wide at that latitude.
+function coarsen(lat, lng, metres) {
+  const PER_DEGREE = 111320;
+  const latStep = metres / PER_DEGREE;
+  const snappedLat = Math.max(-90, Math.min(90, Math.round(lat / latStep) * latStep));
+  const width = PER_DEGREE * Math.cos(snappedLat * Math.PI / 180);
+  const lngStep = width > 1e-6 ? Math.min(360, metres / width) : 360;
+  let snappedLng = Math.round(lng / lngStep) * lngStep;
+  if (snappedLng > 180) snappedLng -= 360;
+  if (snappedLng < -180) snappedLng += 360;
+  const seven = (x) => Math.round(x * 1e7) / 1e7;
+  return {lat: seven(snappedLat), lng: seven(snappedLng)};
+}
+
+// What the server is told: an approximate location is coarsened here as
+// well as on the server (which does it anyway, asked by `hello`), so the
+// true position never leaves the device.
+function outgoing() {
+  if (!approximate()) return position;
+  const at = coarsen(position.lat, position.lng, APPROXIMATE_METRES);
+  const accuracy = position.accuracy === null
+    ? APPROXIMATE_METRES : Math.max(position.accuracy, APPROXIMATE_METRES);
+  return {lat: at.lat, lng: at.lng, accuracy};
+}
+
 function moveChanged() {
   if (!position) return false;
   if (!lastSent) return true;
-  if (position.lat !== lastSent.lat || position.lng !== lastSent.lng ||
-      position.accuracy !== lastSent.accuracy) return true;
+  const out = outgoing();
+  if (out.lat !== lastSent.lat || out.lng !== lastSent.lng ||
+      out.accuracy !== lastSent.accuracy) return true;
   const h = currentHeading();
   if ((h === null) !== (lastSent.heading === null)) return true;
   return h !== null && headingDelta(h, lastSent.heading) >= HEADING_STEP;
@@ -283,18 +421,29 @@ function requestSend() {
 
 function flushMove() {
   if (!connected || !moveChanged()) return;
+  const out = outgoing();
   const move = {
     type: 'move',
-    lat: position.lat,
-    lng: position.lng,
+    lat: out.lat,
+    lng: out.lng,
     heading: currentHeading(),
-    accuracy: position.accuracy,
+    accuracy: out.accuracy,
     seq: seq++,
   };
   if (send(move)) {
     lastSent = move;
     lastSentAt = performance.now();
+    noteMoveSent(move.seq);
   }
+}
+
+// Someone sitting still sends no moves, and would look stale to everyone:
+// while the page is in view and the position still holds, say it again.
+function keepAlive() {
+  if (!connected || !position || !positionLive || document.visibilityState !== 'visible') return;
+  if (performance.now() - lastSentAt < KEEPALIVE_MS) return;
+  lastSent = null;
+  requestSend();
 }
 
 function setPosition(lat, lng, accuracy) {
@@ -311,6 +460,7 @@ function setPosition(lat, lng, accuracy) {
 
 function onFix(pos) {
   const c = pos.coords;
+  positionLive = true;
   placeByClick = false;
   document.body.classList.remove('place-by-click');
   notice('');
@@ -343,6 +493,7 @@ function letUserPlace(why) {
 function onGeoError(err) {
   // Expected in the field (no permission, indoors): a warning, not an error.
   console.warn('livemap: geolocation', err.code, err.message);
+  if (!placeByClick) positionLive = false; // the last fix stands, but is not renewed
   const why = err.code === 1 ? 'denied' : err.code === 3 ? 'timeout' : 'unavailable';
   letUserPlace(why);
 }
@@ -350,16 +501,19 @@ function onGeoError(err) {
 map.on('click', (e) => {
   if (!placeByClick) return;
   const at = e.latlng.wrap();
+  positionLive = true;
   setPosition(at.lat, at.lng, null);
   notice('');
 });
+
+let geoWatch = null;
 
 function startGeolocation() {
   if (!('geolocation' in navigator)) {
     letUserPlace('unsupported');
     return;
   }
-  navigator.geolocation.watchPosition(onFix, onGeoError, {
+  geoWatch = navigator.geolocation.watchPosition(onFix, onGeoError, {
     enableHighAccuracy: true,
     maximumAge: 5000,
     timeout: 20000,
@@ -419,37 +573,68 @@ function startCompass() {
   }
 }
 
-// ---------------------------------------------------------------- name
+// ---------------------------------------------------------------- name and privacy
 
-function storedName() {
+function load(storage, key) {
   try {
-    return localStorage.getItem(NAME_KEY) || '';
+    return window[storage].getItem(key);
   } catch (err) {
-    return ''; // storage blocked (private mode): the name just isn't kept
+    return null; // storage blocked (private mode): the setting just isn't kept
   }
 }
 
-let lastSentName = null;
-let nameTimer = null;
-
-function sendName() {
-  clearTimeout(nameTimer);
-  const name = ui.name.value.trim();
+function save(storage, key, value) {
   try {
-    localStorage.setItem(NAME_KEY, name);
-  } catch (err) { /* not kept; still sent */ }
-  if (!connected || !name || name === lastSentName) return;
-  if (send({type: 'hello', name})) lastSentName = name;
+    window[storage].setItem(key, value);
+  } catch (err) { /* not kept; still used */ }
 }
 
-ui.name.value = storedName();
+function approximate() {
+  return ui.approximate.checked;
+}
+
+// What this connection was last told in a `hello`: {name, precision}.
+let lastHello = null;
+let nameTimer = null;
+
+// `hello` carries the name and, as livemap's extension, the precision in
+// metres the server coarsens our positions to (0: the server's own).
+function sendHello() {
+  clearTimeout(nameTimer);
+  const typed = ui.name.value.trim();
+  save('localStorage', NAME_KEY, typed);
+  if (!connected) return;
+  const precision = approximate() ? APPROXIMATE_METRES : 0;
+  // Back to precise needs a hello too, and a hello needs a name.
+  const needed = precision > 0 || (lastHello !== null && lastHello.precision > 0);
+  const name = typed || (needed ? (lastHello && lastHello.name) || DEFAULT_NAME : '');
+  if (!name) return;
+  if (lastHello && lastHello.name === name && lastHello.precision === precision) return;
+  const hello = {type: 'hello', name};
+  if (needed) hello.precision = precision;
+  if (send(hello)) lastHello = {name, precision};
+}
+
+ui.name.value = load('localStorage', NAME_KEY) || '';
 ui.name.addEventListener('input', () => {
   clearTimeout(nameTimer);
-  nameTimer = setTimeout(sendName, 600);
+  nameTimer = setTimeout(sendHello, 600);
 });
-ui.name.addEventListener('change', sendName);
+ui.name.addEventListener('change', sendHello);
 ui.name.addEventListener('keydown', (e) => {
   if (e.key === 'Enter') ui.name.blur();
+});
+
+ui.approximate.checked = load('localStorage', APPROXIMATE_KEY) === '1';
+ui.approximate.addEventListener('change', () => {
+  save('localStorage', APPROXIMATE_KEY, approximate() ? '1' : '0');
+  sendHello(); // first, so the server knows before the position comes again
+  // Replace the pin the server holds now with one of the new precision.
+  lastSent = null;
+  requestSend();
+  toast(approximate()
+    ? 'Others now see you only to about 1 km'
+    : 'Others now see your exact location');
 });
 
 // ---------------------------------------------------------------- connection
@@ -463,6 +648,7 @@ let retryTimer = null;
 let retryAt = 0;
 let countdownTimer = null;
 let sockjsLoading = null;
+let closedFor = null; // 'expired' or 'missing' once the map is gone: no more reconnecting
 
 function setStatus(kind, text) {
   ui.status.className = `status status-${kind}`;
@@ -502,9 +688,11 @@ function onFrame(text) {
       for (const id of msg.gone || []) removePin(id);
       for (const pin of msg.pins || []) upsertPin(pin);
       showCount();
+      refreshAges();
       break;
     case 'snapshot':
       if (connected) replacePins(msg.pins);
+      refreshAges();
       break;
     case 'error':
       console.warn('livemap: server says', msg.code, msg.message);
@@ -521,17 +709,44 @@ function onWelcome(msg) {
   failures = 0;
   if (link.sockjs) useSockjs = true; // it worked: stay on it for this page's life
   setStatus('connected', `connected \u00b7 ${transportLabel(link)}`);
+  sentSeqs.clear();
   clearPins(); // the own pin's look may change with the new id
   replacePins(msg.pins);
+  refreshAges();
   if (!viewChosen && pins.size > 0) fitAll();
-  // A new connection knows nothing of us: say who and where we are again.
-  lastSentName = null;
+  // A new connection knows nothing of us: say who and where we are again,
+  // the hello first, so that an approximate location is never sent exactly.
+  lastHello = null;
   lastSent = null;
-  sendName();
+  sendHello();
   requestSend();
 }
 
-function linkDown(myAttempt, l, hadWelcome) {
+// Whether the map still exists: false only on a 404 (never made, or
+// expired); null when the server cannot be asked (then we keep trying).
+// Asked only when a connection was refused, as it answers with every pin.
+function mapExists() {
+  const sentAt = Date.now();
+  return fetch(`/api/maps/${encodeURIComponent(config.map)}/pins`, {cache: 'no-store'})
+    .then((response) => {
+      syncWithDateHeader(response, sentAt);
+      // Read to the end: an unread body keeps the request open until the page goes.
+      return response.text().then(() => response.status !== 404);
+    }).catch(() => null);
+}
+
+// The server's clock from the smallest answer it has, before any echo.
+function askServerTime() {
+  const sentAt = Date.now();
+  fetch('/healthz', {cache: 'no-store'})
+    .then((response) => {
+      syncWithDateHeader(response, sentAt);
+      return response.text();
+    })
+    .catch(() => { /* the echo of our first move will tell */ });
+}
+
+function linkDown(myAttempt, l, hadWelcome, code, reason) {
   if (myAttempt !== attempt) return;
   attempt++; // ignore anything further from this link
   link = null;
@@ -539,12 +754,53 @@ function linkDown(myAttempt, l, hadWelcome) {
   clearTimeout(sendTimer);
   sendTimer = null;
   clearPins();
-  // WebSocket never got as far as a welcome: quietly try SockJS at once.
-  if (!l.sockjs && !hadWelcome && forced === null) {
-    openSockjs();
+  if (code === 1008 && reason === 'map expired') {
+    mapGone('expired');
     return;
   }
-  scheduleReconnect();
+  if (hadWelcome) {
+    scheduleReconnect();
+    return;
+  }
+  // Refused before a welcome: a map that is gone refuses every upgrade, and
+  // the browser does not say why; the API does.
+  const myCheck = attempt;
+  setStatus('connecting', 'connecting\u2026');
+  mapExists().then((exists) => {
+    if (myCheck !== attempt || closedFor) return;
+    if (exists === false) {
+      mapGone('missing');
+    } else if (!l.sockjs && forced === null) {
+      openSockjs(); // WebSocket never got as far as a welcome: quietly try SockJS
+    } else {
+      scheduleReconnect();
+    }
+  });
+}
+
+// The map expired or never was: say so, stop reconnecting and locating.
+function mapGone(why) {
+  closedFor = why;
+  attempt++;
+  clearTimeout(retryTimer);
+  clearInterval(countdownTimer);
+  retryTimer = null;
+  if (link) link.close();
+  link = null;
+  connected = false;
+  clearPins();
+  if (geoWatch !== null) navigator.geolocation.clearWatch(geoWatch);
+  geoWatch = null;
+  placeByClick = false;
+  document.body.classList.remove('place-by-click');
+  document.body.classList.add('map-closed');
+  notice('');
+  setStatus('closed', why === 'expired' ? 'map expired' : 'no such map');
+  ui.goneText.textContent = why === 'expired'
+    ? 'This map has expired: its link no longer works.'
+    : 'This map does not exist, or it has expired.';
+  ui.goneLink.hidden = config.map === 'public';
+  ui.gone.hidden = false;
 }
 
 function scheduleReconnect() {
@@ -566,6 +822,7 @@ function showCountdown() {
 }
 
 function connect() {
+  if (closedFor) return;
   clearTimeout(retryTimer);
   clearInterval(countdownTimer);
   retryTimer = null;
@@ -614,7 +871,7 @@ function openWebSocket() {
     if (myAttempt === attempt && welcomed) {
       console.info('livemap: connection closed', e.code, e.reason);
     }
-    linkDown(myAttempt, l, welcomed);
+    linkDown(myAttempt, l, welcomed, e.code, e.reason);
   };
 }
 
@@ -664,7 +921,7 @@ function openSockjs() {
     };
     sock.onclose = (e) => {
       if (myAttempt === attempt) console.info('livemap: SockJS closed', e.code, e.reason);
-      linkDown(myAttempt, l, welcomed);
+      linkDown(myAttempt, l, welcomed, e.code, e.reason);
     };
   }).catch((err) => {
     console.warn('livemap:', err.message);
@@ -677,6 +934,102 @@ window.addEventListener('online', () => {
   if (retryTimer !== null) connect();
 });
 
+// ---------------------------------------------------------------- sharing
+
+// The map's link is its name: never the query string (?transport=...).
+function mapLink() {
+  return location.origin + location.pathname;
+}
+
+let copiedTimer = null;
+function showCopied() {
+  ui.copyLink.classList.add('copied');
+  ui.copyText.textContent = 'Copied';
+  toast('Link copied: send it to the people you want on this map');
+  clearTimeout(copiedTimer);
+  copiedTimer = setTimeout(() => {
+    ui.copyLink.classList.remove('copied');
+    ui.copyText.textContent = 'Copy link';
+  }, COPIED_MS);
+}
+
+// Where the Clipboard API is missing (plain http on a LAN address) or
+// refuses, the link is shown selected, ready for the system's own copy.
+function showLinkBox() {
+  ui.linkField.value = mapLink();
+  ui.linkBox.hidden = false;
+  ui.linkField.focus();
+  ui.linkField.select();
+}
+
+function copyLink() {
+  const text = mapLink();
+  if (!navigator.clipboard || typeof navigator.clipboard.writeText !== 'function') {
+    showLinkBox();
+    return;
+  }
+  navigator.clipboard.writeText(text).then(showCopied, (err) => {
+    console.warn('livemap: clipboard', err);
+    showLinkBox();
+  });
+}
+ui.copyLink.addEventListener('click', copyLink);
+ui.linkField.addEventListener('focus', () => ui.linkField.select());
+ui.linkField.addEventListener('keydown', (e) => {
+  if (e.key === 'Escape') ui.linkBox.hidden = true;
+});
+ui.linkField.addEventListener('copy', () => {
+  toast('Link copied: send it to the people you want on this map');
+});
+
+// ---------------------------------------------------------------- new private map
+
+const storedTtl = load('localStorage', TTL_KEY);
+if ([...ui.ttl.options].some((o) => o.value === storedTtl)) ui.ttl.value = storedTtl;
+ui.ttl.addEventListener('change', () => save('localStorage', TTL_KEY, ui.ttl.value));
+
+function createMap() {
+  ui.newMap.disabled = true;
+  const ttl = ui.ttl.value;
+  const query = ttl === 'never' ? '' : `?ttl=${encodeURIComponent(ttl)}`;
+  fetch(`/api/maps${query}`, {method: 'POST', cache: 'no-store',
+                               headers: {Accept: 'application/json'}})
+    .then((response) => response.json().catch(() => null).then((body) => {
+      if (response.ok && body && typeof body.path === 'string' && MAP_PATH.test(body.path)) {
+        save('sessionStorage', CREATED_KEY,
+             JSON.stringify({map: body.map, expires: body.expires}));
+        location.assign(body.path);
+        return;
+      }
+      const why = body && typeof body.message === 'string' && body.message
+        ? body.message : `HTTP ${response.status}`;
+      toast(`Could not create a map: ${why}`);
+      ui.newMap.disabled = false;
+    }))
+    .catch((err) => {
+      console.warn('livemap: creating a map', err);
+      toast('Could not create a map: the server cannot be reached');
+      ui.newMap.disabled = false;
+    });
+}
+ui.newMap.addEventListener('click', createMap);
+
+// Whoever made this map in this tab is told it is private and when it ends.
+function showMapInfo() {
+  let created = null;
+  try {
+    created = JSON.parse(load('sessionStorage', CREATED_KEY) || 'null');
+  } catch (err) { /* ignore */ }
+  if (!created || created.map !== config.map) return;
+  const until = Number.isFinite(created.expires)
+    ? `until ${new Date(created.expires).toLocaleString(undefined, {
+      weekday: 'short', hour: '2-digit', minute: '2-digit'})}`
+    : 'with no expiry';
+  ui.mapInfo.textContent =
+    `Private map, ${until}. Only people with its link can see it: copy the link to invite them.`;
+  ui.mapInfo.hidden = false;
+}
+
 // ---------------------------------------------------------------- test hook
 
 window.livemap = Object.freeze({
@@ -687,14 +1040,27 @@ window.livemap = Object.freeze({
     transport: connected && link ? link.transport : null,
     sockjs: Boolean(connected && link && link.sockjs),
     zoom: map.getZoom(),
+    closed: closedFor,
+    retrying: retryTimer !== null,
+    skew,
   }),
   pin: (id) => {
     const entry = pins.get(id);
-    return entry ? {...entry.pin} : null;
+    return entry ? {...entry.pin, stale: entry.seen !== ''} : null;
   },
 });
 
 showCount();
+showMapInfo();
 startCompass();
 startGeolocation();
+setInterval(() => {
+  refreshAges();
+  keepAlive();
+}, STALE_CHECK_MS);
+document.addEventListener('visibilitychange', () => {
+  refreshAges();
+  keepAlive();
+});
+askServerTime();
 connect();
