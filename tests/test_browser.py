@@ -10,15 +10,17 @@ request to a host that is not the server fails the test.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import secrets
 import struct
+import time
 import urllib.request
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 from urllib.parse import urlsplit
 
 import pytest
@@ -130,10 +132,12 @@ class Viewer:
 def open_viewer(browser: Browser, url: str, *, geolocation: Optional[dict] = None,
                 grant: bool = True, name: Optional[str] = None, tiles: str = "local",
                 viewport: Optional[dict] = None, mobile: bool = False,
+                permissions: Sequence[str] = (),
                 before_load: Optional[Callable[[Page], None]] = None) -> Viewer:
     """Open the page in a fresh context, watching for errors and stray requests."""
     context = browser.new_context(
-        geolocation=geolocation, permissions=["geolocation"] if grant else [],
+        geolocation=geolocation,
+        permissions=(["geolocation"] if grant else []) + list(permissions),
         viewport=viewport or {"width": 1100, "height": 640}, locale="en-US",
         is_mobile=mobile, has_touch=mobile)
     if name is not None:
@@ -633,3 +637,381 @@ def test_silent_websocket_falls_back_to_sockjs(
     expect(viewer.page.locator(".mine")).to_have_count(1, timeout=WAIT_MS)
     viewer.assert_clean()
     viewer.context.close()
+
+
+# ---------------------------------------------------------------- safe to put on the internet
+
+MAP_NAME_24 = re.compile(r"^[A-Za-z0-9_-]{24}$")
+CLIPBOARD = ["clipboard-read", "clipboard-write"]
+
+
+def expect_problems(viewer: Viewer, *expected: str) -> None:
+    """Drop the problems a test provoked on purpose (each must have happened), keep the rest."""
+    for pattern in expected:
+        matching = [p for p in viewer.problems if re.search(pattern, p)]
+        assert matching, f"expected a problem matching {pattern!r} in {viewer.problems}"
+        viewer.problems[:] = [p for p in viewer.problems if p not in matching]
+
+
+def test_new_private_map_and_its_copied_link_bring_a_friend(
+        browser: Browser, base_url: str, map_name: str) -> None:
+    """The button makes a private map and goes there; the copied link lets a second person in."""
+    ada = open_viewer(browser, f"{base_url}/m/{map_name}", geolocation=BERLIN, name="Ada",
+                      permissions=CLIPBOARD)
+    ada.own_id()
+    answers: list[tuple[Any, Any]] = []
+
+    def pass_through(route: Any) -> None:  # the server's own answer, read on its way
+        response = route.fetch()
+        answers.append((route.request, response))
+        route.fulfill(response=response)
+
+    ada.page.route(re.compile(r"/api/maps(\?|$)"), pass_through)
+    ada.page.select_option("#new-map-ttl", "3600")
+    started = time.time()
+    ada.page.click("#new-map")
+    ada.page.wait_for_url(re.compile(r"/m/[A-Za-z0-9_-]{24}$"), timeout=WAIT_MS)
+    [(request, response)] = answers
+    assert request.method == "POST" and urlsplit(request.url).query == "ttl=3600"
+    assert response.status == 201
+    body = response.json()
+    assert MAP_NAME_24.match(body["map"]) and body["path"] == f"/m/{body['map']}"
+    assert ada.page.url == f"{base_url}{body['path']}"
+    assert started + 3600 - 60 < body["expires"] / 1000 < time.time() + 3600 + 60
+    ada_id = ada.own_id()
+    expect(ada.page.locator(".mine")).to_have_count(1, timeout=WAIT_MS)
+    info = ada.page.locator("#map-info")
+    expect(info).to_be_visible()
+    expect(info).to_contain_text("Private map, until")
+    # The choice of lifetime is kept for the next map.
+    expect(ada.page.locator("#new-map-ttl")).to_have_value("3600")
+
+    ada.page.click("#copy-link")
+    expect(ada.page.locator("#toast")).to_contain_text("Link copied", timeout=WAIT_MS)
+    expect(ada.page.locator("#copy-text")).to_have_text("Copied")
+    expect(ada.page.locator("#link-box")).to_be_hidden()
+    link = ada.page.evaluate("navigator.clipboard.readText()")
+    assert link == f"{base_url}/m/{body['map']}"
+    assert MAP_NAME_24.match(urlsplit(link).path.removeprefix("/m/"))
+    expect(ada.page.locator("#copy-text")).to_have_text("Copy link", timeout=WAIT_MS)
+
+    grace = open_viewer(browser, link, geolocation=NEARBY)
+    grace_id = grace.own_id()
+    grace.wait("(id) => window.livemap.state().pins.includes(id)", ada_id)
+    expect(grace.page.locator(f'[data-pin-id="{ada_id}"] .pin-label')).to_have_text(
+        "Ada", timeout=WAIT_MS)
+    expect(ada.page.locator(f'[data-pin-id="{grace_id}"]')).to_have_count(1, timeout=WAIT_MS)
+    expect(grace.page.locator("#count")).to_have_text("2 people")
+    # Only its maker is told how long it lasts.
+    expect(grace.page.locator("#map-info")).to_be_hidden()
+    for viewer in (ada, grace):
+        viewer.assert_clean()
+        viewer.context.close()
+
+
+NO_CLIPBOARD = "Object.defineProperty(Navigator.prototype, 'clipboard', {get: () => undefined});"
+
+
+def test_copy_link_without_the_clipboard_api_shows_the_link_selected(
+        browser: Browser, base_url: str, map_name: str) -> None:
+    """No Clipboard API (plain http on a LAN): the link appears selected; never the query string."""
+    viewer = open_viewer(browser, f"{base_url}/m/{map_name}?transport=websocket",
+                         geolocation=BERLIN,
+                         before_load=lambda page: page.add_init_script(NO_CLIPBOARD))
+    viewer.own_id()
+    assert viewer.page.evaluate("navigator.clipboard") is None
+    viewer.page.click("#copy-link")
+    field = viewer.page.locator("#link-field")
+    expect(field).to_be_visible(timeout=WAIT_MS)
+    expect(field).to_have_value(f"{base_url}/m/{map_name}")
+    expect(field).to_be_focused()
+    assert viewer.page.evaluate("""() => { const f = document.getElementById('link-field');
+        return f.readOnly && f.selectionStart === 0 && f.selectionEnd === f.value.length; }""")
+    viewer.page.press("#link-field", "Escape")
+    expect(field).to_be_hidden()
+    viewer.assert_clean()
+    viewer.context.close()
+
+
+def test_new_private_map_errors_show_the_servers_message(
+        browser: Browser, base_url: str, map_name: str) -> None:
+    """A refused map (bad ttl: 400, server full: 503) says why, and the page stays where it is."""
+    url = f"{base_url}/m/{map_name}"
+    viewer = open_viewer(browser, url, geolocation=BERLIN)
+    viewer.own_id()
+    # A lifetime the server does not take: its real 400 answer is shown.
+    viewer.page.evaluate("document.querySelector('#new-map-ttl option').value = '60'")
+    viewer.page.select_option("#new-map-ttl", "60")
+    viewer.page.click("#new-map")
+    toast = viewer.page.locator("#toast")
+    expect(toast).to_have_text(
+        "Could not create a map: ttl must be from 900 to 259200 seconds, or 'never'",
+        timeout=WAIT_MS)
+    expect(viewer.page.locator("#new-map")).to_be_enabled()
+    expect_problems(viewer, r"HTTP 400: .*/api/maps\?ttl=60", r"status of 400")
+
+    viewer.page.route(re.compile(r"/api/maps(\?|$)"), lambda route: route.fulfill(
+        status=503, content_type="application/json",
+        body=json.dumps({"error": "full", "message": "too many private maps"})))
+    viewer.page.select_option("#new-map-ttl", "never")
+    viewer.page.click("#new-map")
+    expect(toast).to_have_text("Could not create a map: too many private maps",
+                               timeout=WAIT_MS)
+    expect(viewer.page.locator("#new-map")).to_be_enabled()
+    expect_problems(viewer, r"HTTP 503: .*/api/maps$", r"status of 503")
+    assert viewer.page.url == url
+    assert viewer.state()["connected"] is True
+    viewer.assert_clean()
+    viewer.context.close()
+
+
+def pin_age(viewer: Viewer, pin_id: str) -> Any:
+    return viewer.page.locator(f'[data-pin-id="{pin_id}"] .pin-age')
+
+
+def test_a_pin_that_stops_moving_turns_stale_on_the_viewers_clock(
+        browser: Browser, base_url: str, map_name: str) -> None:
+    """A real pin whose server `ts` is older than `stale` (600 s) is dimmed and says how old."""
+    url = f"{base_url}/m/{map_name}"
+    ada = open_viewer(browser, url, geolocation=BERLIN, name="Ada")
+    ada_id = ada.own_id()
+    # Bob only watches (no location, so no moves of his own), on a clock the test can move.
+    bob = open_viewer(browser, url, grant=False,
+                      before_load=lambda page: page.clock.install())
+    bob.own_id()
+    bob.wait("(id) => window.livemap.pin(id) !== null", ada_id)
+    ada_pin = bob.page.locator(f'[data-pin-id="{ada_id}"] .pin-inner')
+    expect(ada_pin).not_to_have_class(re.compile(r"\bstale\b"))
+    expect(pin_age(bob, ada_id)).to_have_text("")
+    assert abs(bob.state()["skew"]) < 5000  # both clocks are this machine's
+
+    # Eleven minutes pass on Bob's page without a word from Ada.
+    bob.page.clock.fast_forward("11:00")
+    expect(ada_pin).to_have_class(re.compile(r"\bstale\b"), timeout=WAIT_MS)
+    expect(pin_age(bob, ada_id)).to_have_text("last seen 11 min ago")
+    expect(ada_pin).to_have_attribute("title", "Ada, last seen 11 min ago")
+    expect(bob.page.locator(f'[data-pin-id="{ada_id}"] .pin-name')).to_have_text("Ada")
+    assert bob.pin(ada_id)["stale"] is True
+    expect(bob.page.locator("#count")).to_have_text("1 person")  # stale is still there
+    # The periodic check keeps the age up to date.
+    bob.page.clock.fast_forward("50:00")
+    expect(pin_age(bob, ada_id)).to_have_text("last seen 1 h ago", timeout=WAIT_MS)
+    # Ada's own page, on the real clock, sees herself as fresh.
+    expect(ada.page.locator(f'[data-pin-id="{ada_id}"] .pin-inner')).not_to_have_class(
+        re.compile(r"\bstale\b"))
+    for viewer in (ada, bob):
+        viewer.assert_clean()
+        viewer.context.close()
+
+
+def install_clock_off_by(minutes: int) -> Callable[[Page], None]:
+    def install(page: Page) -> None:
+        page.clock.install(time=time.time() + minutes * 60)
+    return install
+
+
+def test_a_wrong_device_clock_does_not_make_fresh_pins_stale(
+        browser: Browser, base_url: str, map_name: str) -> None:
+    """Ages are measured on the server's clock: a device 20 minutes off sees fresh pins as fresh."""
+    url = f"{base_url}/m/{map_name}"
+    tap = WebSocketTap()
+    ada = open_viewer(browser, url, geolocation=BERLIN, name="Ada")
+    ada_id = ada.own_id()
+    # Fast and only watching: the Date header of the server's answer sets it right.
+    fast = open_viewer(browser, url, grant=False, before_load=install_clock_off_by(20))
+
+    # Slow, with a pin of its own: the echo of its own moves sets it right.
+    def slow_setup(page: Page) -> None:
+        install_clock_off_by(-20)(page)
+        tap.install(page)
+    slow = open_viewer(browser, url, geolocation=NEARBY, name="Slow", before_load=slow_setup)
+    slow_id = slow.own_id()
+    until(slow.page, lambda: len(tap.moves()) >= 1, "the first move")
+    for viewer in (fast, slow):
+        viewer.wait("(ids) => ids.every((id) => window.livemap.pin(id) !== null)",
+                    [ada_id, slow_id])
+    assert abs(fast.state()["skew"] + 20 * 60_000) < 5000, fast.state()["skew"]
+    slow.wait("() => Math.abs(window.livemap.state().skew - 20 * 60000) < 5000")
+    for viewer in (fast, slow):
+        for pin_id in (ada_id, slow_id):
+            assert viewer.pin(pin_id)["stale"] is False
+            expect(pin_age(viewer, pin_id)).to_have_text("")
+    for viewer in (ada, fast, slow):
+        viewer.assert_clean()
+        viewer.context.close()
+
+
+def test_someone_sitting_still_is_not_left_to_go_stale(
+        browser: Browser, base_url: str, map_name: str) -> None:
+    """A page in view with a position that holds says it again (stale/3), so others see it fresh."""
+    tap = WebSocketTap()
+
+    def setup(page: Page) -> None:
+        page.clock.install()
+        tap.install(page)
+
+    viewer = open_viewer(browser, f"{base_url}/m/{map_name}", geolocation=BERLIN,
+                         before_load=setup)
+    own = viewer.own_id()
+    until(viewer.page, lambda: len(tap.moves()) >= 1, "the first move")
+    viewer.page.clock.fast_forward("02:00")  # under 600 / 3 s: nothing to say yet
+    viewer.page.clock.fast_forward("00:15")
+    assert len(tap.moves()) == 1
+    viewer.page.clock.fast_forward("01:30")
+    until(viewer.page, lambda: len(tap.moves()) >= 2, "the position said again")
+    first, again = tap.moves()[:2]
+    assert (again["lat"], again["lng"], again["accuracy"]) == \
+        (first["lat"], first["lng"], first["accuracy"])
+    assert again["seq"] > first["seq"]
+    viewer.wait("(id) => { const p = window.livemap.pin(id); return p && !p.stale; }", own)
+    viewer.assert_clean()
+    viewer.context.close()
+
+
+def test_an_expired_map_says_so_and_stops_reconnecting(
+        browser: Browser, base_url: str, map_name: str) -> None:
+    """Close 1008 "map expired": no reconnect, a clear message, a way to the public map."""
+    tap = WebSocketTap()
+    viewer = open_viewer(browser, f"{base_url}/m/{map_name}", geolocation=BERLIN,
+                         before_load=tap.install)
+    viewer.own_id()
+    expect(viewer.page.locator(".mine")).to_have_count(1, timeout=WAIT_MS)
+    record = tap.connections[-1]
+    record["server"].close(code=1000)
+    record["route"].close(code=1008, reason="map expired")
+    gone = viewer.page.locator("#gone")
+    expect(gone).to_be_visible(timeout=WAIT_MS)
+    expect(gone).to_contain_text("This map has expired")
+    expect(viewer.page.locator("#status")).to_have_text("map expired")
+    expect(viewer.page.locator("[data-pin-id]")).to_have_count(0)
+    expect(viewer.page.locator("#copy-link")).to_be_hidden()
+    state = viewer.state()
+    assert state["closed"] == "expired" and state["retrying"] is False
+    assert state["connected"] is False
+    assert len(tap.connections) == 1
+    viewer.page.evaluate("window.dispatchEvent(new Event('online'))")  # no reason to try again
+    assert viewer.state()["retrying"] is False and len(tap.connections) == 1
+
+    viewer.page.click("#gone-link")
+    viewer.page.wait_for_url(f"{base_url}/m/public", timeout=WAIT_MS)
+    viewer.own_id()
+    expect(viewer.page.locator("#gone")).to_be_hidden()
+    viewer.assert_clean()
+    viewer.context.close()
+
+
+@pytest.mark.parametrize("code,reason", [(1008, "rate limit exceeded"),
+                                         (1008, "too slow: not reading"),
+                                         (1001, "server shutting down")])
+def test_other_closes_reconnect(
+        browser: Browser, base_url: str, map_name: str, code: int, reason: str) -> None:
+    """Only "map expired" ends it: other policy closes and a shutdown are reconnected."""
+    tap = WebSocketTap()
+    viewer = open_viewer(browser, f"{base_url}/m/{map_name}", geolocation=BERLIN,
+                         before_load=tap.install)
+    first = viewer.own_id()
+    record = tap.connections[-1]
+    record["server"].close(code=1000)
+    record["route"].close(code=code, reason=reason)
+    expect(viewer.page.locator("#status")).to_contain_text("reconnecting in", timeout=WAIT_MS)
+    viewer.wait("(old) => { const s = window.livemap.state();"
+                " return s.connected && s.id !== old; }", first)
+    assert viewer.state()["closed"] is None
+    expect(viewer.page.locator("#gone")).to_be_hidden()
+    viewer.assert_clean()
+    viewer.context.close()
+
+
+def test_a_map_that_does_not_exist_says_so(browser: Browser, base_url: str) -> None:
+    """
+    A refused upgrade whose map the API calls 404 (never made, or expired) ends the retries.
+
+    The server has open maps by default (any well-formed name exists) and no
+    --no-open-maps option yet, so the test plays the server that lost the
+    map: the upgrade is refused and the pins API answers 404.
+    """
+    name = secrets.token_urlsafe(18)
+    refused: list[Any] = []
+    sockjs: list[str] = []
+
+    def refuse(page: Page) -> None:
+        page.route_web_socket(re.compile(r"/ws/"),
+                              lambda route: (refused.append(route), route.close(code=1006)))
+        page.route(re.compile(r"/api/maps/[^/]+/pins$"), lambda route: route.fulfill(
+            status=404, content_type="text/html", body="<html><body>No such map.</body></html>"))
+        page.on("request", lambda r: "/sockjs/" in r.url and sockjs.append(r.url))
+
+    viewer = open_viewer(browser, f"{base_url}/m/{name}", geolocation=BERLIN, before_load=refuse)
+    gone = viewer.page.locator("#gone")
+    expect(gone).to_be_visible(timeout=WAIT_MS)
+    expect(gone).to_contain_text("This map does not exist, or it has expired.")
+    expect(viewer.page.locator("#gone-link")).to_have_attribute("href", "/m/public")
+    expect(viewer.page.locator("#status")).to_have_text("no such map")
+    state = viewer.state()
+    assert state["closed"] == "missing" and state["retrying"] is False
+    assert len(refused) == 1 and sockjs == []  # neither retried nor handed to SockJS
+    expect_problems(viewer, rf"HTTP 404: .*/api/maps/{re.escape(name)}/pins", r"status of 404")
+    viewer.assert_clean()
+    viewer.context.close()
+
+
+def metres_between(a: tuple[float, float], b: tuple[float, float]) -> float:
+    lat1, lng1, lat2, lng2 = map(math.radians, (*a, *b))
+    h = (math.sin((lat2 - lat1) / 2) ** 2
+         + math.cos(lat1) * math.cos(lat2) * math.sin((lng2 - lng1) / 2) ** 2)
+    return 2 * 6_371_000 * math.asin(math.sqrt(h))
+
+
+GATE = {"latitude": 52.516275, "longitude": 13.377704, "accuracy": 8}
+
+
+def test_approximate_location_is_all_anyone_gets(
+        browser: Browser, base_url: str, map_name: str) -> None:
+    """The checkbox sends hello with precision 1000 first; others see a position ~1 km off."""
+    url = f"{base_url}/m/{map_name}"
+    true = (GATE["latitude"], GATE["longitude"])
+    tap = WebSocketTap()
+    ada = open_viewer(browser, url, geolocation=GATE, before_load=tap.install)  # no name
+    grace = open_viewer(browser, url, geolocation=NEARBY, name="Grace")
+    ada_id = ada.own_id()
+    grace.wait("(id) => { const p = window.livemap.pin(id);"
+               " return p && Math.abs(p.lat - 52.516275) < 1e-9; }", ada_id)
+
+    ada.page.check("#approximate")
+    sent = tap.connections[-1]["sent"]
+    until(ada.page, lambda: {"type": "hello", "name": "Someone", "precision": 1000} in sent,
+          "the hello asking for 1 km")
+    grace.wait("(id) => { const p = window.livemap.pin(id);"
+               " return p && p.accuracy >= 1000; }", ada_id)
+    seen = grace.pin(ada_id)
+    assert (seen["lat"], seen["lng"]) != true
+    assert 0 < metres_between(true, (seen["lat"], seen["lng"])) < 1000
+    expect(grace.page.locator(f'[data-pin-id="{ada_id}"] .pin-label')).to_have_text(
+        "Someone", timeout=WAIT_MS)
+    after_hello = sent[sent.index({"type": "hello", "name": "Someone", "precision": 1000}):]
+    assert all((m["lat"], m["lng"]) != true for m in after_hello if m["type"] == "move")
+    assert ada.page.evaluate("localStorage.getItem('livemap.approximate')") == "1"
+
+    # Kept: after a reload the very first message asks for 1 km again, before any position.
+    ada.page.reload()
+    ada_id = ada.own_id()
+    expect(ada.page.locator("#approximate")).to_be_checked()
+    until(ada.page, lambda: len(tap.moves()) >= 1, "the first move after the reload")
+    first = tap.connections[-1]["sent"]
+    assert first[0] == {"type": "hello", "name": "Someone", "precision": 1000}
+    assert (first[1]["lat"], first[1]["lng"]) == (seen["lat"], seen["lng"])
+    assert first[1]["accuracy"] == 1000
+    grace.wait("(id) => { const p = window.livemap.pin(id); return p && p.accuracy >= 1000; }",
+               ada_id)
+    assert (grace.pin(ada_id)["lat"], grace.pin(ada_id)["lng"]) == (seen["lat"], seen["lng"])
+
+    # Unticked: the server is told (a hello needs the name it has), then the exact position.
+    ada.page.uncheck("#approximate")
+    sent = tap.connections[-1]["sent"]
+    until(ada.page, lambda: {"type": "hello", "name": "Someone", "precision": 0} in sent,
+          "the hello asking for exact positions")
+    grace.wait("(id) => { const p = window.livemap.pin(id);"
+               " return p && Math.abs(p.lat - 52.516275) < 1e-9 && p.accuracy === 8; }", ada_id)
+    for viewer in (ada, grace):
+        viewer.assert_clean()
+        viewer.context.close()
