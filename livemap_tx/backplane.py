@@ -48,8 +48,9 @@ from twisted.application import service
 from twisted.application.internet import ClientService
 from twisted.internet import defer, endpoints, task
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from .hub import Hub, Pin
 
@@ -278,10 +279,15 @@ def parse_redis_url(url: str) -> RedisAddress:
         password=unquote(parts.password) if parts.password is not None else None)
 
 
+@implementer(ILogObserver)
+def _discard(event: dict) -> None:
+    pass
+
+
 class _QuietClientService(ClientService):
     """ClientService logs every retry; the link logs a loss once instead."""
 
-    _log = Logger(observer=lambda event: None)
+    _log = Logger(observer=_discard)
 
 
 class _RedisFactory(txredisapi.RedisFactory):
@@ -408,8 +414,8 @@ class RedisLink:
 
     def _endpoint(self) -> Any:
         address = self.address
-        endpoint = endpoints.HostnameEndpoint(self.reactor, address.host, address.port,
-                                              timeout=self.reply_timeout)
+        endpoint: Any = endpoints.HostnameEndpoint(self.reactor, address.host, address.port,
+                                                   timeout=self.reply_timeout)
         if address.tls:
             from twisted.internet.ssl import optionsForClientTLS
             endpoint = endpoints.wrapClientTLS(optionsForClientTLS(address.host), endpoint)
@@ -490,10 +496,11 @@ class RedisLink:
             return
         if connection is self.subscriber:
             protocol = connection.protocol
+            def refused(failure: Failure) -> None:
+                self._failed(failure, "SUBSCRIBE")
+                protocol.transport.abortConnection()
             d = protocol.subscribe([self.broadcast_channel, self.own_channel])
-            d.addCallbacks(lambda _: self._maybe_up(),
-                           lambda failure: (self._failed(failure, "SUBSCRIBE"),
-                                            protocol.transport.abortConnection()))
+            d.addCallbacks(lambda _: self._maybe_up(), refused)
         else:
             self._maybe_up()
 
@@ -794,7 +801,7 @@ class Backplane(service.Service):
 
     # Applying
 
-    def _apply(self, origin: str, map_name: str, entries: list, gone: list) -> None:
+    def _apply(self, origin: str, map_name: str, entries: list, gone: Iterable[str]) -> None:
         states = self._states(entries)
         seen = self.replacing.get(origin)
         if seen is not None:

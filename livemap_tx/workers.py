@@ -38,13 +38,14 @@ from typing import Any, Callable, Optional
 from twisted.application import service
 from twisted.internet import defer, endpoints, error, fdesc, protocol
 from twisted.internet.address import IPv6Address
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IReadDescriptor
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
 
 log = Logger()
 
@@ -108,7 +109,7 @@ class _Relay(protocol.Protocol):
     def client_gone(self) -> None:
         self.gone = True
         if self.transport is not None:
-            self.transport.stopProducing()
+            self.transport.stopProducing()  # type: ignore[attr-defined]
 
 
 class SessionRouter(Resource):
@@ -153,6 +154,7 @@ class SessionRouter(Resource):
         return NOT_DONE_YET
 
     def _forward(self, request: Request, port: int) -> None:
+        assert request.content is not None
         request.content.seek(0)
         body = request.content.read()
         headers = Headers()
@@ -163,7 +165,11 @@ class SessionRouter(Resource):
         answer = self.agent.request(request.method, url, headers,
                                     FileBodyProducer(BytesIO(body)) if body else None)
         relay = _Relay(request)
-        request.notifyFinish().addErrback(lambda _: (relay.client_gone(), answer.cancel()))
+
+        def client_gone(failure: Failure) -> None:
+            relay.client_gone()
+            answer.cancel()
+        request.notifyFinish().addErrback(client_gone)
 
         def respond(response: Any) -> None:
             if relay.gone:
@@ -228,6 +234,7 @@ class AdoptedPort(service.Service):
         return None
 
 
+@implementer(IReadDescriptor)
 class _ParentWatch:
     """Reads the pipe from the parent on stdin; its end means the parent is gone."""
 
@@ -275,8 +282,8 @@ def main(argv: list[str]) -> None:
 
     # The parent adds the time and the worker's number to each line.
     observer = FileLogObserver(
-        sys.stdout, lambda event: formatEventAsClassicLogText(
-            event, formatTime=lambda when: "-")[2:])
+        sys.stdout, lambda event: (formatEventAsClassicLogText(
+            event, formatTime=lambda when: "-") or "- ")[2:])
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
 
     from . import service as wiring  # the one place that wires parts together
@@ -361,7 +368,7 @@ class Supervisor(service.Service):
         if isinstance(result[0], Failure):
             result[0].raiseException()
         self.shared = result[0]
-        self.shared.stopReading()  # type: ignore[attr-defined]
+        result[0].stopReading()
         for _ in range(self.count):
             private = self.reactor.listenTCP(0, _Listening(), backlog=1024, interface="127.0.0.1")
             private.stopReading()
