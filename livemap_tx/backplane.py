@@ -36,7 +36,7 @@ import os
 import random
 import secrets
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Iterator, Optional, Protocol
 from urllib.parse import unquote, urlsplit
 
@@ -380,9 +380,11 @@ class RedisLink:
     log = Logger()
 
     def __init__(self, url: str, cluster: str, node: str, reactor: Any, *,
-                 reply_timeout: float = 5.0, max_backoff: float = 5.0,
-                 keepalive: float = 2.0) -> None:
+                 password: Optional[str] = None, reply_timeout: float = 5.0,
+                 max_backoff: float = 5.0, keepalive: float = 2.0) -> None:
         self.address = parse_redis_url(url)
+        if self.address.password is None and password is not None:
+            self.address = replace(self.address, password=password)
         self.node = node
         self.clock: IReactorTime = reactor
         self.reactor = reactor
@@ -918,10 +920,10 @@ class BackplaneCollector(Collector):
 
 
 def make_backplane(hub: Hub, reactor: Any, url: str, *, cluster: str = DEFAULT_CLUSTER,
-                   node_ttl: float = DEFAULT_NODE_TTL,
+                   node_ttl: float = DEFAULT_NODE_TTL, password: Optional[str] = None,
                    node: Optional[str] = None) -> Backplane:
     """A backplane on Redis at `url` (what `--redis` gives)."""
-    link = RedisLink(url, cluster, node or new_node_id(), reactor,
+    link = RedisLink(url, cluster, node or new_node_id(), reactor, password=password,
                      max_backoff=max(0.5, min(5.0, node_ttl / 2)),
                      keepalive=max(0.5, node_ttl / 4))
     return Backplane(hub, link, reactor, node_ttl=node_ttl)

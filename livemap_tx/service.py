@@ -6,6 +6,7 @@ backplane, and the worker processes of `--workers`).
 
 from __future__ import annotations
 
+import os
 import resource
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -42,6 +43,8 @@ log = Logger()
 LISTEN_BACKLOG = 1024
 SHUTDOWN_GRACE = 3.0
 MAX_WORKERS = 256
+# Used when the --redis URL has no password of its own.
+REDIS_PASSWORD_VARIABLE = "LIVEMAP_REDIS_PASSWORD"
 
 
 def _positive(name: str, low: float = 0.0, high: float = float("inf")):
@@ -98,7 +101,8 @@ class Options(usage.Options):
         ["redis", None, None,
          "Link this process to every other one given the same Redis and --cluster, so "
          "they serve one map: redis://[[user]:password@]host[:port][/db], or rediss:// "
-         "for TLS. Without it the process stands alone."],
+         "for TLS (the password may instead be in $LIVEMAP_REDIS_PASSWORD). Without it "
+         "the process stands alone."],
         ["cluster", None, DEFAULT_CLUSTER,
          "Name of the group of processes that share maps through --redis."],
         ["node-ttl", None, DEFAULT_NODE_TTL,
@@ -217,8 +221,11 @@ def make_node(reactor: Any, options: Options, *,
                        sockjs=sockjs)
     backplane = None
     if options.get("redis"):
+        # The password may come from the environment rather than the URL:
+        # a command line is readable by every local user.
         backplane = make_backplane(hub, reactor, options["redis"], cluster=options["cluster"],
-                                   node_ttl=options["node-ttl"])
+                                   node_ttl=options["node-ttl"],
+                                   password=os.environ.get(REDIS_PASSWORD_VARIABLE))
         registry.register(BackplaneCollector(backplane))
         # Degraded, not down: /healthz stays 200 while Redis is away.
         site.health_checks["redis"] = backplane.health_problem

@@ -273,10 +273,17 @@ def _die_with_parent() -> None:
             pass
 
 
-def main(argv: list[str]) -> None:
-    """A worker process: `python -m livemap_tx.workers CONFIG_JSON`."""
+CONFIG_VARIABLE = "LIVEMAP_WORKER_CONFIG"
+
+
+def main() -> None:
+    """
+    A worker process: `python -m livemap_tx.workers`, its configuration in
+    the environment (not the command line, which every local user can read:
+    it may hold the Redis password).
+    """
     _die_with_parent()
-    config = json.loads(argv[1])
+    config = json.loads(os.environ.pop(CONFIG_VARIABLE))
     from twisted.internet import reactor
     from twisted.logger import FileLogObserver, formatEventAsClassicLogText, globalLogBeginner
 
@@ -424,9 +431,10 @@ class Supervisor(service.Service):
         env["PYTHONPATH"] = os.pathsep.join(
             [package_root, *filter(None, [env.get("PYTHONPATH")])])
         env["PYTHONUNBUFFERED"] = "1"
+        env[CONFIG_VARIABLE] = json.dumps(config)
         transport = self.reactor.spawnProcess(
             process, sys.executable,
-            [sys.executable, "-m", "livemap_tx.workers", json.dumps(config)], env=env,
+            [sys.executable, "-m", "livemap_tx.workers", f"--worker={index}"], env=env,
             childFDs={0: "w", 1: "r", 2: "r",
                       SHARED_FD: self.shared.fileno(),  # type: ignore[attr-defined]
                       PRIVATE_FD: self.private[index].fileno()})  # type: ignore[attr-defined]
@@ -450,4 +458,4 @@ class Supervisor(service.Service):
 
 
 if __name__ == "__main__":
-    main(sys.argv)
+    main()

@@ -215,6 +215,28 @@ async def test_link_goes_down_with_the_bus_and_comes_back(cluster):
         await link.stop()
 
 
+@pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
+@pytest_twisted.ensureDeferred
+async def test_redis_link_authenticates_and_reports_a_refusal_once(tmp_path):
+    server = RedisServer(tmp_path)
+    server.start("--requirepass", "s3cret")
+    in_url = RedisLink(f"redis://:s3cret@127.0.0.1:{server.port}/1", "t", "a", reactor)
+    given = RedisLink(server.url, "t", "b", reactor, password="s3cret")
+    wrong = RedisLink(server.url, "t", "c", reactor, password="nope", max_backoff=0.2)
+    links = [in_url, given, wrong]
+    try:
+        for link in links:
+            link.start(Recorder())
+        await eventually(lambda: in_url.linked and given.linked, what="authenticated")
+        await eventually(lambda: wrong._refusal is not None, what="refusal")
+        await task.deferLater(reactor, 0.5)  # a few more refused attempts
+        assert not wrong.linked and "WRONGPASS" in (wrong._refusal or "")
+    finally:
+        for link in links:
+            await link.stop()
+        server.stop()
+
+
 # Hubs joined by backplanes, over either link
 
 

@@ -265,8 +265,13 @@ class SockJSPoller:
 
 @needs_redis
 @pytest_twisted.ensureDeferred
-async def test_two_workers_share_a_port_and_serve_one_map(cluster):
+async def test_two_workers_share_a_port_and_serve_one_map(cluster, redis, monkeypatch):
+    # A password in the environment, not on any command line.
+    redis.command("CONFIG", "SET", "requirepass", "s3cret")
+    monkeypatch.setenv("LIVEMAP_REDIS_PASSWORD", "s3cret")
     node = cluster("--workers", "2")
+    assert "s3cret" not in " ".join(open(f"/proc/{pid}/cmdline").read()
+                                    for pid in worker_pids(node))
     ports = private_ports(node)
     assert len(ports) == 2
     # One client on each worker for sure (their private ports), two more
@@ -304,7 +309,7 @@ async def test_two_workers_share_a_port_and_serve_one_map(cluster):
 @pytest_twisted.ensureDeferred
 async def test_a_crashed_worker_is_restarted_and_workers_die_with_the_parent(cluster):
     node = cluster("--workers", "2")
-    pids = [int(pid) for pid in re.findall(r"worker \d started \(pid (\d+)\)", node.log())]
+    pids = worker_pids(node)
     assert len(pids) == 2
     os.kill(pids[0], signal.SIGKILL)
     await eventually(lambda: len(re.findall(r"worker \d started", node.log())) == 3,
@@ -317,6 +322,10 @@ async def test_a_crashed_worker_is_restarted_and_workers_die_with_the_parent(clu
     node.process.wait()
     await eventually(lambda: not alive(pids[1]) and not alive(restarted),
                      what="children gone with the parent")
+
+
+def worker_pids(node: TwistdServer) -> list[int]:
+    return [int(pid) for pid in re.findall(r"worker \d started \(pid (\d+)\)", node.log())]
 
 
 def alive(pid: int) -> bool:
