@@ -440,25 +440,32 @@ class RedisLink:
                                     self.subscriber.service.stopService()],
                                    consumeErrors=True).addCallback(lambda _: None)
 
-    def publish(self, message: bytes, to: Optional[str] = None) -> bool:
-        protocol = self.commands.protocol
-        if not self.linked or protocol is None:
+    def _command(self, connection: _RedisConnection, name: str, *args: Any,
+                 **kwargs: Any) -> bool:
+        """Send one command if connected; never raises (this runs inside hub ticks)."""
+        protocol = connection.protocol
+        if protocol is None:
             return False
-        channel = self.broadcast_channel if to is None else self._channel(to)
-        protocol.publish(channel, message).addErrback(self._failed, "PUBLISH")
+        try:
+            sent = getattr(protocol, name)(*args, **kwargs)
+        except txredisapi.ConnectionError:
+            return False
+        sent.addErrback(self._failed, name.upper())
         return True
 
+    def publish(self, message: bytes, to: Optional[str] = None) -> bool:
+        if not self.linked:
+            return False
+        channel = self.broadcast_channel if to is None else self._channel(to)
+        return self._command(self.commands, "publish", channel, message)
+
     def announce(self, ttl: float) -> None:
-        protocol = self.commands.protocol
-        if protocol is not None:
-            value = orjson.dumps({"host": socket.gethostname(), "pid": os.getpid()})
-            protocol.set(self.key_prefix + self.node, value,
-                         pexpire=max(1, int(ttl * 1000))).addErrback(self._failed, "SET")
+        value = orjson.dumps({"host": socket.gethostname(), "pid": os.getpid()})
+        self._command(self.commands, "set", self.key_prefix + self.node, value,
+                      pexpire=max(1, int(ttl * 1000)))
 
     def withdraw(self) -> None:
-        protocol = self.commands.protocol
-        if protocol is not None:
-            protocol.delete(self.key_prefix + self.node).addErrback(self._failed, "DEL")
+        self._command(self.commands, "delete", self.key_prefix + self.node)
 
     def present(self) -> defer.Deferred:
         return defer.Deferred.fromCoroutine(self._present())
@@ -529,9 +536,7 @@ class RedisLink:
         # A Redis that hangs (or a half-open TCP connection) answers no PING:
         # the reply timeout then aborts the connection and we reconnect.
         for connection in (self.commands, self.subscriber):
-            protocol = connection.protocol
-            if protocol is not None:
-                protocol.ping().addErrback(self._failed, "PING")
+            self._command(connection, "ping")
 
 
 # The backplane: the hub's side of the link
@@ -594,9 +599,9 @@ class Backplane(service.Service):
         # Nodes whose whole state arrived since the link last came up.
         self._full_from: set[str] = set()
         self._sync_call: Any = None
-        self._beat = task.LoopingCall(self._heartbeat)
+        self._beat = task.LoopingCall(self._guarded, self._heartbeat)
         self._beat.clock = clock
-        self._sweep = task.LoopingCall(self.sweep)
+        self._sweep = task.LoopingCall(self._guarded, self.sweep)
         self._sweep.clock = clock
         self._hello = self._encode({"t": "hello", "n": self.node})
         self._beat_message = self._encode({"t": "beat", "n": self.node})
@@ -720,8 +725,12 @@ class Backplane(service.Service):
                 self._forget(origin, "said goodbye")
             else:
                 self._bad(message)
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, AttributeError):
             self._bad(message)
+        except Exception:
+            # Never into the Redis protocol's parser: it would lose its place.
+            self.stats.bad_messages += 1
+            self.log.failure("could not apply a message of node {origin}", origin=origin)
 
     # Publishing
 
@@ -793,6 +802,13 @@ class Backplane(service.Service):
         if origin not in self.asked and self.link.linked:
             self.asked.add(origin)
             self._publish(self._hello, origin)
+
+    def _guarded(self, job: Any) -> None:
+        # A LoopingCall stops for good at its first exception: log and go on.
+        try:
+            job()
+        except Exception:
+            self.log.failure("backplane {job} failed", job=getattr(job, "__name__", job))
 
     def _heartbeat(self) -> None:
         if not self.link.linked:
