@@ -21,6 +21,7 @@ from twisted.web.resource import IResource
 from zope.interface import implementer
 
 from . import wire
+from .admission import Admission, parse_networks
 from .backplane import (
     DEFAULT_CLUSTER,
     DEFAULT_NODE_TTL,
@@ -35,7 +36,15 @@ from .metrics import make_registry
 from .pirate import PirateFactory
 from .sockjs_endpoint import sockjs_resource
 from .web import OSM_ATTRIBUTION, OSM_TILES, LiveMapSite, make_site
-from .workers import PRIVATE_FD, SHARED_FD, AdoptedPort, SessionRouter, Supervisor, WorkerSpec
+from .workers import (
+    LOOPBACK,
+    PRIVATE_FD,
+    SHARED_FD,
+    AdoptedPort,
+    SessionRouter,
+    Supervisor,
+    WorkerSpec,
+)
 from .ws import LiveMapFactory
 
 log = Logger()
@@ -202,7 +211,8 @@ class Node:
 
 
 def make_node(reactor: Any, options: Options, *,
-              route_sockjs: Optional[Callable[[IResource], IResource]] = None) -> Node:
+              route_sockjs: Optional[Callable[[IResource], IResource]] = None,
+              sockjs_admission: Optional[Admission] = None) -> Node:
     """
     The hub, WebSocket factory and site of one node, wired together, with a
     backplane if `--redis` is given (not started: it is a Service).
@@ -213,7 +223,7 @@ def make_node(reactor: Any, options: Options, *,
     factory = LiveMapFactory(hub, reactor, rate=options["rate"],
                              ping_interval=options["ping"], ping_timeout=options["ping"])
     sockjs: IResource = sockjs_resource(hub, reactor, rate=options["rate"],
-                                        ping=options["ping"])
+                                        ping=options["ping"], admission=sockjs_admission)
     if route_sockjs is not None:
         sockjs = route_sockjs(sockjs)
     site = LiveMapSite(hub, WebSocketResource(factory), registry, tiles=options["tiles"],
@@ -277,7 +287,10 @@ def make_worker_service(reactor: Any, options: Options, spec: WorkerSpec) -> ser
     """One child of `--workers`: a node on the inherited shared and private ports."""
     top = service.MultiService()
     node = make_node(reactor, options,
-                     route_sockjs=lambda local: SessionRouter(local, spec, reactor))
+                     route_sockjs=lambda local: SessionRouter(local, spec, reactor),
+                     # Sessions forwarded by the other workers come from
+                     # loopback, with the real client in X-Forwarded-For.
+                     sockjs_admission=Admission(trusted_proxies=parse_networks(LOOPBACK)))
 
     def listeners(site: Any, gate: Optional[Callable[[], defer.Deferred]]) -> None:
         AdoptedPort(reactor, SHARED_FD, spec.family, site, gate).setServiceParent(top)

@@ -56,6 +56,8 @@ STABLE_SECONDS = 10.0
 MAX_RESTART_DELAY = 30.0
 
 # SockJS transports made of several HTTP requests per session.
+# Where forwarded requests come from: their X-Forwarded-For is believed.
+LOOPBACK = ("127.0.0.1/32", "::1/128")
 HTTP_TRANSPORTS = frozenset([b"xhr", b"xhr_send", b"xhr_streaming", b"jsonp",
                              b"jsonp_send", b"eventsource", b"htmlfile"])
 # Not passed on to the owner: hop-by-hop, or no longer true of the body.
@@ -159,8 +161,15 @@ class SessionRouter(Resource):
         body = request.content.read()
         headers = Headers()
         for name, values in request.requestHeaders.getAllRawHeaders():
-            if name.lower() not in _DROPPED_HEADERS:
+            if name.lower() not in _DROPPED_HEADERS | {b"x-forwarded-for"}:
                 headers.setRawHeaders(name, values)
+        # The owner sees this worker as the peer: it is told who the peer was
+        # (and trusts loopback for it), so limits per address still apply
+        # to the real client.
+        peer = getattr(request.getClientAddress(), "host", "unknown").encode()
+        forwarded = b", ".join([*request.requestHeaders.getRawHeaders(b"x-forwarded-for", []),
+                                peer])
+        headers.setRawHeaders(b"x-forwarded-for", [forwarded])
         url = b"http://127.0.0.1:%d%s" % (port, request.uri)
         answer = self.agent.request(request.method, url, headers,
                                     FileBodyProducer(BytesIO(body)) if body else None)

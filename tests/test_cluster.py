@@ -357,6 +357,7 @@ async def test_session_router_forwards_to_the_owner_and_streams_back():
             self.name = name
 
         def render(self, request: Any) -> Any:
+            self.forwarded_for = request.getHeader(b"x-forwarded-for")
             request.write(self.name + b":" + request.uri + b":" + request.content.read())
             reactor.callLater(0.01, lambda: (request.write(b":end"), request.finish()))
             return NOT_DONE_YET
@@ -383,6 +384,8 @@ async def test_session_router_forwards_to_the_owner_and_streams_back():
                                    f"{session.decode()}/xhr_send", data=b"body")
         assert await response.content() == (b"w1:/sockjs/000/" + session + b"/xhr_send:body:end")
         assert routers[0].forwarded == 1 and routers[1].forwarded == 0
+        # The owner is told who the client was (its per-address limits apply).
+        assert routers[1].local.forwarded_for == b"127.0.0.1"
         # Its own sessions, WebSocket and info requests are served where they land.
         mine = next(name for name in (b"s%d" % n for n in range(50)) if session_owner(name, 2) == 0)
         for path in (f"000/{mine.decode()}/xhr", f"000/{session.decode()}/websocket", "info"):
