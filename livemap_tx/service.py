@@ -9,10 +9,11 @@ from __future__ import annotations
 import os
 import resource
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.application import service, strports
+from twisted.application.internet import TimerService
 from twisted.internet import defer, endpoints
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
@@ -21,7 +22,13 @@ from twisted.web.resource import IResource
 from zope.interface import implementer
 
 from . import wire
-from .admission import Admission, parse_networks
+from .admission import (
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_PER_IP,
+    Admission,
+    Network,
+    parse_networks,
+)
 from .backplane import (
     DEFAULT_CLUSTER,
     DEFAULT_NODE_TTL,
@@ -32,8 +39,11 @@ from .backplane import (
 )
 from .client import DEFAULT_RATE
 from .hub import Hub
+from .logfiles import ReopenLogsOnHangup
+from .maps import MapDirectory
 from .metrics import make_registry
 from .pirate import PirateFactory
+from .sockjs import SockJSResource
 from .sockjs_endpoint import sockjs_resource
 from .web import OSM_ATTRIBUTION, OSM_TILES, LiveMapSite, make_site
 from .workers import (
@@ -67,6 +77,38 @@ def _positive(name: str, low: float = 0.0, high: float = float("inf")):
         return number
     coerce.coerceDoc = f"A number in ({low:g}, {high:g}]."  # type: ignore[attr-defined]
     return coerce
+
+
+def _at_least(name: str, low: float, high: float):
+    """A number in [low, high] (zero allowed where low is 0)."""
+    def coerce(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            raise usage.UsageError(f"--{name} must be a number, not {value!r}") from None
+        if not low <= number <= high:
+            raise usage.UsageError(f"--{name} must be in [{low:g}, {high:g}], not {value!r}")
+        return number
+    coerce.coerceDoc = f"A number in [{low:g}, {high:g}]."  # type: ignore[attr-defined]
+    return coerce
+
+
+def _count(name: str, high: int = 10_000_000):
+    """A whole number from 1 to `high`."""
+    def coerce(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise usage.UsageError(f"--{name} must be a whole number, not {value!r}") from None
+        if not 1 <= number <= high:
+            raise usage.UsageError(f"--{name} must be from 1 to {high}, not {value!r}")
+        return number
+    coerce.coerceDoc = f"A whole number from 1 to {high}."  # type: ignore[attr-defined]
+    return coerce
+
+
+def _split(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
 
 
 def _workers(value: str) -> int:
@@ -121,6 +163,43 @@ class Options(usage.Options):
         ["workers", None, 1,
          "Processes sharing --port on this machine, linked through --redis "
          "(about one per core).", _workers],
+        ["allow-origin", None, "",
+         "Comma-separated origins (https://example.org) whose pages may open live "
+         "connections besides the server's own; other browsers' upgrades are refused."],
+        ["trust-proxy", None, "",
+         "Comma-separated addresses or CIDR blocks of reverse proxies whose "
+         "X-Forwarded-For names the client."],
+        ["max-connections", None, DEFAULT_MAX_CONNECTIONS,
+         "Live connections (WebSocket and SockJS) this process accepts in all.",
+         _count("max-connections")],
+        ["max-per-ip", None, DEFAULT_MAX_PER_IP,
+         "Live connections accepted from one client address.", _count("max-per-ip")],
+        ["max-maps", None, 10_000, "Maps with connections that may exist at once.",
+         _count("max-maps")],
+        ["max-pins-per-map", None, 50_000,
+         "Connections (each with at most one pin) one map may have.",
+         _count("max-pins-per-map")],
+        ["handshake-timeout", None, 10.0, "Seconds a WebSocket upgrade may take.",
+         _positive("handshake-timeout", 0.0, 600.0)],
+        ["header-timeout", None, 20.0,
+         "Seconds each HTTP request's headers may take to arrive (also the idle "
+         "keep-alive time); slower clients are cut off.",
+         _positive("header-timeout", 0.0, 600.0)],
+        ["precision", None, 0.0,
+         "Coarsen every position to about this many metres before it is stored or "
+         "sent (0: as the client sent it).", _at_least("precision", 0.0, 100_000.0)],
+        ["stale", None, 600.0,
+         "Seconds without a new fix after which the page shows a pin as stale.",
+         _positive("stale", 0.0, 86_400.0)],
+        ["expire", None, 3600.0,
+         "Seconds without a new fix after which a pin is removed from its map.",
+         _positive("expire", 0.0, 7 * 86_400.0)],
+    ]
+    optFlags: list[list[Any]] = [
+        ["no-open-maps", None,
+         "Only `public` and maps created with POST /api/maps exist; any other name "
+         "is a 404 and a refused upgrade."],
+        ["no-public", None, "Disable the `public` map too."],
     ]
 
     def postOptions(self) -> None:  # noqa: N802 (Twisted's name)
@@ -140,6 +219,13 @@ class Options(usage.Options):
                 parse_redis_url(self["redis"])
             except ValueError as error:
                 raise usage.UsageError(f"--redis: {error}") from None
+        for origin in _split(self["allow-origin"]):
+            if not origin.startswith(("http://", "https://")):
+                raise usage.UsageError(f"--allow-origin: {origin!r} is not an http(s) origin")
+        try:
+            parse_networks(_split(self["trust-proxy"]))
+        except ValueError as error:
+            raise usage.UsageError(f"--trust-proxy: {error}") from None
         if not wire.is_map_name(self["cluster"]):
             raise usage.UsageError("--cluster must be 1 to 64 characters of A-Z a-z 0-9 _ -")
         if self["workers"] > 1:
@@ -176,23 +262,31 @@ def raise_open_file_limit() -> Optional[int]:
 
 
 class GracefulClose(service.Service):
-    """On stop, close every client with 1001 and give them a moment to go."""
+    """On stop, close every client (WebSocket and SockJS) with 1001 and give them a moment."""
 
-    def __init__(self, factory: LiveMapFactory, clock: Any, grace: float = SHUTDOWN_GRACE):
+    def __init__(self, factory: LiveMapFactory, clock: Any, grace: float = SHUTDOWN_GRACE,
+                 sockjs: Optional[SockJSResource] = None):
         self.factory = factory
         self.clock = clock
         self.grace = grace
+        self.sockjs = sockjs
 
     def stopService(self) -> defer.Deferred:  # noqa: N802
         super().stopService()
         self.factory.close_all(wire.CLOSE_GOING_AWAY, "server shutting down")
+        if self.sockjs is not None:
+            self.sockjs.close_all(wire.CLOSE_GOING_AWAY, "server shutting down")
         return self._wait(self.clock.seconds() + self.grace)
+
+    def _open(self) -> bool:
+        return bool(self.factory.protocols) or bool(
+            self.sockjs is not None and self.sockjs.session_count)
 
     def _wait(self, deadline: float) -> defer.Deferred:
         done: defer.Deferred = defer.Deferred()
 
         def check() -> None:
-            if not self.factory.protocols or self.clock.seconds() >= deadline:
+            if not self._open() or self.clock.seconds() >= deadline:
                 done.callback(None)
             else:
                 self.clock.callLater(0.05, check)
@@ -208,27 +302,43 @@ class Node:
     factory: LiveMapFactory
     site: LiveMapSite
     backplane: Optional[Backplane]
+    sockjs: SockJSResource
+    directory: MapDirectory
 
 
 def make_node(reactor: Any, options: Options, *,
               route_sockjs: Optional[Callable[[IResource], IResource]] = None,
-              sockjs_admission: Optional[Admission] = None) -> Node:
+              trusted: Sequence[Network] = ()) -> Node:
     """
     The hub, WebSocket factory and site of one node, wired together, with a
     backplane if `--redis` is given (not started: it is a Service).
+    `trusted` adds proxies whose X-Forwarded-For is believed.
     """
-    hub = Hub(reactor, tick_interval=options["tick"], slow_timeout=options["slow-timeout"])
+    hub = Hub(reactor, tick_interval=options["tick"], slow_timeout=options["slow-timeout"],
+              max_members=options["max-pins-per-map"], max_maps=options["max-maps"])
     registry, tick_seconds = make_registry(hub)
     hub.tick_observer = tick_seconds.observe
-    factory = LiveMapFactory(hub, reactor, rate=options["rate"],
-                             ping_interval=options["ping"], ping_timeout=options["ping"])
-    sockjs: IResource = sockjs_resource(hub, reactor, rate=options["rate"],
-                                        ping=options["ping"], admission=sockjs_admission)
+    # One admission for both transports: switching to SockJS gets around nothing.
+    admission = Admission(
+        max_connections=options["max-connections"], max_per_ip=options["max-per-ip"],
+        allowed_origins=_split(options["allow-origin"]),
+        trusted_proxies=[*parse_networks(_split(options["trust-proxy"])), *trusted])
+    directory = MapDirectory(
+        reactor, open_maps=not options["no-open-maps"], public=not options["no-public"],
+        on_expire=lambda name: hub.close_map(name, wire.CLOSE_POLICY, "map expired"))
+    factory = LiveMapFactory(hub, reactor, rate=options["rate"], precision=options["precision"],
+                             ping_interval=options["ping"], ping_timeout=options["ping"],
+                             handshake_timeout=options["handshake-timeout"],
+                             admission=admission)
+    local_sockjs = sockjs_resource(hub, reactor, rate=options["rate"],
+                                   precision=options["precision"], ping=options["ping"],
+                                   admission=admission)
+    sockjs: IResource = local_sockjs
     if route_sockjs is not None:
         sockjs = route_sockjs(sockjs)
     site = LiveMapSite(hub, WebSocketResource(factory), registry, tiles=options["tiles"],
                        attribution=options["attribution"], rate=options["rate"],
-                       sockjs=sockjs)
+                       sockjs=sockjs, directory=directory, stale=options["stale"])
     backplane = None
     if options.get("redis"):
         # The password may come from the environment rather than the URL:
@@ -239,7 +349,7 @@ def make_node(reactor: Any, options: Options, *,
         registry.register(BackplaneCollector(backplane))
         # Degraded, not down: /healthz stays 200 while Redis is away.
         site.health_checks["redis"] = backplane.health_problem
-    return Node(hub, factory, site, backplane)
+    return Node(hub, factory, site, backplane, local_sockjs, directory)
 
 
 def make_server(reactor: Any, options: Options) -> tuple[Hub, LiveMapFactory, LiveMapSite]:
@@ -271,7 +381,7 @@ class AcceptWhen:
         return self.endpoint.listen(factory).addCallback(hold)
 
 
-def _serve_node(reactor: Any, top: service.MultiService, node: Node,
+def _serve_node(reactor: Any, top: service.MultiService, node: Node, options: Options,
                 listeners: Callable[[Any, Optional[Callable[[], defer.Deferred]]], None]) -> None:
     # Order matters for stopping (MultiService stops children in reverse):
     # clients hear 1001 first, then the listeners close, and the backplane
@@ -279,8 +389,26 @@ def _serve_node(reactor: Any, top: service.MultiService, node: Node,
     if node.backplane is not None:
         node.backplane.setServiceParent(top)
     gate = node.backplane.when_synced if node.backplane is not None else None
-    listeners(make_site(node.site.resource(), reactor), gate)
-    GracefulClose(node.factory, reactor).setServiceParent(top)
+    listeners(make_site(node.site.resource(), reactor,
+                        header_timeout=options["header-timeout"]), gate)
+    expire = options["expire"]
+    sweep = TimerService(min(60.0, expire / 4), node.hub.expire_pins, expire)
+    sweep.clock = reactor
+    sweep.setServiceParent(top)
+    ReopenLogsOnHangup(reactor).setServiceParent(top)
+    ExpiryCanceller(node.directory).setServiceParent(top)
+    GracefulClose(node.factory, reactor, sockjs=node.sockjs).setServiceParent(top)
+
+
+class ExpiryCanceller(service.Service):
+    """Pending expiries of private maps do not outlive the service."""
+
+    def __init__(self, directory: MapDirectory) -> None:
+        self.directory = directory
+
+    def stopService(self) -> None:  # noqa: N802
+        super().stopService()
+        self.directory.stop()
 
 
 def make_worker_service(reactor: Any, options: Options, spec: WorkerSpec) -> service.MultiService:
@@ -290,13 +418,13 @@ def make_worker_service(reactor: Any, options: Options, spec: WorkerSpec) -> ser
                      route_sockjs=lambda local: SessionRouter(local, spec, reactor),
                      # Sessions forwarded by the other workers come from
                      # loopback, with the real client in X-Forwarded-For.
-                     sockjs_admission=Admission(trusted_proxies=parse_networks(LOOPBACK)))
+                     trusted=parse_networks(LOOPBACK))
 
     def listeners(site: Any, gate: Optional[Callable[[], defer.Deferred]]) -> None:
         AdoptedPort(reactor, SHARED_FD, spec.family, site, gate).setServiceParent(top)
         # Forwarded SockJS requests come in here, from the other workers only.
         AdoptedPort(reactor, PRIVATE_FD, spec.family, site).setServiceParent(top)
-    _serve_node(reactor, top, node, listeners)
+    _serve_node(reactor, top, node, options, listeners)
     return top
 
 
@@ -315,7 +443,7 @@ def makeService(options: Options) -> service.MultiService:  # noqa: N802 (twistd
             if gate is not None:
                 http.endpoint = AcceptWhen(http.endpoint, gate)
             http.setServiceParent(top)
-        _serve_node(reactor, top, node, listeners)
+        _serve_node(reactor, top, node, options, listeners)
     if options["pirate"] != "none":
         # In the parent only when there are workers: one echo is plenty.
         pirate = strports.service(with_backlog(options["pirate"]), PirateFactory(reactor))

@@ -33,7 +33,7 @@ class SockJSClient:
     address: Optional[str] = None
 
     def __init__(self, connection: SockJSConnection, hub: Hub, rate: float,
-                 admission: Admission) -> None:
+                 admission: Admission, precision: float = 0.0) -> None:
         self.connection = connection
         self.admission = admission
         self.map_name = connection.prefix[-1].decode("ascii")
@@ -52,7 +52,7 @@ class SockJSClient:
             connection.close(wire.CLOSE_POLICY, refused.reason)
             return
         self.address = address
-        self.client = Client(hub, self.map_name, self, rate=rate)
+        self.client = Client(hub, self.map_name, self, rate=rate, precision=precision)
         self.log.info("client {client} opened on map {map} over SockJS {transport}",
                       client=self.client.id, map=self.map_name,
                       transport=connection.transport_name)
@@ -94,11 +94,12 @@ class SockJSClient:
 
 
 def sockjs_resource(hub: Hub, clock: IReactorTime, *, rate: float, ping: float = 30.0,
+                    precision: float = 0.0,
                     admission: Optional[Admission] = None) -> SockJSResource:
     """The SockJS service mounted at /sockjs/{map} (one resource for every map)."""
     shared = admission or Admission()
     factory: Callable[[SockJSConnection], SockJSClient] = (
-        lambda connection: SockJSClient(connection, hub, rate, shared))
+        lambda connection: SockJSClient(connection, hub, rate, shared, precision))
     # The iframe transports load the client from this server, never a CDN.
     return SockJSResource(factory, clock, websocket_ping_interval=ping,
                           websocket_ping_timeout=ping, sockjs_url=SOCKJS_CLIENT_PATH)

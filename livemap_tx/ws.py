@@ -91,7 +91,7 @@ class LiveMapProtocol(WebSocketServerProtocol):
     def onOpen(self) -> None:  # noqa: N802
         try:
             self.client = Client(self.factory.hub, self.map_name, self,
-                                 rate=self.factory.rate)
+                                 rate=self.factory.rate, precision=self.factory.precision)
             transport = cast(Any, self.transport)
             # twisted.web's channel was the transport's producer; it is ours now.
             transport.unregisterProducer()
@@ -149,12 +149,13 @@ class LiveMapFactory(WebSocketServerFactory):
     log = Logger()
 
     def __init__(self, hub: Hub, reactor: IReactorTime, *, rate: float = DEFAULT_RATE,
-                 ping_interval: float = 30.0, ping_timeout: float = 30.0,
+                 precision: float = 0.0, ping_interval: float = 30.0, ping_timeout: float = 30.0,
                  handshake_timeout: float = 10.0,
                  admission: Optional[Admission] = None) -> None:
         super().__init__(reactor=reactor)
         self.hub = hub
         self.rate = rate
+        self.precision = precision
         self.admission = admission or Admission()
         self.protocols: set[LiveMapProtocol] = set()
         self.setProtocolOptions(

@@ -16,7 +16,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import pytest
 import pytest_twisted
@@ -115,18 +115,20 @@ class TwistdServer:
         return self.process.returncode
 
 
-def twistd_command(*args: str) -> list[str]:
+def twistd_command(*args: str, pre: Sequence[str] = ()) -> list[str]:
+    """`twistd -n [pre...] livemap [args...]`: `pre` are twistd's own options."""
     twistd = shutil.which("twistd") or "twistd"
-    return [sys.executable, twistd, "-n", "--pidfile=", "livemap", *args]
+    return [sys.executable, twistd, "-n", "--pidfile=", *pre, "livemap", *args]
 
 
-def start_twistd(tmp_path: Path, *args: str, port: Optional[int] = None) -> TwistdServer:
+def start_twistd(tmp_path: Path, *args: str, port: Optional[int] = None,
+                 pre: Sequence[str] = ()) -> TwistdServer:
     """Start `twistd -n livemap` and wait until /healthz answers."""
     port = port or free_port()
     log_path = tmp_path / f"twistd-{port}.log"
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
-            twistd_command("--port", f"tcp:{port}:interface=127.0.0.1", *args),
+            twistd_command("--port", f"tcp:{port}:interface=127.0.0.1", *args, pre=pre),
             stdout=log_file, stderr=subprocess.STDOUT, cwd=tmp_path,
             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     server = TwistdServer(process, port, log_path)
