@@ -11,6 +11,7 @@ growing the server's write buffer.
 from __future__ import annotations
 
 import re
+from typing import Any
 from collections.abc import Callable
 
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
@@ -76,6 +77,9 @@ IDLE = "Ye've been quiet too long. Fair winds!"
 
 class PirateProtocol(LineReceiver, TimeoutMixin):
     """One telnet client: a line in, its pirate translation out."""
+
+    # A TCP transport (write, registerProducer, abortConnection...), not just ITransport.
+    transport: Any
 
     log = Logger()
     # Split on LF and drop a trailing CR, so both telnet and netcat work.
@@ -143,7 +147,7 @@ class PirateProtocol(LineReceiver, TimeoutMixin):
 class PirateFactory(Factory):
     """Builds PirateProtocols; holds the clock and the limits they share."""
 
-    protocol = PirateProtocol
+    protocol = PirateProtocol  # type: ignore[assignment]
 
     def __init__(
         self, clock: IReactorTime, idle_timeout: float = 300.0, max_line: int = 4096

@@ -302,7 +302,7 @@ class SockJSWebSocketProtocol(WebSocketServerProtocol):
         try:
             self._receiver = WebSocketReceiver(self, context.raw)
             self._session = context.new_session(raw=context.raw)
-            transport = self.transport
+            transport: Any = self.transport
             assert transport is not None
             # twisted.web's HTTPChannel is still registered on the transport
             # it handed over: swap in the receiver so a full send buffer
