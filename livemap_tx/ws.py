@@ -41,17 +41,27 @@ def map_from_path(path: str) -> Optional[str]:
 
 @implementer(IPushProducer)
 class _FlowControl:
-    """Relays Twisted's pause/resume of the TCP transport to the hub."""
+    """
+    Relays Twisted's pause/resume of the TCP transport to the hub, and stops
+    reading from a client that does not read: otherwise it could keep the
+    server writing (errors, snapshots) into a buffer that never drains.
+    """
 
     def __init__(self, protocol: LiveMapProtocol) -> None:
         self.protocol = protocol
 
-    def pauseProducing(self) -> None:
+    def pauseProducing(self) -> None:  # noqa: N802 (Twisted's names)
         client = self.protocol.client
         if client is not None:
             client.pause()
+        transport = cast(Any, self.protocol.transport)
+        if transport is not None:
+            transport.pauseProducing()
 
-    def resumeProducing(self) -> None:
+    def resumeProducing(self) -> None:  # noqa: N802
+        transport = cast(Any, self.protocol.transport)
+        if transport is not None:
+            transport.resumeProducing()
         client = self.protocol.client
         if client is not None:
             client.resume()

@@ -217,3 +217,58 @@ async def test_silent_peer_is_closed_after_ping_timeout():
         await silent.wait_closed()
     finally:
         await stop_server(live)
+
+
+@pytest_twisted.ensureDeferred
+async def test_flow_control_skips_a_paused_client_and_catches_it_up(server):
+    """Twisted's pause/resume of a socket reaches the hub: skipped, then one catch-up."""
+    slow = await connect(server.ws_url("flow"))
+    slow_id = (await slow.next("welcome"))["id"]
+    mover = await connect(server.ws_url("flow"))
+    await mover.next("welcome")
+    [protocol] = [p for p in server.factory.protocols if p.client and p.client.id == slow_id]
+    producer = protocol.transport.producer  # what Twisted calls when the buffer fills
+    producer.pauseProducing()
+    for seq in range(3):
+        mover.send({"type": "move", "lat": 1, "lng": seq, "seq": seq})
+        await mover.until(lambda m, s=seq: m["type"] == "update"
+                          and any(p["seq"] == s for p in m["pins"]))
+    assert server.hub.stats.slow_skips >= 1
+    assert slow.messages == []
+    # Nor is it read from while it does not read: its messages wait.
+    slow.send({"type": "move", "lat": 5, "lng": 5, "seq": 77})
+    slow.send_raw(b"garbage")
+    await deferLater(0.2)
+    assert all(pin["seq"] != 77 for pin in server.hub.pins("flow"))
+    producer.resumeProducing()
+    catch_up = await slow.next("update")
+    assert [pin["seq"] for pin in catch_up["pins"]] == [2]  # only the latest state
+    assert (await slow.next("error"))["code"] == "bad_json"  # read once resumed
+    await mover.until(lambda m: m["type"] == "update" and any(p["seq"] == 77 for p in m["pins"]))
+    mover.send({"type": "move", "lat": 1, "lng": 9, "seq": 9})
+    await slow.until(lambda m: m["type"] == "update" and any(p["seq"] == 9 for p in m["pins"]))
+    for client in (slow, mover):
+        client.close()
+        await client.wait_closed()
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_stuck_past_the_slow_timeout_is_closed():
+    live = await start_server("--slow-timeout", "0.3")
+    try:
+        slow = await connect(live.ws_url("stuck"))
+        slow_id = (await slow.next("welcome"))["id"]
+        mover = await connect(live.ws_url("stuck"))
+        await mover.next("welcome")
+        [protocol] = [p for p in live.factory.protocols if p.client and p.client.id == slow_id]
+        protocol.transport.producer.pauseProducing()
+        for seq in range(6):
+            mover.send({"type": "move", "lat": 1, "lng": 1, "seq": seq})
+            await deferLater(0.1)
+        code, reason = await slow.wait_closed()
+        assert (code, reason) == (1008, "too slow: not reading")
+        assert live.hub.stats.slow_closes == 1
+        mover.close()
+        await mover.wait_closed()
+    finally:
+        await stop_server(live)
