@@ -108,7 +108,7 @@ class Config:
 class Entry:
     """One distinct payload, parsed once, and the times it was delivered."""
 
-    __slots__ = ("kind", "n", "single", "i0", "s0", "idx", "seqs", "gone", "times", "foreign", "code")
+    __slots__ = ("kind", "n", "single", "i0", "s0", "idx", "seqs", "gone", "times", "clients", "foreign", "code")
 
     def __init__(self) -> None:
         self.kind = K_OTHER
@@ -120,6 +120,7 @@ class Entry:
         self.seqs: np.ndarray | None = None
         self.gone: np.ndarray | None = None
         self.times = array("d")
+        self.clients = array("i")  # who got it, kept only when views differ per client
         self.foreign = 0
         self.code = ""
 
@@ -215,6 +216,7 @@ class LoadGen:
         self.truth = np.full(m, -1, dtype=np.int64)
         cap = int(cfg.movers * cfg.rate * (cfg.duration + 5)) + 16
         self.send_times = np.zeros(cap, dtype=np.float64)
+        self.seq_mover = np.full(cap, -1, dtype=np.int64)
         self.next_seq = 1
         self.disorder = 0
         self.errors: dict[str, int] = {}
@@ -437,6 +439,7 @@ class LoadGen:
             data = c.buf + data
             c.buf = b""
         memo_get = self.memo.get
+        track = self.cfg.views
         row = c.row
         disorder = 0
         i = 0
@@ -464,6 +467,8 @@ class LoadGen:
                     disorder += 1
                 row[e.i0] = e.s0
                 e.times.append(now)
+                if track:
+                    e.clients.append(c.i)
             else:
                 self._message(c, payload, now)
                 if c.sock is None:
@@ -552,6 +557,8 @@ class LoadGen:
             if e.foreign:
                 self.foreign[ci] += e.foreign
             e.times.append(now)
+            if self.cfg.views:
+                e.clients.append(ci)
         elif k == K_SNAPSHOT:
             row = c.rownp
             row[:] = -1
@@ -710,6 +717,8 @@ class LoadGen:
         self.truth[k] = seq
         if seq >= len(self.send_times):
             self.send_times = np.concatenate([self.send_times, np.zeros(len(self.send_times))])
+            self.seq_mover = np.concatenate([self.seq_mover, np.full(len(self.seq_mover), -1)])
+        self.seq_mover[seq] = k
         self.send_times[seq] = time.monotonic()
         self._send(c, frame)
 
@@ -801,6 +810,7 @@ class LoadGen:
                 delivered=delivered,
                 delivered_per_s=round(delivered / window, 1),
                 **self._percentiles(hist),
+                expected_samples=self._expected_samples(tw0, tw1),
                 server_cpu_s=round(cpu_s1 - cpu_s0, 3),
                 server_cpu_frac=round((cpu_s1 - cpu_s0) / window, 3),
                 server_cpu_us_per_pin=round((cpu_s1 - cpu_s0) / delivered * 1e6, 3) if delivered else None,
@@ -845,16 +855,42 @@ class LoadGen:
             if e.kind != K_UPDATE or not e.n or not e.times:
                 continue
             recv = np.frombuffer(e.times, dtype=np.float64)
-            delivered += int(np.count_nonzero((recv >= tw0) & (recv < tw1))) * e.n
-            seqs = e.seqs[(e.seqs > 0) & (e.seqs < len(st))]  # type: ignore[index]
+            idx, seqs = e.idx, e.seqs
+            ok = (seqs > 0) & (seqs < len(st))  # type: ignore[operator]
+            idx, seqs = idx[ok], seqs[ok]  # type: ignore[index]
+            in_window = (recv >= tw0) & (recv < tw1)
+            if self.cfg.views:
+                # only pins inside the receiver's box count: a server that
+                # ignores views delivers the rest to no purpose
+                wanted = self.in_view[np.frombuffer(e.clients, dtype=np.int32)][:, idx]
+                delivered += int(wanted[in_window].sum())
+            else:
+                wanted = None
+                delivered += int(np.count_nonzero(in_window)) * e.n
             sent = st[seqs]
-            sent = sent[(sent >= tw0) & (sent < tw1)]
-            if not len(sent):
+            sent_ok = (sent >= tw0) & (sent < tw1)
+            if not sent_ok.any():
                 continue
-            lat = (recv[:, None] - sent[None, :]).ravel()
-            bins = np.clip((lat / LATENCY_BIN_S).astype(np.int64), 0, nbins - 1)
+            lat = recv[:, None] - sent[None, sent_ok]
+            if wanted is not None:
+                lat = lat[wanted[:, sent_ok]]
+            bins = np.clip((lat.ravel() / LATENCY_BIN_S).astype(np.int64), 0, nbins - 1)
             hist += np.bincount(bins, minlength=nbins)
         return delivered, hist
+
+    def _expected_samples(self, tw0: float, tw1: float) -> int:
+        """Pin states sent in the window times the clients that should see each:
+        the latency samples there would be if nothing were coalesced or lost."""
+        live = np.array([c.state == READY for c in self.clients])
+        if self.cfg.views:
+            receivers = (self.in_view & live[:, None]).sum(axis=0)
+        else:
+            receivers = np.full(max(self.cfg.movers, 1), int(live.sum()))
+        n = self.next_seq
+        sent = self.send_times[1:n]
+        movers = self.seq_mover[1:n]
+        mask = (sent >= tw0) & (sent < tw1) & (movers >= 0)
+        return int(receivers[movers[mask]].sum())
 
     @staticmethod
     def _percentiles(hist: np.ndarray) -> dict[str, Any]:

@@ -270,8 +270,10 @@ def scenario_table(rows: list[dict[str, Any]]) -> list[str]:
             )
         return lines
     lines = [
-        "| server | delivered pin states/s | p50 ms | p99 ms | server CPU (cores) | server CPU µs / pin state | pin states per server CPU-second | RSS / conn (KB) | converged (wrong clients) | generator CPU (cores) | core 0 / core 1 busy | saturated |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- | --- |",
+        "| server | delivered pin states/s | p50 ms | p99 ms | server CPU (cores) | server CPU µs / pin state"
+        " | pin states per server CPU-second | RSS / conn (KB) | converged (wrong clients) | generator CPU (cores)"
+        " | softirq core 0 / core 1 | other work (cores) | saturated |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- | ---: | --- |",
     ]
     for r in rows:
         busy = r.get("core_busy") or {}
@@ -281,7 +283,8 @@ def scenario_table(rows: list[dict[str, Any]]) -> list[str]:
             f"| {r['server']} | {r['delivered_per_s']:,.0f} | {_fmt(r.get('p50_ms'), '.1f')} | {_fmt(r.get('p99_ms'), '.1f')}"
             f" | {r['server_cpu_frac']:.2f} | {_fmt(r.get('server_cpu_us_per_pin'), '.2f')} | {_fmt(pps, ',.0f')}"
             f" | {r['rss_per_conn_end_kb']:.1f} | {conv} | {r['gen_cpu_frac']:.2f}"
-            f" | {busy.get('core0', 0):.0%} / {busy.get('core1', 0):.0%} | {r['saturated']} |"
+            f" | {busy.get('core0_softirq', 0):.2f} / {busy.get('core1_softirq', 0):.2f} | {r.get('others_cpu', 0):.2f}"
+            f" | {r['saturated']} |"
         )
     return lines
 
@@ -313,7 +316,9 @@ def targets(results: list[dict[str, Any]]) -> list[str]:
     r = _get(results, "10k-100", "livemap")
     line(None if r is None else (r["p99_ms"] or 1e9) < 500 and r["converged"],
          "10,000 clients with 100 moving at 1 Hz: p99 < 500 ms, converged"
-         + ("" if r is None else f" — p99 {_fmt(r['p99_ms'], '.1f')} ms, converged {r['converged']} ({r['wrong_clients']} wrong)"))
+         + ("" if r is None else f" — p99 {_fmt(r['p99_ms'], '.1f')} ms, converged {r['converged']} ({r['wrong_clients']} wrong),"
+            f" server {r['server_cpu_frac']:.2f} cores + {(r.get('core_busy') or {}).get('core0_softirq', 0):.2f} softirq"
+            f" (saturated: {r['saturated']})"))
     base, st = _get(results, "1k-all", "livemap"), _get(results, "1k-all-stalled", "livemap")
     if base is None or st is None:
         line(None, "stalled reader: server memory bounded and others' p99 within 10% of the run without it")
@@ -424,10 +429,14 @@ def render(results: list[dict[str, Any]], argv: list[str], elapsed: float) -> st
         "  of pins and latest `seq` per pin equal what the generator last sent (within the client's view);",
         "  in brackets the number of clients still wrong. The stalled client is left out.",
         "- *generator CPU*: the load generator's own utime+stime over the window, in cores.",
-        "- *core 0 / core 1 busy*: /proc/stat busy time of each core over the window (all processes,",
-        "  softirq included). *saturated* names the core(s) at ≥ 90 %: core 0 is the server's, core 1",
-        "  the generator's. The machine is shared with other work; run.py waits for it to be quiet",
-        "  before each run, but a core busy well above its process's CPU means something else ran.",
+        "- *softirq*: kernel network time on each core (/proc/stat), part of the loopback cost of the side",
+        "  on that core. *saturated* names the side whose process CPU plus its core's softirq reached",
+        "  90 % of a core (core 0: server, core 1: generator); *neither* means the server kept up.",
+        "- *other work*: CPU used on the two cores by processes other than these two (the machine is",
+        "  shared; both run at nice −20, run.py waits for quiet before each run and repeats a run during",
+        "  which other work took over a quarter of a core).",
+        "- Latency counts pin states delivered by the end of the settle time; where a server fell behind,",
+        "  the states it never delivered are not in p50/p99 (the notes give the share that was).",
         "",
         "## Results",
         "",
@@ -452,16 +461,59 @@ def render(results: list[dict[str, Any]], argv: list[str], elapsed: float) -> st
                 extra.append(f"{r['disorder']} deliveries older than a state already seen")
             if not r.get("server_survived", True):
                 extra.append("server died during the run")
+            exp, got = r.get("expected_samples"), r.get("latency_samples")
+            if exp and got is not None and got < 0.95 * exp:
+                extra.append(f"latency over {got / exp:.0%} of the {exp:,} pin states sent in the window"
+                             " (the rest coalesced or never delivered)")
             if r.get("views"):
-                extra.append(f"{r.get('pins_per_view_mean')} pins per view on average")
+                extra.append(f"{r.get('pins_per_view_mean')} pins per view on average; only pins inside"
+                             " the receiver's box count as delivered")
             if r.get("stalled"):
                 extra.append(f"server RSS peak {r['rss_peak_kb'] / 1024:.1f} MB, at end {r['rss_end_kb'] / 1024:.1f} MB")
             if extra:
                 notes.append(f"- {r['server']}: " + "; ".join(extra))
         if notes:
             lines += notes + [""]
+    lines += like_for_like(results)
     lines += ["## Targets (livemap)", "", *targets(results), ""]
     return "\n".join(lines)
+
+
+def like_for_like(results: list[dict[str, Any]]) -> list[str]:
+    """Compare with each naive peer at its cheapest, not only at its collapse."""
+    best: dict[str, float] = {}
+    where: dict[str, str] = {}
+    for r in results:
+        pps = pins_per_cpu_second(r)
+        if r["server"] != "livemap" and pps and not r.get("views") and pps > best.get(r["server"], 0.0):
+            best[r["server"]] = pps
+            where[r["server"]] = r["scenario"]
+    if not best:
+        return []
+    peers = [p for p in SERVERS if p in best]
+    lines = [
+        "## Naive peers under overload",
+        "",
+        "A naive peer offered more than one core can send keeps framing messages for every client, and",
+        "they wait in its buffers (Twisted's write buffers in the Autobahn peer: its RSS grows) while the",
+        "clients receive a trickle. A ratio against such a run measures that collapse, not the cost of",
+        "one send. So here livemap is also compared with each peer at its cheapest: the most pin states",
+        "per server CPU-second it reached in any scenario of this run without views ("
+        + ", ".join(f"{p}: {best[p]:,.0f} in {where[p]}" for p in peers) + ").",
+        "In views-10k this comparison does not apply: the peers have no views, so they must send every",
+        "pin to every client, and almost none of what they send is wanted.",
+        "",
+        "| scenario | livemap pin states per CPU-second | " + " | ".join(f"vs {p} at its cheapest" for p in peers) + " |",
+        "| --- | ---: | " + " | ".join("---:" for _ in peers) + " |",
+    ]
+    for s in SCENARIOS:
+        lm = _get(results, s.name, "livemap")
+        if lm is None or not s.movers or s.views:
+            continue
+        a = pins_per_cpu_second(lm)
+        cells = [f"{a / best[p]:.1f}×" if a else "–" for p in peers]
+        lines.append(f"| {s.name} | {_fmt(a, ',.0f')} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def ensure_node_peer() -> None:
@@ -480,7 +532,17 @@ def main(argv: list[str] | None = None) -> None:
                    help="seconds to wait for the machine to go quiet before each run")
     p.add_argument("--retries", type=int, default=2,
                    help=f"times to repeat a run during which other work used over {NOISY} cores")
+    p.add_argument("--render", type=Path, metavar="JSON",
+                   help="only write the report again from the raw results of an earlier --json")
     args = p.parse_args(argv)
+    if args.render:
+        saved = json.loads(args.render.read_text())
+        report = render(saved["results"], saved["argv"], saved["elapsed_s"])
+        if args.out:
+            args.out.write_text(report)
+        else:
+            sys.stdout.write(report)
+        return
     # a SIGTERM unwinds like Ctrl-C, so every `finally` stops its server
     signal.signal(signal.SIGTERM, lambda signum, frame: (_ for _ in ()).throw(KeyboardInterrupt()))
     names = args.scenario or list(BY_NAME)
@@ -511,7 +573,7 @@ def main(argv: list[str] | None = None) -> None:
             )
     elapsed = time.monotonic() - started
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
+        args.json.write_text(json.dumps({"argv": argv, "elapsed_s": elapsed, "results": results}, indent=1) + "\n")
     report = render(results, argv, elapsed)
     if args.out:
         args.out.write_text(report)

@@ -33,7 +33,6 @@ from twisted.logger import (
     FilteringLogObserver,
     LogLevel,
     LogLevelFilterPredicate,
-    Logger,
     globalLogBeginner,
     textFileLogObserver,
 )
@@ -59,7 +58,6 @@ class NaiveMap:
 class NaiveProtocol(WebSocketServerProtocol):
     """A client connection: frames in, calls on its map, frames out."""
 
-    log = Logger()
     factory: NaiveFactory
 
     def onConnect(self, request: ConnectionRequest) -> None:
