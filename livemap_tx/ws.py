@@ -16,6 +16,7 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.protocol import PreparedMessage
 from autobahn.websocket.types import ConnectionDeny
 from autobahn.util import encode_truncate
+from twisted.internet import tcp
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -37,6 +38,32 @@ def map_from_path(path: str) -> Optional[str]:
         return None
     name = path[len(WS_PREFIX):]
     return name if wire.is_map_name(name) else None
+
+
+def write_through(transport: Any, data: bytes) -> None:
+    """
+    Write to a plain TCP connection at once when nothing is queued before the
+    data, and leave to Twisted only what the socket did not take.
+
+    Twisted's write() always buffers and waits for the reactor to report the
+    socket writable: for a broadcast that is two epoll changes and a trip
+    through the reactor per client per tick, for bytes the kernel would have
+    taken at once. Anything else (TLS, a backlog, a closing connection) goes
+    through Twisted as usual, so order and flow control are unchanged.
+    """
+    if (type(transport) is tcp.Server and transport.connected
+            and not transport.disconnecting and not transport._writeDisconnected
+            and not transport._tempDataBuffer and not transport.dataBuffer):
+        try:
+            sent = transport.socket.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            sent = 0  # Twisted's own write will meet the error and close
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(data)
 
 
 @implementer(IPushProducer)
@@ -144,7 +171,7 @@ class LiveMapProtocol(WebSocketServerProtocol):
             if self.send_queue:
                 self.sendPreparedMessage(prepared)
             else:
-                cast(Any, self.transport).write(prepared.payloadHybi)
+                write_through(self.transport, prepared.payloadHybi)
 
     def close(self, code: int, reason: str) -> None:
         """Close with any protocol code; Autobahn's sendClose only allows 1000 and 3000+."""

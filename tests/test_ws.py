@@ -272,3 +272,31 @@ async def test_client_stuck_past_the_slow_timeout_is_closed():
         await mover.wait_closed()
     finally:
         await stop_server(live)
+
+
+@pytest_twisted.ensureDeferred
+async def test_frames_written_through_the_socket_keep_order_when_it_fills(server):
+    """Direct writes leave the rest to Twisted when the kernel buffer is full; order holds."""
+    from livemap_tx.hub import Frame
+    from twisted.internet import reactor as the_reactor
+
+    client = await connect(server.ws_url("big"))
+    client_id = (await client.next("welcome"))["id"]
+    [protocol] = [p for p in server.factory.protocols if p.client and p.client.id == client_id]
+    big = b'{"type":"snapshot","pins":[],"pad":"' + b"x" * 4_000_000 + b'"}'
+    small = b'{"type":"update","pins":[],"gone":["after"]}'
+    protocol.send_frame(Frame(big))
+    # The kernel took part; the rest waits in Twisted's buffer for the reactor.
+    assert protocol.transport._tempDataBuffer or protocol.transport.dataBuffer
+    protocol.send_frame(Frame(small))
+    first = await client.next(timeout=20)
+    second = await client.next(timeout=20)
+    assert (first["type"], len(first["pad"])) == ("snapshot", 4_000_000)
+    assert second["gone"] == ["after"]
+    # An empty buffer is written at once, without waiting for the reactor.
+    protocol.send_frame(Frame(small))
+    assert not protocol.transport._tempDataBuffer
+    assert protocol.transport not in the_reactor.getWriters()
+    await client.next()
+    client.close()
+    await client.wait_closed()
