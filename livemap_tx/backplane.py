@@ -20,6 +20,9 @@ What travels (JSON objects, one per bus message; `n` is the sender's node id):
 - `beat`: `{"t": "beat", "n"}`: "I am alive", when the node published
   nothing else for a while.
 - `bye`: `{"t": "bye", "n"}`: the node is stopping; its pins go at once.
+- `map`: `{"t": "map", "n", "m": NAME, "x": EXPIRES_MS or null}`: the sender
+  created a private map (already in the link's store of maps); the others
+  know it at once, and keep serving it while Redis is away.
 
 A receiver drops every pin of a node it has heard nothing from for
 `node_ttl` seconds, so a node that dies (or is cut off) leaves no ghost pins.
@@ -27,6 +30,12 @@ Per-pin order holds because one node publishes on one connection and a pin
 has one owner; `version` lets a stale state never win. When a link comes
 back, the node broadcasts its `full` state and a `hello`, so every node
 converges without any client reconnecting.
+
+Private maps are not messages but a store: the link keeps each map's
+expiry (`add_map`, `find_map`), which outlives any node; the backplane is
+the `MapStore` of the node's `MapDirectory`. After a reconnection every node
+writes back the maps it knows (`restore_maps`), so a Redis that restarted
+empty gets them again.
 """
 
 from __future__ import annotations
@@ -53,6 +62,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .hub import Hub, Pin
+from .maps import MapDirectory
 
 # Bumped when the messages change shape: nodes of different versions never
 # share a channel.
@@ -62,6 +72,13 @@ PROTOCOL_VERSION = 1
 FULL_CHUNK = 1000
 DEFAULT_NODE_TTL = 6.0
 DEFAULT_CLUSTER = "livemap"
+# Private maps written back per command after a reconnection.
+RESTORE_CHUNK = 1000
+
+
+def score(expires_ms: float) -> str:
+    """A map's expiry as Redis writes a sorted-set score ("inf": never)."""
+    return "inf" if math.isinf(expires_ms) else str(int(expires_ms))
 
 
 def new_node_id() -> str:
@@ -115,6 +132,21 @@ class Link(Protocol):
     def describe(self) -> str:
         """Where the link goes, for logs (no secrets)."""
 
+    def add_map(self, name: str, expires_ms: float, *, cap: int,
+                forget_before_ms: float) -> defer.Deferred:
+        """
+        Atomically: forget the maps that expired before `forget_before_ms`,
+        then add map `name` expiring at `expires_ms` (epoch milliseconds,
+        `math.inf`: never) unless `cap` maps are left. Fires "added", "full"
+        or "taken" (a map of that name exists); fails while not linked.
+        """
+
+    def find_map(self, name: str) -> defer.Deferred:
+        """Fires with the map's expiry (epoch ms, `math.inf`: never) or None."""
+
+    def restore_maps(self, maps: list[tuple[str, float]]) -> defer.Deferred:
+        """Add these (name, expires_ms) unless present (after Redis lost them)."""
+
 
 # In memory: one process, for tests
 
@@ -122,8 +154,8 @@ class Link(Protocol):
 class MemoryBus:
     """
     A Redis stand-in for one process: broadcast and per-node delivery in
-    order, presence with expiry, and an off switch (`stop`/`start`) that
-    behaves like a Redis restart without persistence.
+    order, presence with expiry, the private maps, and an off switch
+    (`stop`/`start`) that behaves like a Redis restart without persistence.
     """
 
     def __init__(self, clock: IReactorTime, *, retry: float = 0.05) -> None:
@@ -132,11 +164,14 @@ class MemoryBus:
         self.up = True
         self.links: dict[str, MemoryLink] = {}
         self.expires: dict[str, float] = {}
+        # Private maps: name -> expiry (epoch ms, inf: never), as the sorted set.
+        self.maps: dict[str, float] = {}
         self.published = 0
 
     def stop(self) -> None:
         self.up = False
         self.expires.clear()
+        self.maps.clear()
         for link in list(self.links.values()):
             link._lost("bus stopped")
 
@@ -203,6 +238,39 @@ class MemoryLink:
             if expiry <= now:
                 del self.bus.expires[node]
         return defer.succeed(set(self.bus.expires))
+
+    def add_map(self, name: str, expires_ms: float, *, cap: int,
+                forget_before_ms: float) -> defer.Deferred:
+        if not self.linked:
+            return defer.fail(ConnectionError("not linked"))
+        maps = self.bus.maps
+        for old in [old for old, at in maps.items() if at < forget_before_ms]:
+            del maps[old]
+        if name in maps:
+            outcome = "taken"
+        elif len(maps) >= cap:
+            outcome = "full"
+        else:
+            maps[name] = expires_ms
+            outcome = "added"
+        return self._reply(lambda: outcome)
+
+    def find_map(self, name: str) -> defer.Deferred:
+        return self._reply(lambda: self.bus.maps.get(name))
+
+    def restore_maps(self, maps: list[tuple[str, float]]) -> defer.Deferred:
+        if self.linked:
+            for name, expires_ms in maps:
+                self.bus.maps.setdefault(name, expires_ms)
+        return self._reply(lambda: None)
+
+    def _reply(self, answer: Any) -> defer.Deferred:
+        # In a later turn, as from a socket; a failure if not linked now.
+        if not self.linked:
+            return defer.fail(ConnectionError("not linked"))
+        replied: defer.Deferred = defer.Deferred()
+        self.bus.clock.callLater(0, lambda: replied.callback(answer()))
+        return replied
 
     def _connect(self) -> None:
         self._connect_call = None
@@ -374,7 +442,9 @@ class RedisLink:
     - `livemap:v1:{cluster}:{db}:all`: broadcast channel;
     - `livemap:v1:{cluster}:{db}:to:{node}`: one node's channel;
     - `livemap:v1:{cluster}:node:{node}`: presence key, expiring after the
-      node TTL unless refreshed (in database `db`).
+      node TTL unless refreshed (in database `db`);
+    - `livemap:v1:{cluster}:maps`: the private maps, a sorted set of names
+      scored by expiry in epoch milliseconds (`inf`: never), in database `db`.
     """
 
     log = Logger()
@@ -396,6 +466,7 @@ class RedisLink:
         self.broadcast_channel = f"{self.channel_prefix}:all".encode()
         self.own_channel = self._channel(node)
         self.key_prefix = f"{prefix}:node:"
+        self.maps_key = f"{prefix}:maps"
         self.linked = False
         self.receiver: Optional[LinkReceiver] = None
         self._stopping = False
@@ -485,6 +556,50 @@ class RedisLink:
             if cursor == 0:
                 return nodes
 
+    # Private maps: one sorted set, so that a Lua script can count, prune
+    # and add atomically (the cluster-wide cap), a lookup is one ZSCORE and
+    # restoring is one ZADD per thousand maps.
+
+    _ADD_MAP = b"""
+        redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1])
+        if redis.call('ZSCORE', KEYS[1], ARGV[4]) then return 'taken' end
+        if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 'full' end
+        redis.call('ZADD', KEYS[1], ARGV[3], ARGV[4])
+        return 'added'
+    """
+
+    def _query(self, *args: Any) -> defer.Deferred:
+        """One command's reply, or a failure if not linked (never raises)."""
+        protocol = self.commands.protocol
+        if not self.linked or protocol is None:
+            return defer.fail(ConnectionError("not connected to Redis"))
+        try:
+            return protocol.execute_command(*args)
+        except Exception:
+            return defer.fail()
+
+    def add_map(self, name: str, expires_ms: float, *, cap: int,
+                forget_before_ms: float) -> defer.Deferred:
+        return self._query("EVAL", self._ADD_MAP, 1, self.maps_key, score(forget_before_ms),
+                           str(cap), score(expires_ms), name).addCallback(
+            lambda outcome: outcome.decode() if isinstance(outcome, bytes) else outcome)
+
+    def find_map(self, name: str) -> defer.Deferred:
+        return self._query("ZSCORE", self.maps_key, name).addCallback(
+            lambda found: None if found is None else float(found))
+
+    def restore_maps(self, maps: list[tuple[str, float]]) -> defer.Deferred:
+        if not self.linked:
+            return defer.fail(ConnectionError("not connected to Redis"))
+        sent = []
+        for start in range(0, len(maps), RESTORE_CHUNK):
+            pairs: list[str] = []
+            for name, expires_ms in maps[start:start + RESTORE_CHUNK]:
+                pairs += [score(expires_ms), name]
+            sent.append(self._query("ZADD", self.maps_key, "NX", *pairs))
+        return defer.gatherResults(sent, consumeErrors=True).addCallbacks(
+            lambda _: None, lambda failure: failure.value.subFailure)
+
     # Connections
 
     def _failed(self, failure: Failure, command: str) -> None:
@@ -562,9 +677,11 @@ class Backplane(service.Service):
     Shares this node's pins with the other nodes of its cluster and applies
     theirs to the hub. A twisted Service: start it, and the hub's ticks are
     published; stop it, and the other nodes drop this node's pins at once.
+    With `share_maps`, it is also the cluster's store of private maps.
     """
 
     log = Logger()
+    directory: Optional[MapDirectory] = None
 
     def __init__(self, hub: Hub, link: Link, clock: IReactorTime, *,
                  node_ttl: float = DEFAULT_NODE_TTL, sync_timeout: Optional[float] = None,
@@ -650,6 +767,57 @@ class Backplane(service.Service):
         self._sync_waiters.append(waiter)
         return waiter
 
+    # The private maps: this backplane is the directory's MapStore
+
+    def share_maps(self, directory: MapDirectory) -> None:
+        """Keep `directory`'s private maps in the link's store, for every node."""
+        self.directory = directory
+        directory.store = self
+
+    def add_map(self, name: str, expires: Optional[float], *, cap: int,
+                forget_before: float) -> defer.Deferred:
+        """`MapStore.add_map`: in the link's store, then told to every node."""
+        if not self.link.linked:
+            return defer.fail(ConnectionError(f"not linked to {self.link.describe()}"))
+        expires_ms = math.inf if expires is None else round(expires * 1000)
+
+        def added(outcome: str) -> str:
+            if outcome == "added":
+                self._publish(b'{"t":"map","n":%s,"m":%s,"x":%s}' % (
+                    orjson.dumps(self.node), orjson.dumps(name),
+                    b"null" if expires is None else b"%d" % expires_ms))
+            return outcome
+        return self.link.add_map(name, expires_ms, cap=cap,
+                                 forget_before_ms=round(forget_before * 1000)).addCallback(added)
+
+    def find_map(self, name: str) -> defer.Deferred:
+        """`MapStore.find_map`: the expiry in the clock's seconds, or None."""
+        if not self.link.linked:
+            return defer.fail(ConnectionError(f"not linked to {self.link.describe()}"))
+        return self.link.find_map(name).addCallback(
+            lambda expires_ms: None if expires_ms is None else expires_ms / 1000)
+
+    def _restore_maps(self) -> None:
+        # Redis may have restarted empty: write back what this node knows
+        # (ZADD NX: nothing that is there is changed).
+        if self.directory is None:
+            return
+        maps = [(name, math.inf if expires is None else round(expires * 1000))
+                for name, expires in self.directory.entries()]
+        if maps:
+            self.link.restore_maps(maps).addErrback(
+                lambda failure: self.log.warn("could not restore {count} private maps: {error}",
+                                              count=len(maps), error=failure.getErrorMessage()))
+
+    def _learn_map(self, message: dict) -> None:
+        name, expires_ms = message["m"], message["x"]
+        if not isinstance(name, str) or not (
+                expires_ms is None or (isinstance(expires_ms, (int, float))
+                                       and not isinstance(expires_ms, bool))):
+            raise ValueError("bad map message")
+        if self.directory is not None:
+            self.directory.learn(name, None if expires_ms is None else expires_ms / 1000)
+
     # Health and metrics
 
     def health_problem(self) -> Optional[str]:
@@ -687,6 +855,7 @@ class Backplane(service.Service):
         # published while cut off was lost).
         self._publish(self._hello)
         self._send_full(None)
+        self._restore_maps()
         if self._synced is None and self._sync_pending is None:
             self.link.present().addCallbacks(self._wait_for_nodes,
                                              lambda failure: self._first_sync_done("no peers"))
@@ -723,6 +892,8 @@ class Backplane(service.Service):
                     self._ask(origin)
             elif kind == "bye":
                 self._forget(origin, "said goodbye")
+            elif kind == "map":
+                self._learn_map(decoded)
             else:
                 self._bad(message)
         except (KeyError, TypeError, ValueError, AttributeError):

@@ -40,7 +40,7 @@ from .backplane import (
 from .client import DEFAULT_RATE
 from .hub import Hub
 from .logfiles import ReopenLogsOnHangup
-from .maps import MapDirectory
+from .maps import MAX_TTL, MIN_TTL, MapDirectory
 from .metrics import make_registry
 from .pirate import PirateFactory
 from .sockjs import SockJSResource
@@ -194,6 +194,9 @@ class Options(usage.Options):
         ["expire", None, 3600.0,
          "Seconds without a new fix after which a pin is removed from its map.",
          _positive("expire", 0.0, 7 * 86_400.0)],
+        ["min-ttl", None, MIN_TTL,
+         "Shortest life (?ttl=, seconds) a private map may be given; below 15 minutes "
+         "only for tests.", _positive("min-ttl", 0.0, MAX_TTL)],
     ]
     optFlags: list[list[Any]] = [
         ["no-open-maps", None,
@@ -323,8 +326,14 @@ def make_node(reactor: Any, options: Options, *,
         max_connections=options["max-connections"], max_per_ip=options["max-per-ip"],
         allowed_origins=_split(options["allow-origin"]),
         trusted_proxies=[*parse_networks(_split(options["trust-proxy"])), *trusted])
+
+    def in_use(name: str) -> bool:
+        # A map with clients here: the directory never forgets it (see maps.py).
+        map_state = hub.maps.get(name)
+        return map_state is not None and bool(map_state.members)
     directory = MapDirectory(
         reactor, open_maps=not options["no-open-maps"], public=not options["no-public"],
+        min_ttl=options.get("min-ttl", MIN_TTL), in_use=in_use,
         on_expire=lambda name: hub.close_map(name, wire.CLOSE_POLICY, "map expired"))
     factory = LiveMapFactory(hub, reactor, rate=options["rate"], precision=options["precision"],
                              ping_interval=options["ping"], ping_timeout=options["ping"],
@@ -347,6 +356,9 @@ def make_node(reactor: Any, options: Options, *,
                                    node_ttl=options["node-ttl"],
                                    password=os.environ.get(REDIS_PASSWORD_VARIABLE))
         registry.register(BackplaneCollector(backplane))
+        # Private maps live in Redis: every node finds them, and they outlive
+        # the node that made them.
+        backplane.share_maps(directory)
         # Degraded, not down: /healthz stays 200 while Redis is away.
         site.health_checks["redis"] = backplane.health_problem
     return Node(hub, factory, site, backplane, local_sockjs, directory)

@@ -15,6 +15,7 @@ import orjson
 from klein import Klein
 from prometheus_client import CollectorRegistry
 from prometheus_client.twisted import MetricsResource
+from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
@@ -27,7 +28,7 @@ from twisted.web.static import File
 
 from . import wire
 from .hub import Hub
-from .maps import DirectoryFull, MapDirectory, parse_ttl
+from .maps import DirectoryFull, DirectoryUnavailable, MapDirectory, PrivateMap, parse_ttl
 
 WEB_ROOT = Path(__file__).resolve().parent.parent / "web"
 CONFIG_PLACEHOLDER = b'{"livemap": "config"}'
@@ -37,6 +38,11 @@ OSM_ATTRIBUTION = ('&copy; <a href="https://www.openstreetmap.org/copyright">'
 
 
 NO_SUCH_MAP = pages.notFound("No Such Map", "No map has this name.")
+# A private map's name this node does not know, while the cluster's
+# directory (Redis) cannot be asked: neither yes nor no.
+DIRECTORY_UNAVAILABLE = pages.errorPage(
+    503, "Service Unavailable",
+    "This server cannot look this map up right now. Try again in a moment.")
 
 
 class StaticFiles(File):
@@ -199,68 +205,89 @@ class LiveMapSite:
         request.redirect(b"/m/" + wire.DEFAULT_MAP.encode())
         return b""
 
+    def _if_map(self, map_name: str, serve: Callable[[], Any]) -> defer.Deferred:
+        """
+        `serve()` if the map exists, else a 404; a 503 if it may be a private
+        map of the cluster that cannot be looked up now. Klein takes the
+        Deferred, and renders the resource (the WebSocket upgrade too) when
+        it fires.
+        """
+        def unavailable(failure: Failure) -> IResource:
+            failure.trap(DirectoryUnavailable)
+            return DIRECTORY_UNAVAILABLE
+        return self.directory.resolve(map_name).addCallbacks(
+            lambda exists: serve() if exists else NO_SUCH_MAP, unavailable)
+
     @app.route("/m/<map_name>", methods=["GET", "HEAD"])
-    def map_page(self, request: Request, map_name: str) -> Any:
-        if not self.directory.exists(map_name):
-            return NO_SUCH_MAP
-        config = {
-            "map": map_name, "tiles": self.tiles, "attribution": self.attribution,
-            "rate": self.rate, "wsPath": f"/ws/{map_name}",
-            "sockjsPath": f"/sockjs/{map_name}", "maxZoom": 19, "stale": self.stale,
-        }
-        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
-        request.setHeader(b"Cache-Control", b"no-cache")
-        request.setHeader(b"X-Content-Type-Options", b"nosniff")
-        request.setHeader(b"Referrer-Policy", b"no-referrer")
-        return self.page.replace(CONFIG_PLACEHOLDER, script_json(config))
+    def map_page(self, request: Request, map_name: str) -> defer.Deferred:
+        def page() -> bytes:
+            config = {
+                "map": map_name, "tiles": self.tiles, "attribution": self.attribution,
+                "rate": self.rate, "wsPath": f"/ws/{map_name}",
+                "sockjsPath": f"/sockjs/{map_name}", "maxZoom": 19, "stale": self.stale,
+            }
+            request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+            request.setHeader(b"Cache-Control", b"no-cache")
+            request.setHeader(b"X-Content-Type-Options", b"nosniff")
+            request.setHeader(b"Referrer-Policy", b"no-referrer")
+            return self.page.replace(CONFIG_PLACEHOLDER, script_json(config))
+        return self._if_map(map_name, page)
 
     @app.route("/ws/<map_name>")
-    def websocket_endpoint(self, request: Request, map_name: str) -> Any:
-        if not self.directory.exists(map_name):
-            return NO_SUCH_MAP
-        if not self.hub.can_join(map_name):
-            request.setResponseCode(503)
-            return b"map full"
-        return self.websocket
+    def websocket_endpoint(self, request: Request, map_name: str) -> defer.Deferred:
+        def upgrade() -> Any:
+            if not self.hub.can_join(map_name):
+                request.setResponseCode(503)
+                return b"map full"
+            return self.websocket
+        return self._if_map(map_name, upgrade)
 
     @app.route("/sockjs/<map_name>/", branch=True)
-    def sockjs_endpoint(self, request: Request, map_name: str) -> IResource:
-        if self.sockjs is None or not self.directory.exists(map_name):
+    def sockjs_endpoint(self, request: Request, map_name: str) -> Any:
+        if self.sockjs is None:
             return NO_SUCH_MAP
-        return self.sockjs
+        sockjs = self.sockjs
+        return self._if_map(map_name, lambda: sockjs)
 
     @app.route("/api/maps", methods=["POST"])
-    def create_map(self, request: Request) -> bytes:
+    def create_map(self, request: Request) -> Any:
         """A private map with an unguessable name; `?ttl=SECONDS` makes it expire."""
         request.setHeader(b"Content-Type", b"application/json")
         request.setHeader(b"Cache-Control", b"no-store")
         args: dict[bytes, list[bytes]] = request.args or {}
         raw = args.get(b"ttl", [None])[0]  # type: ignore[list-item]
         try:
-            ttl = parse_ttl(None if raw is None else raw.decode("ascii", "replace"))
+            ttl = parse_ttl(None if raw is None else raw.decode("ascii", "replace"),
+                            self.directory.min_ttl)
         except ValueError as error:
             request.setResponseCode(400)
             return orjson.dumps({"error": "bad_ttl", "message": str(error)})
-        try:
-            entry = self.directory.create(ttl)
-        except DirectoryFull as error:
+
+        def created(entry: PrivateMap) -> bytes:
+            request.setResponseCode(201)
+            path = f"/m/{entry.name}"
+            request.setHeader(b"Location", path.encode())
+            expires = None if entry.expires is None else int(entry.expires * 1000)
+            return orjson.dumps({
+                "map": entry.name, "path": path,
+                "url": request.prePathURL().decode().rsplit("/api/", 1)[0] + path,
+                "expires": expires})
+
+        def refused(failure: Failure) -> bytes:
+            # 503 either way: the page shows the message.
+            error = failure.trap(DirectoryFull, DirectoryUnavailable)
             request.setResponseCode(503)
-            return orjson.dumps({"error": "full", "message": str(error)})
-        request.setResponseCode(201)
-        path = f"/m/{entry.name}"
-        request.setHeader(b"Location", path.encode())
-        expires = None if entry.expires is None else int(entry.expires * 1000)
-        return orjson.dumps({"map": entry.name, "path": path,
-                             "url": request.prePathURL().decode().rsplit("/api/", 1)[0] + path,
-                             "expires": expires})
+            return orjson.dumps({"error": "full" if error is DirectoryFull else "unavailable",
+                                 "message": str(failure.value)})
+        return self.directory.create_private(ttl).addCallbacks(created, refused)
 
     @app.route("/api/maps/<map_name>/pins", methods=["GET", "HEAD"])
-    def pins(self, request: Request, map_name: str) -> Any:
-        if not self.directory.exists(map_name):
-            return NO_SUCH_MAP
-        request.setHeader(b"Content-Type", b"application/json")
-        request.setHeader(b"Cache-Control", b"no-store")
-        return orjson.dumps({"pins": self.hub.pins(map_name)})
+    def pins(self, request: Request, map_name: str) -> defer.Deferred:
+        def pins() -> bytes:
+            request.setHeader(b"Content-Type", b"application/json")
+            request.setHeader(b"Cache-Control", b"no-store")
+            return orjson.dumps({"pins": self.hub.pins(map_name)})
+        return self._if_map(map_name, pins)
 
     @app.route("/healthz", methods=["GET", "HEAD"])
     def healthz(self, request: Request) -> bytes:

@@ -215,6 +215,64 @@ async def test_link_goes_down_with_the_bus_and_comes_back(cluster):
         await link.stop()
 
 
+@pytest_twisted.ensureDeferred
+async def test_link_keeps_private_maps_with_a_cap_and_forgets_old_ones(cluster):
+    first, second = cluster.link("a"), cluster.link("b")
+    first.start(Recorder())
+    second.start(Recorder())
+    inf = float("inf")
+    try:
+        await eventually(lambda: first.linked and second.linked, what="linked")
+        assert await first.add_map("early", 1000, cap=3, forget_before_ms=0) == "added"
+        assert await second.add_map("never", inf, cap=3, forget_before_ms=0) == "added"
+        assert await second.add_map("never", 5000, cap=3, forget_before_ms=0) == "taken"
+        assert await first.add_map("late", 9000, cap=3, forget_before_ms=0) == "added"
+        assert await first.add_map("more", 9000, cap=3, forget_before_ms=0) == "full"
+        # Every node finds what any node added, with its expiry.
+        assert await second.find_map("early") == 1000
+        assert await first.find_map("never") == inf
+        assert await first.find_map("nothing") is None
+        # Maps that expired before `forget_before_ms` make room (atomically).
+        assert await second.add_map("more", 9000, cap=3, forget_before_ms=2000) == "added"
+        assert await first.find_map("early") is None
+        # A restore adds what is missing and changes nothing that is there.
+        await first.restore_maps([("early", 1000), ("late", 1), ("lost", inf)])
+        assert [await first.find_map(name) for name in ("early", "late", "lost")] == [
+            1000, 9000, inf]
+        cluster.outage()
+        await eventually(lambda: not first.linked, what="down")
+        for asked in (first.add_map("x", 1, cap=9, forget_before_ms=0), first.find_map("x"),
+                      first.restore_maps([("x", 1)])):
+            with pytest.raises(ConnectionError):
+                await asked
+    finally:
+        await first.stop()
+        await second.stop()
+
+
+@pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
+@pytest_twisted.ensureDeferred
+async def test_redis_keeps_private_maps_in_one_bounded_key(tmp_path):
+    server = RedisServer(tmp_path)
+    server.start()
+    link = RedisLink(server.url, "t", "a", reactor)
+    link.start(Recorder())
+    try:
+        await eventually(lambda: link.linked, what="linked")
+        for number in range(2500):
+            assert await link.add_map(f"m{number}", number, cap=2000,
+                                      forget_before_ms=500) in ("added", "full")
+        assert server.command("DBSIZE") == "1"
+        assert server.command("ZCARD", link.maps_key) == "2000"
+        assert server.command("TYPE", link.maps_key) == "zset"
+        # A restore of more than one command's worth.
+        await link.restore_maps([(f"r{number}", float("inf")) for number in range(2500)])
+        assert server.command("ZCARD", link.maps_key) == "4500"
+    finally:
+        await link.stop()
+        server.stop()
+
+
 @pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
 @pytest_twisted.ensureDeferred
 async def test_redis_link_authenticates_and_reports_a_refusal_once(tmp_path):
