@@ -1,8 +1,9 @@
 """
 One map across real processes: `twistd -n livemap --redis ...` nodes on a
 private redis-server, WebSocket clients on different nodes, a node killed
-with -9, Redis stopped and started again, and `--workers 2` sharing a port
-(SockJS sessions included).
+with -9, Redis stopped and started again, `--workers 2` sharing a port
+(SockJS sessions included), and private maps with closed maps: made on one
+node, open on every node, outliving their maker, expiring everywhere.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -223,6 +225,89 @@ async def wait_health(node: TwistdServer, predicate: Callable[[str], bool]) -> s
         await task.deferLater(reactor, 0.1)
 
 
+# Private maps with --no-open-maps
+
+
+async def create_map(node: TwistdServer, ttl: str) -> dict:
+    response = await treq.post(f"{node.url}/api/maps?ttl={ttl}")
+    body = orjson.loads(await response.content())
+    assert response.code == 201, body
+    return body
+
+
+async def status(url: str) -> int:
+    response = await treq.get(url)
+    await response.content()
+    return response.code
+
+
+async def refused(url: str) -> bool:
+    try:
+        client = await connect(url)
+    except Exception:
+        return True
+    client.close()
+    await client.wait_closed()
+    return False
+
+
+@needs_redis
+@pytest_twisted.ensureDeferred
+async def test_a_private_map_opens_on_every_node_and_outlives_its_maker(cluster):
+    maker, other = cluster("--no-open-maps"), cluster("--no-open-maps")
+    name = (await create_map(maker, "900"))["map"]
+    # At once on the other node: the page, and a WebSocket welcome.
+    assert await status(f"{other.url}/m/{name}") == 200
+    bob = await open_view(other.ws_url(name))
+    alice = await open_view(maker.ws_url(name))
+    alice.move(1, 2)
+    bob.move(3, 4)
+    both = {alice.id: (1, 2, None), bob.id: (3, 4, None)}
+    for view in (alice, bob):
+        await view.until(lambda pins: pins == both)
+    maker.process.send_signal(signal.SIGKILL)
+    maker.process.wait()
+    await bob.until(lambda pins: pins == {bob.id: (3, 4, None)})
+    assert await status(f"{other.url}/m/{name}") == 200
+    carol = await open_view(other.ws_url(name))
+    # A node started after the maker died never heard of the map: Redis has it.
+    late = cluster("--no-open-maps")
+    assert await status(f"{late.url}/m/{name}") == 200
+    dave = await open_view(late.ws_url(name))
+    await dave.until(lambda pins: pins == {bob.id: (3, 4, None)})
+    # Closed maps are still closed.
+    assert await status(f"{late.url}/m/{'x' * 24}") == 404
+    assert await refused(late.ws_url("x" * 24))
+    await close_all(bob, carol, dave)
+
+
+@needs_redis
+@pytest_twisted.ensureDeferred
+async def test_a_private_map_expires_on_every_node_and_stays_dead(cluster, redis):
+    # --min-ttl lets a map live 2 seconds instead of 15 minutes: the test
+    # waits for a real expiry on real nodes.
+    maker = cluster("--no-open-maps", "--min-ttl", "1")
+    other = cluster("--no-open-maps", "--min-ttl", "1")
+    body = await create_map(maker, "2")
+    name = body["map"]
+    views = [await open_view(maker.ws_url(name)), await open_view(other.ws_url(name))]
+    for view in views:
+        assert await view.client.wait_closed() == (1008, "map expired")
+    assert time.time() * 1000 >= body["expires"] - 1  # not before its time
+    for node in (maker, other):
+        assert await status(f"{node.url}/m/{name}") == 404
+        assert await refused(node.ws_url(name))
+    # A node that never knew the map, with open maps: Redis still refuses
+    # the expired name, while any other name is an open map.
+    newcomer = cluster("--min-ttl", "1")
+    assert await status(f"{newcomer.url}/m/{name}") == 404
+    assert await refused(newcomer.ws_url(name))
+    assert await status(f"{newcomer.url}/m/{'x' * 24}") == 200
+    # One key for every private map; nothing else was left behind.
+    assert redis.command("ZCARD", "livemap:v1:livemap:maps") == "1"
+    assert redis.command("DBSIZE") == "4"  # three presence keys and the maps
+
+
 # --workers
 
 
@@ -302,6 +387,25 @@ async def test_two_workers_share_a_port_and_serve_one_map(cluster, redis, monkey
         while session.view.pins != everyone and reactor.seconds() < deadline:
             await session.poll()
         assert session.view.pins == everyone
+    await close_all(*views)
+
+
+@needs_redis
+@pytest_twisted.ensureDeferred
+async def test_a_private_map_made_through_the_shared_port_opens_on_every_worker(cluster):
+    node = cluster("--workers", "2", "--no-open-maps")
+    # The private ports are not held back until a worker is linked, as the
+    # shared one is: wait for both workers to be.
+    for port in private_ports(node):
+        await wait_health(TwistdServer(node.process, port, node.log_path),
+                          lambda body: body == "ok")
+    name = (await create_map(node, "900"))["map"]
+    views = []
+    for port in private_ports(node):
+        assert await status(f"http://127.0.0.1:{port}/m/{name}") == 200
+        views.append(await open_view(f"ws://127.0.0.1:{port}/ws/{name}"))
+    views[0].move(5, 6)
+    await views[1].until(lambda pins: pins == {views[0].id: (5, 6, None)})
     await close_all(*views)
 
 
