@@ -294,8 +294,8 @@ class MapDirectory:
             asked = self.store.find_map(name)
         except Exception:
             asked = defer.fail()
-        asked.addCallbacks(self._found, self._lookup_failed,
-                           callbackArgs=(name,), errbackArgs=(name,))
+        # The errback also catches a failure of `_found`: no waiter hangs.
+        asked.addCallback(self._found, name).addErrback(self._lookup_failed, name)
         return waiter
 
     def _found(self, expires: Optional[float], name: str) -> None:
@@ -308,7 +308,7 @@ class MapDirectory:
 
     def _lookup_failed(self, failure: Failure, name: str) -> None:
         self.log.warn("could not look a map up in the cluster: {error}",
-                      error=failure.getErrorMessage())
+                      error=failure.getErrorMessage() or failure.type.__name__)
         for waiter in self._lookups.pop(name, []):
             if not waiter.called:
                 waiter.errback(DirectoryUnavailable(

@@ -314,6 +314,19 @@ def test_a_nodes_view_of_the_cluster_is_bounded_but_keeps_maps_in_use():
     assert sorted(viewer.expired) == sorted([names[0], names[1], names[4]])
 
 
+def test_a_taken_name_is_drawn_again_three_times_at_most(monkeypatch):
+    cluster = Cluster()
+    node = cluster.add()
+    names = iter([private_name("t"), private_name("t"), private_name("u")])
+    monkeypatch.setattr("livemap_tx.maps.secrets.token_urlsafe", lambda size: next(names))
+    assert cluster.outcome(node.directory.create_private(900)).name == private_name("t")
+    assert cluster.outcome(node.directory.create_private(900)).name == private_name("u")
+    monkeypatch.setattr("livemap_tx.maps.secrets.token_urlsafe", lambda size: private_name("t"))
+    assert isinstance(cluster.outcome(node.directory.create_private(900)),
+                      DirectoryUnavailable)
+    assert len(cluster.bus.maps) == 2
+
+
 def test_a_malformed_map_message_is_ignored():
     cluster = Cluster()
     first, second = cluster.add(), cluster.add()
