@@ -48,7 +48,7 @@ DIRECTORY_UNAVAILABLE = pages.errorPage(
 class StaticFiles(File):
     """Static files without directory listings."""
 
-    childNotFound = pages.notFound()
+    childNotFound = pages.notFound()  # type: ignore[assignment]
 
     def directoryListing(self) -> IResource:  # noqa: N802 (Twisted's name)
         return pages.notFound()
