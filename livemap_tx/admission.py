@@ -75,6 +75,12 @@ class Admission:
         self.trusted_proxies = list(trusted_proxies)
         self.total = 0
         self.per_ip: dict[str, int] = {}
+        # Refusals by reason, for /metrics.
+        self.refused: dict[str, int] = {}
+
+    def _refuse(self, status: int, reason: str) -> Refused:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+        return Refused(status, reason)
 
     def check_origin(self, origin: Optional[str], host: Optional[str]) -> None:
         """
@@ -85,12 +91,12 @@ class Admission:
             return
         netloc = _origin_netloc(origin)
         if netloc is None:
-            raise Refused(403, "origin not allowed")
+            raise self._refuse(403, "origin not allowed")
         if netloc in self.allowed_origins:
             return
         if host is not None and _same_origin(netloc, host):
             return
-        raise Refused(403, "origin not allowed")
+        raise self._refuse(403, "origin not allowed")
 
     def client_address(self, peer: str, forwarded_for: Optional[str]) -> str:
         """The client's address: the peer, unless a trusted proxy says otherwise."""
@@ -113,10 +119,10 @@ class Admission:
     def acquire(self, address: str) -> None:
         """Count a new connection from `address`, or refuse it."""
         if self.total >= self.max_connections:
-            raise Refused(503, "server full")
+            raise self._refuse(503, "server full")
         count = self.per_ip.get(address, 0)
         if count >= self.max_per_ip:
-            raise Refused(429, "too many connections from this address")
+            raise self._refuse(429, "too many connections from this address")
         self.total += 1
         self.per_ip[address] = count + 1
 

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .admission import Admission
 from .hub import Hub
 
 # Per-map series are capped so that many maps cannot blow up the scrape.
@@ -61,6 +62,20 @@ class HubCollector(Collector):
                                   "Clients closed for not reading.",
                                   value=stats.slow_closes)
         yield from self.extra()
+
+
+class AdmissionCollector(Collector):
+    """Connections refused before they became clients, by reason."""
+
+    def __init__(self, admission: Admission) -> None:
+        self.admission = admission
+
+    def collect(self) -> Iterator[Metric]:
+        refused = CounterMetricFamily("livemap_connections_refused",
+                                      "Live connections refused, by reason.", labels=["reason"])
+        for reason, count in sorted(self.admission.refused.items()):
+            refused.add_metric([reason], count)
+        yield refused
 
 
 def make_registry(hub: Hub) -> tuple[CollectorRegistry, Histogram]:

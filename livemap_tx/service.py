@@ -41,7 +41,7 @@ from .client import DEFAULT_RATE
 from .hub import Hub
 from .logfiles import ReopenLogsOnHangup
 from .maps import MAX_TTL, MIN_TTL, MapDirectory
-from .metrics import make_registry
+from .metrics import AdmissionCollector, make_registry
 from .pirate import PirateFactory
 from .sockjs import SockJSResource
 from .sockjs_endpoint import sockjs_resource
@@ -326,6 +326,7 @@ def make_node(reactor: Any, options: Options, *,
         max_connections=options["max-connections"], max_per_ip=options["max-per-ip"],
         allowed_origins=_split(options["allow-origin"]),
         trusted_proxies=[*parse_networks(_split(options["trust-proxy"])), *trusted])
+    registry.register(AdmissionCollector(admission))
 
     def in_use(name: str) -> bool:
         # A map with clients here: the directory never forgets it (see maps.py).

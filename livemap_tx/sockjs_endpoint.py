@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from . import wire
 from .admission import Admission, Refused
 from .client import Client
-from .hub import Frame, Hub
+from .hub import Frame, Hub, MapFull
 from .sockjs import SockJSConnection, SockJSResource, quote
 
 SOCKJS_CLIENT_PATH = "/vendor/sockjs-client/sockjs.min.js"
@@ -51,8 +51,13 @@ class SockJSClient:
                           map=self.map_name, reason=refused.reason)
             connection.close(wire.CLOSE_POLICY, refused.reason)
             return
+        try:
+            self.client = Client(hub, self.map_name, self, rate=rate, precision=precision)
+        except MapFull as full:
+            admission.release(address)
+            connection.close(wire.CLOSE_POLICY, str(full))
+            return
         self.address = address
-        self.client = Client(hub, self.map_name, self, rate=rate, precision=precision)
         self.log.info("client {client} opened on map {map} over SockJS {transport}",
                       client=self.client.id, map=self.map_name,
                       transport=connection.transport_name)

@@ -152,9 +152,21 @@ def detect_half_open(transport: Any) -> None:
         pass
 
 
+class QuietSite(Site):
+    """
+    Access logs without SockJS's transport requests: a polling client makes
+    one request per message, and logs say nothing per move. Sessions are
+    logged once when they open and close.
+    """
+
+    def log(self, request: Any) -> None:
+        if not request.uri.startswith(b"/sockjs/"):
+            super().log(request)
+
+
 def make_site(resource: IResource, reactor: Any, *, header_timeout: float = 20.0) -> Site:
     """The twisted.web Site for livemap's resource: bounded headers, private logs."""
-    site = Site(resource, logFormatter=private_log_formatter, reactor=reactor)
+    site = QuietSite(resource, logFormatter=private_log_formatter, reactor=reactor)
 
     def channel() -> BoundedChannel:
         built = BoundedChannel()

@@ -24,7 +24,7 @@ from zope.interface import implementer
 from . import wire
 from .admission import Admission, Refused
 from .client import DEFAULT_RATE, Client
-from .hub import Frame, Hub
+from .hub import Frame, Hub, MapFull
 
 # Autobahn drops anything larger without reading it; between 4 KiB and this
 # bound the client gets the protocol's `too_big` error before the close.
@@ -137,6 +137,9 @@ class LiveMapProtocol(WebSocketServerProtocol):
             self.factory.log.info(
                 "client {client} opened on map {map} from {peer}",
                 client=self.client.id, map=self.map_name, peer=self.peer)
+        except MapFull as full:
+            # Admitted at the upgrade, but the map filled meanwhile.
+            self.close(wire.CLOSE_POLICY, str(full))
         except Exception:
             self.factory.log.failure("could not open a client on map {map}", map=self.map_name)
             self.close(wire.CLOSE_INTERNAL_ERROR, "internal error")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
+import treq
 
 from livemap_tx.admission import Admission, Refused, parse_networks
 from wsclient import connect
@@ -86,3 +87,39 @@ async def test_per_address_limit_refuses_the_upgrade_and_frees_on_close(server):
         client.close()
         await client.wait_closed()
     assert server.factory.admission.total == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_refusals_are_counted_in_metrics(server):
+    with pytest.raises(Exception):
+        await connect(server.ws_url(), origin="http://evil.example")
+    body = await (await treq.get(server.url + "/metrics")).text()
+    assert 'livemap_connections_refused_total{reason="origin not allowed"} 1.0' in body
+
+
+@pytest_twisted.ensureDeferred
+async def test_cross_site_sockjs_session_is_closed_with_a_reason(server):
+    base = f"{server.url}/sockjs/public/000/evil"
+    response = await treq.post(base + "/xhr", headers={"Origin": ["http://evil.example"]})
+    assert (await response.content()).startswith(b"o")
+    response = await treq.post(base + "/xhr", headers={"Origin": ["http://evil.example"]})
+    assert (await response.content()).startswith(b'c[1008,"origin not allowed"]')
+    assert server.hub.connection_count() == 0
+    own = f"{server.url}/sockjs/public/000/own"
+    await treq.post(own + "/xhr", headers={"Origin": [server.url]})
+    response = await treq.post(own + "/xhr", headers={"Origin": [server.url]})
+    assert b"welcome" in await response.content()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_map_filled_after_the_upgrade_check_closes_with_1008(server):
+    first = await connect(server.ws_url("tiny"))
+    await first.next("welcome")
+    server.hub.max_members = 1
+    base = f"{server.url}/sockjs/tiny/000/late"
+    await treq.post(base + "/xhr")  # SockJS has no upgrade to refuse: open, then close
+    response = await treq.post(base + "/xhr")
+    assert (await response.content()).startswith(b'c[1008,"map full"]')
+    assert server.factory.admission.total == 1  # the refused session gave its place back
+    first.close()
+    await first.wait_closed()

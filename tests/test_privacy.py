@@ -103,3 +103,20 @@ def test_access_log_keeps_no_map_names_or_query_strings(uri, logged):
     line = private_log_formatter("[ts]", request)
     assert f'"GET {logged} HTTP/1.1" 200 10' in line
     assert "SeCrEt" not in line and "ttl" not in line
+
+
+def test_sockjs_transport_requests_are_not_access_logged(monkeypatch):
+    from twisted.internet import reactor
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+
+    from livemap_tx.web import make_site
+
+    logged = []
+    monkeypatch.setattr(Site, "log", lambda self, request: logged.append(request.uri))
+    site = make_site(Resource(), reactor)
+    for uri in (b"/sockjs/public/000/abc/xhr_send", b"/m/public", b"/sockjs/public/info"):
+        request = DummyRequest([b""])
+        request.uri = uri
+        site.log(request)
+    assert logged == [b"/m/public"]
