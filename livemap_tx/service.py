@@ -203,6 +203,9 @@ class Options(usage.Options):
          "Only `public` and maps created with POST /api/maps exist; any other name "
          "is a 404 and a refused upgrade."],
         ["no-public", None, "Disable the `public` map too."],
+        ["log-sockjs-requests", None,
+         "Access-log every SockJS transport request (one per message for polling "
+         "clients), to check that a load balancer keeps each session on one node."],
     ]
 
     def postOptions(self) -> None:  # noqa: N802 (Twisted's name)
@@ -402,8 +405,8 @@ def _serve_node(reactor: Any, top: service.MultiService, node: Node, options: Op
     if node.backplane is not None:
         node.backplane.setServiceParent(top)
     gate = node.backplane.when_synced if node.backplane is not None else None
-    listeners(make_site(node.site.resource(), reactor,
-                        header_timeout=options["header-timeout"]), gate)
+    listeners(make_site(node.site.resource(), reactor, header_timeout=options["header-timeout"],
+                        log_sockjs=bool(options["log-sockjs-requests"])), gate)
     expire = options["expire"]
     sweep = TimerService(min(60.0, expire / 4), node.hub.expire_pins, expire)
     sweep.clock = reactor

@@ -154,19 +154,23 @@ def detect_half_open(transport: Any) -> None:
 
 class QuietSite(Site):
     """
-    Access logs without SockJS's transport requests: a polling client makes
-    one request per message, and logs say nothing per move. Sessions are
-    logged once when they open and close.
+    Access logs without SockJS's transport requests (unless asked for): a
+    polling client makes one request per message, and logs say nothing per
+    move. Sessions are logged once when they open and close.
     """
 
+    log_sockjs = False
+
     def log(self, request: Any) -> None:
-        if not request.uri.startswith(b"/sockjs/"):
+        if self.log_sockjs or not request.uri.startswith(b"/sockjs/"):
             super().log(request)
 
 
-def make_site(resource: IResource, reactor: Any, *, header_timeout: float = 20.0) -> Site:
+def make_site(resource: IResource, reactor: Any, *, header_timeout: float = 20.0,
+              log_sockjs: bool = False) -> Site:
     """The twisted.web Site for livemap's resource: bounded headers, private logs."""
     site = QuietSite(resource, logFormatter=private_log_formatter, reactor=reactor)
+    site.log_sockjs = log_sockjs
 
     def channel() -> BoundedChannel:
         built = BoundedChannel()

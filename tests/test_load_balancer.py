@@ -139,7 +139,10 @@ def machines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machines]:
     redis.start()
     nodes: list[TwistdServer] = []
     try:
-        common = ("--pirate", "none", "--redis", redis.url, "--trust-proxy", "127.0.0.1")
+        # --log-sockjs-requests: the nodes' access logs show where each of a
+        # session's requests went (livemap leaves them out by default).
+        common = ("--pirate", "none", "--redis", redis.url, "--trust-proxy", "127.0.0.1",
+                  "--log-sockjs-requests")
         nodes.append(start_twistd(directory, *common))
         nodes.append(start_twistd(directory, *common, "--workers", "2"))
         yield Machines(nodes)
@@ -156,7 +159,7 @@ def strict_machines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Machin
     try:
         for _ in range(2):
             nodes.append(start_twistd(directory, "--pirate", "none", "--max-per-ip", "1",
-                                      "--trust-proxy", "127.0.0.1"))
+                                      "--trust-proxy", "127.0.0.1", "--log-sockjs-requests"))
         yield Machines(nodes)
     finally:
         _stop_all(nodes)

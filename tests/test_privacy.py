@@ -120,3 +120,19 @@ def test_sockjs_transport_requests_are_not_access_logged(monkeypatch):
         request.uri = uri
         site.log(request)
     assert logged == [b"/m/public"]
+
+
+def test_sockjs_requests_are_logged_when_asked_for(monkeypatch):
+    from twisted.internet import reactor
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+
+    from livemap_tx.web import make_site
+
+    logged = []
+    monkeypatch.setattr(Site, "log", lambda self, request: logged.append(request.uri))
+    site = make_site(Resource(), reactor, log_sockjs=True)
+    request = DummyRequest([b""])
+    request.uri = b"/sockjs/public/000/abc/xhr_send"
+    site.log(request)
+    assert logged == [request.uri]
