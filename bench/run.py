@@ -253,7 +253,11 @@ def _fmt(value: Any, spec: str = "", none: str = "–") -> str:
 
 def pins_per_cpu_second(r: dict[str, Any]) -> float | None:
     us = r.get("server_cpu_us_per_pin")
-    return 1e6 / us if us else None
+    if us:
+        return 1e6 / us
+    if r.get("movers") and r.get("delivered") == 0 and r.get("server_cpu_s", 0) > 0:
+        return 0.0  # burnt CPU and delivered nothing (a collapsed naive peer)
+    return None
 
 
 def scenario_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -338,10 +342,11 @@ def targets(results: list[dict[str, Any]]) -> list[str]:
             line(None, f"{s.name}: ≥ 5× naive Autobahn's pin states per server CPU-second")
         else:
             a, b = pins_per_cpu_second(lm), pins_per_cpu_second(ab)
-            ratio = (a / b) if a and b else None
+            ratio = (a / b if b else float("inf")) if a and b is not None else None
             line(ratio is not None and ratio >= 5,
                  f"{s.name}: ≥ 5× naive Autobahn's pin states per server CPU-second — "
-                 f"{_fmt(a, ',.0f')} vs {_fmt(b, ',.0f')} ({_fmt(ratio, '.1f')}×)")
+                 f"{_fmt(a, ',.0f')} vs {_fmt(b, ',.0f')} "
+                 + ("(it delivered nothing)" if ratio == float("inf") else f"({_fmt(ratio, '.1f')}×)"))
         if lm is not None and nd is not None:
             a, c = pins_per_cpu_second(lm), pins_per_cpu_second(nd)
             line(bool(a and c and a > c),
