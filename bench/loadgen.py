@@ -74,10 +74,9 @@ def masked_frame(payload: bytes, opcode: int = 0x1) -> bytes:
         header = bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
     else:
         header = bytes((0x80 | opcode, 0x80 | 127)) + n.to_bytes(8, "big")
-    masked = (
-        int.from_bytes(payload, "little")
-        ^ int.from_bytes(_MASK_REPEAT[:n] if n <= len(_MASK_REPEAT) else (MASK_KEY * (n // 4 + 1))[:n], "little")
-    ).to_bytes(n, "little")
+    mask = _MASK_REPEAT[:n] if n <= len(_MASK_REPEAT) else (MASK_KEY * (n // 4 + 1))[:n]
+    # XOR of two little-endian integers is the byte-wise XOR RFC 6455 asks for
+    masked = (int.from_bytes(payload, "little") ^ int.from_bytes(mask, "little")).to_bytes(n, "little")
     return header + MASK_KEY + masked
 
 
