@@ -144,8 +144,9 @@ class Options(usage.Options):
         ["tick", None, 0.1, "Seconds between fan-out ticks per map.",
          _positive("tick", 0.0, 5.0)],
         ["ping", None, 30.0, "Seconds between WebSocket pings; a connection that does "
-         "not answer within another such interval is closed.",
-         _positive("ping", 0.0, 3600.0)],
+         "not answer within another such interval is closed. At least 1: Autobahn "
+         "runs its ping timers in one-second buckets.",
+         _at_least("ping", 1.0, 3600.0)],
         ["slow-timeout", None, 30.0,
          "Seconds a client that does not read may stay before it is closed.",
          _positive("slow-timeout", 0.0, 3600.0)],

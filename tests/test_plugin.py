@@ -36,6 +36,7 @@ def test_defaults():
     (["--tick", "10"], "--tick"), (["--port", "tcp:notaport"], "--port"),
     (["--port", "bogus:1"], "--port"), (["--pirate", "tcp:"], "--pirate"),
     (["--tiles", "https://tiles.example/{z}.png"], "--tiles"), (["--ping", "nan"], "--ping"),
+    (["--ping", "0.5"], "--ping"),
 ])
 def test_bad_values_are_usage_errors_naming_the_option(args, named):
     with pytest.raises(usage.UsageError, match=named):
