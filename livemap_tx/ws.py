@@ -10,9 +10,11 @@ it drains.
 
 from __future__ import annotations
 
+from pprint import pformat
 from typing import Any, Optional, cast
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket import protocol as autobahn_protocol
 from autobahn.websocket.protocol import PreparedMessage
 from autobahn.websocket.types import ConnectionDeny
 from autobahn.util import encode_truncate
@@ -182,6 +184,26 @@ class LiveMapProtocol(WebSocketServerProtocol):
             self.sendCloseFrame(code=code, reasonUtf8=encode_truncate(reason, 123), isReply=False)
 
 
+class _LazyFormat:
+    """pformat() done only if a debug line is really written."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def __str__(self) -> str:
+        return pformat(self.value)
+
+    __repr__ = __str__
+
+
+# Autobahn pretty-prints its ~30 settings for a debug log line on every new
+# connection, whether debug logging is on or not: about half of the cost of
+# accepting a WebSocket. Formatting them lazily changes no output.
+autobahn_protocol.pformat = _LazyFormat  # type: ignore[assignment]
+
+
 class LiveMapFactory(WebSocketServerFactory):
     """Builds one protocol per connection and keeps the shared settings."""
 
@@ -210,6 +232,11 @@ class LiveMapFactory(WebSocketServerFactory):
             tcpNoDelay=True,
             failByDrop=False,
         )
+        # Autobahn copies every setting from the factory into each new
+        # protocol's __dict__ unless the protocol already has it: a subclass
+        # per factory that carries them saves that per idle connection.
+        self.protocol = type("LiveMapProtocol", (LiveMapProtocol,), {  # type: ignore[assignment]
+            name: getattr(self, name) for name in WebSocketServerProtocol.CONFIG_ATTRS})
 
     def close_all(self, code: int = wire.CLOSE_GOING_AWAY,
                   reason: str = "server shutting down") -> None:

@@ -300,3 +300,16 @@ async def test_frames_written_through_the_socket_keep_order_when_it_fills(server
     await client.next()
     client.close()
     await client.wait_closed()
+
+
+@pytest_twisted.ensureDeferred
+async def test_connections_carry_the_factory_settings_without_copying_them(server):
+    """Idle connections stay small: Autobahn's ~30 settings live on a class, not per connection."""
+    client = await connect(server.ws_url())
+    client_id = (await client.next("welcome"))["id"]
+    [protocol] = [p for p in server.factory.protocols if p.client and p.client.id == client_id]
+    assert protocol.autoPingInterval == 30.0 and protocol.maxMessagePayloadSize == 64 * 1024
+    assert "autoPingInterval" not in vars(protocol)
+    assert not any(name in vars(protocol) for name in type(protocol).CONFIG_ATTRS)
+    client.close()
+    await client.wait_closed()
