@@ -204,6 +204,10 @@ class _LazyFormat:
 autobahn_protocol.pformat = _LazyFormat  # type: ignore[assignment]
 
 
+def _as_class_attribute(value: Any) -> Any:
+    return staticmethod(value) if callable(value) else value
+
+
 class LiveMapFactory(WebSocketServerFactory):
     """Builds one protocol per connection and keeps the shared settings."""
 
@@ -235,8 +239,11 @@ class LiveMapFactory(WebSocketServerFactory):
         # Autobahn copies every setting from the factory into each new
         # protocol's __dict__ unless the protocol already has it: a subclass
         # per factory that carries them saves that per idle connection.
+        # (Callables, such as perMessageCompressionAccept, must stay plain
+        # functions there, not become methods.)
         self.protocol = type("LiveMapProtocol", (LiveMapProtocol,), {  # type: ignore[assignment]
-            name: getattr(self, name) for name in WebSocketServerProtocol.CONFIG_ATTRS})
+            name: _as_class_attribute(getattr(self, name))
+            for name in WebSocketServerProtocol.CONFIG_ATTRS})
 
     def close_all(self, code: int = wire.CLOSE_GOING_AWAY,
                   reason: str = "server shutting down") -> None:

@@ -313,3 +313,15 @@ async def test_connections_carry_the_factory_settings_without_copying_them(serve
     assert not any(name in vars(protocol) for name in type(protocol).CONFIG_ATTRS)
     client.close()
     await client.wait_closed()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_offering_permessage_deflate_is_served_uncompressed(server):
+    """Browsers offer compression; livemap declines it (one encoding for every client)."""
+    from autobahn.websocket.compress import PerMessageDeflateOffer
+
+    client = await connect(server.ws_url(), offers=[PerMessageDeflateOffer()])
+    assert (await client.next())["type"] == "welcome"
+    assert client.protocol._perMessageCompress is None
+    client.close()
+    await client.wait_closed()

@@ -104,7 +104,7 @@ class WSClient:
             self.protocol.transport.abortConnection()
 
 
-async def connect(url: str, origin: Optional[str] = None, tls=None) -> WSClient:
+async def connect(url: str, origin: Optional[str] = None, tls=None, offers=None) -> WSClient:
     """Open a WebSocket to `url` (ws://127.0.0.1:PORT/ws/MAP; wss:// with `tls` options)."""
     client = WSClient()
     factory = WebSocketClientFactory(url, origin=origin)
@@ -112,6 +112,8 @@ async def connect(url: str, origin: Optional[str] = None, tls=None) -> WSClient:
     factory.client = client
     factory.opened = defer.Deferred()
     factory.setProtocolOptions(autoPingInterval=None)
+    if offers:
+        factory.setProtocolOptions(perMessageCompressionOffers=offers)
     host, port = factory.host, factory.port
     endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1" if host == "localhost" else host, port)
     if factory.isSecure:
