@@ -16,7 +16,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import pytest
 import pytest_twisted
@@ -72,6 +72,19 @@ async def stop_server(server: LiveServer) -> None:
 def deferLater(seconds: float) -> defer.Deferred:  # noqa: N802 (mirrors task.deferLater)
     from twisted.internet import task
     return task.deferLater(reactor, seconds)
+
+
+async def eventually(predicate: Callable[[], Any], what: str = "condition",
+                     timeout: float = 10.0) -> Any:
+    """Poll until `predicate()` is true: a bounded wait, not a timed assertion."""
+    deadline = reactor.seconds() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        await deferLater(0.02)
 
 
 @pytest_twisted.async_yield_fixture

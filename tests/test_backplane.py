@@ -21,7 +21,7 @@ import treq
 from twisted.internet import defer, reactor, task
 from twisted.python import usage
 
-from conftest import server_options
+from conftest import eventually, server_options
 from livemap_tx import wire
 from livemap_tx.backplane import (
     Backplane,
@@ -37,17 +37,6 @@ from redis_server import REDIS_SERVER, RedisServer
 WAIT = 10.0
 
 
-async def eventually(predicate: Callable[[], Any], timeout: float = WAIT,
-                     what: str = "condition") -> Any:
-    """Poll until `predicate()` is true; a bounded wait, not a timed assertion."""
-    deadline = reactor.seconds() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout} s")
-        await task.deferLater(reactor, 0.02)
 
 
 class Watcher:

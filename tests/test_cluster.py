@@ -22,7 +22,7 @@ import treq
 from twisted.internet import reactor, task
 from twisted.web.client import HTTPConnectionPool
 
-from conftest import TwistdServer, start_twistd
+from conftest import TwistdServer, eventually, start_twistd
 from livemap_tx.workers import SessionRouter, WorkerSpec, session_owner
 from redis_server import RedisServer, needs_redis
 from wsclient import WSClient, connect
@@ -33,17 +33,6 @@ WAIT = 10.0
 NODE_TTL = "2"
 
 
-async def eventually(predicate: Callable[[], Any], timeout: float = WAIT,
-                     what: str = "condition") -> Any:
-    """Poll until `predicate()` is true: a bounded wait, not a timed assertion."""
-    deadline = reactor.seconds() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout} s")
-        await task.deferLater(reactor, 0.05)
 
 
 class MapView:

@@ -41,10 +41,10 @@ import pytest
 import pytest_twisted
 import treq
 from autobahn.twisted.websocket import WebSocketClientFactory
-from twisted.internet import defer, endpoints, protocol, reactor, task
+from twisted.internet import defer, endpoints, protocol, reactor
 from twisted.web.client import HTTPConnectionPool
 
-from conftest import TwistdServer, free_port, start_twistd
+from conftest import TwistdServer, eventually, free_port, start_twistd
 from livemap_tx.service import Options
 from livemap_tx.sockjs import SockJSResource
 from redis_server import REDIS_SERVER, RedisServer
@@ -71,16 +71,6 @@ needs_node = pytest.mark.skipif(
     reason="node or sockjs-client is not installed (npm ci --prefix web)")
 
 
-async def eventually(predicate: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
-    """Poll until `predicate()` is true: a bounded wait, not a timed assertion."""
-    deadline = reactor.seconds() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        await task.deferLater(reactor, 0.05)
 
 
 # The livemap machines

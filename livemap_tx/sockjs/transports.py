@@ -76,7 +76,33 @@ def _js_string(frame: bytes) -> bytes:
 
 
 @implementer(IPushProducer)
-class HTTPReceiver:
+class _ReceiverFlow:
+    """
+    A receiver as a streaming producer: its transport (an HTTP channel's, or
+    the TCP or TLS transport under a websocket) is full or has drained.
+    """
+
+    session: Session | None
+    paused: bool
+
+    def pauseProducing(self) -> None:  # noqa: N802 (Twisted's names)
+        if not self.paused:
+            self.paused = True
+            if self.session is not None:
+                self.session.receiver_paused()
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        if self.paused:
+            self.paused = False
+            if self.session is not None:
+                self.session.receiver_resumed()
+
+    def stopProducing(self) -> None:  # noqa: N802
+        # The connection is going away; its own close handling does the rest.
+        pass
+
+
+class HTTPReceiver(_ReceiverFlow):
     """One HTTP response carrying frames; ends after ``limit`` bytes."""
 
     log = Logger()
@@ -142,22 +168,6 @@ class HTTPReceiver:
         if session is not None:
             session.detach(self, *CONNECTION_INTERRUPTED)
 
-    # IPushProducer: the channel's transport is full or has drained.
-    def pauseProducing(self) -> None:
-        if not self.paused:
-            self.paused = True
-            if self.session is not None:
-                self.session.receiver_paused()
-
-    def resumeProducing(self) -> None:
-        if self.paused:
-            self.paused = False
-            if self.session is not None:
-                self.session.receiver_resumed()
-
-    def stopProducing(self) -> None:
-        # The connection is going away; notifyFinish's errback does the rest.
-        pass
 
 
 class XhrPollingReceiver(HTTPReceiver):
@@ -215,8 +225,7 @@ class JsonpReceiver(HTTPReceiver):
 _WIRE_CODES = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
 
 
-@implementer(IPushProducer)
-class WebSocketReceiver:
+class WebSocketReceiver(_ReceiverFlow):
     """A websocket carrying SockJS frames (or bare messages when raw)."""
 
     delay_disconnect = False
@@ -271,21 +280,6 @@ class WebSocketReceiver:
         if session is not None:
             session.detach(self, code, reason)
 
-    # IPushProducer, registered on the TCP (or TLS) transport itself.
-    def pauseProducing(self) -> None:
-        if not self.paused:
-            self.paused = True
-            if self.session is not None:
-                self.session.receiver_paused()
-
-    def resumeProducing(self) -> None:
-        if self.paused:
-            self.paused = False
-            if self.session is not None:
-                self.session.receiver_resumed()
-
-    def stopProducing(self) -> None:
-        pass
 
 
 class SockJSWebSocketProtocol(WebSocketServerProtocol):
