@@ -153,7 +153,7 @@ class Member:
     """
 
     __slots__ = ("id", "map", "subscriber", "view", "pin", "name", "paused_at",
-                 "missed")
+                 "missed", "last_version")
 
     def __init__(self, member_id: str, map_state: MapState, subscriber: Subscriber) -> None:
         self.id = member_id
@@ -164,6 +164,9 @@ class Member:
         self.name: Optional[str] = None
         self.paused_at: Optional[float] = None
         self.missed: set[str] = set()
+        # The version of this member's last pin: a pin made again (after it
+        # expired) goes on counting, so no node keeps an old state over it.
+        self.last_version = 0
 
     def move(self, move: wire.Move) -> None:
         self.map.move(self, move)
@@ -279,6 +282,7 @@ class MapState:
             member = self.members.get(pin.id)
             if member is not None:
                 member.pin = None
+                member.last_version = pin.version
             self.remove_pin(pin)
         self._forget_if_empty()
         return len(expired)
@@ -298,6 +302,7 @@ class MapState:
         if pin is None:
             pin = member.pin = Pin(member.id)
             pin.name = member.name
+            pin.version = member.last_version
             self.pins[pin.id] = pin
         pin.lat, pin.lng = move.lat, move.lng
         pin.heading, pin.accuracy, pin.seq = move.heading, move.accuracy, move.seq

@@ -85,6 +85,8 @@ def test_pins_without_a_fresh_fix_expire_and_come_back_on_the_next_move():
     assert mover.pin is None and hub.pins("m") == []
     mover.move(Move(1.0, 2.0, None, None, 2))
     assert hub.pins("m")[0]["seq"] == 2
+    # Its version goes on from the expired pin's, so other nodes take it.
+    assert mover.pin.version == 2
 
 
 @pytest.mark.parametrize("uri, logged", [
