@@ -200,6 +200,7 @@ class Options(usage.Options):
          "only for tests.", _positive("min-ttl", 0.0, MAX_TTL)],
     ]
     optFlags: list[list[Any]] = [
+        ["open-maps", None, "Any well-formed name is a map (the default)."],
         ["no-open-maps", None,
          "Only `public` and maps created with POST /api/maps exist; any other name "
          "is a 404 and a refused upgrade."],
@@ -226,6 +227,8 @@ class Options(usage.Options):
                 parse_redis_url(self["redis"])
             except ValueError as error:
                 raise usage.UsageError(f"--redis: {error}") from None
+        if self["open-maps"] and self["no-open-maps"]:
+            raise usage.UsageError("--open-maps and --no-open-maps contradict each other")
         for origin in _split(self["allow-origin"]):
             if not origin.startswith(("http://", "https://")):
                 raise usage.UsageError(f"--allow-origin: {origin!r} is not an http(s) origin")

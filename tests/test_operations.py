@@ -24,6 +24,7 @@ from wsclient import connect
     (["--max-per-ip", "0"], "--max-per-ip"), (["--max-connections", "lots"], "--max-connections"),
     (["--precision", "-1"], "--precision"), (["--expire", "0"], "--expire"),
     (["--header-timeout", "0"], "--header-timeout"),
+    (["--open-maps", "--no-open-maps"], "--open-maps"),
 ])
 def test_bad_operational_values_name_the_option(args, named):
     with pytest.raises(usage.UsageError, match=named):
