@@ -145,18 +145,28 @@ def start_twistd(tmp_path: Path, *args: str, port: Optional[int] = None,
             stdout=log_file, stderr=subprocess.STDOUT, cwd=tmp_path,
             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     server = TwistdServer(process, port, log_path)
-    deadline = time.monotonic() + 20
+    try:
+        wait_healthy(f"{server.url}/healthz", process, "twistd", server.log, timeout=20)
+    except TimeoutError:
+        server.stop()
+        raise
+    return server
+
+
+def wait_healthy(url: str, process: subprocess.Popen, what: str, log: Callable[[], str],
+                 timeout: float, interval: float = 0.1) -> None:
+    """Block until `url` answers 200 (before a test starts); fail if `process` exits."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"twistd exited {process.returncode}:\n{server.log()}")
+            raise RuntimeError(f"{what} exited {process.returncode}:\n{log()}")
         try:
-            with urllib.request.urlopen(f"{server.url}/healthz", timeout=1) as response:
+            with urllib.request.urlopen(url, timeout=1) as response:
                 if response.status == 200:
-                    return server
+                    return
         except OSError:
-            time.sleep(0.1)
-    server.stop()
-    raise RuntimeError(f"twistd did not answer /healthz:\n{server.log()}")
+            time.sleep(interval)
+    raise TimeoutError(f"{what} did not answer {url}:\n{log()}")
 
 
 @pytest.fixture

@@ -29,8 +29,6 @@ import re
 import shutil
 import signal
 import subprocess
-import time
-import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +42,7 @@ from autobahn.twisted.websocket import WebSocketClientFactory
 from twisted.internet import defer, endpoints, protocol, reactor
 from twisted.web.client import HTTPConnectionPool
 
-from conftest import TwistdServer, eventually, free_port, start_twistd
+from conftest import TwistdServer, eventually, free_port, start_twistd, wait_healthy
 from livemap_tx.service import Options
 from livemap_tx.sockjs import SockJSResource
 from redis_server import REDIS_SERVER, RedisServer
@@ -245,18 +243,13 @@ def start_balancer(kind: str, directory: Path, machines: Machines) -> Balancer:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, cwd=directory)
     balancer = Balancer(kind, process, port, directory, log_path)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{kind} exited {process.returncode}:\n{balancer.log()}")
-        try:
-            with urllib.request.urlopen(f"{balancer.url}/healthz", timeout=1) as response:
-                if response.status == 200:
-                    return balancer
-        except OSError:
-            time.sleep(0.05)
-    balancer.stop()
-    raise RuntimeError(f"{kind} did not pass /healthz through:\n{balancer.log()}")
+    try:
+        wait_healthy(f"{balancer.url}/healthz", process, kind, balancer.log, timeout=10,
+                     interval=0.05)
+    except TimeoutError:
+        balancer.stop()
+        raise
+    return balancer
 
 
 def _skip_unless_installed(kind: str) -> None:

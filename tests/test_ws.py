@@ -11,6 +11,12 @@ from wsclient import connect
 MOVE = {"type": "move", "lat": 48.85, "lng": 2.35, "heading": 90, "accuracy": 5, "seq": 1}
 
 
+def server_side(server, client_id: str):
+    """The server's protocol instance of the client with this pin id."""
+    [protocol] = [p for p in server.factory.protocols if p.client and p.client.id == client_id]
+    return protocol
+
+
 def pin_ids(message: dict) -> set:
     return {pin["id"] for pin in message["pins"]}
 
@@ -226,7 +232,7 @@ async def test_flow_control_skips_a_paused_client_and_catches_it_up(server):
     slow_id = (await slow.next("welcome"))["id"]
     mover = await connect(server.ws_url("flow"))
     await mover.next("welcome")
-    [protocol] = [p for p in server.factory.protocols if p.client and p.client.id == slow_id]
+    protocol = server_side(server, slow_id)
     producer = protocol.transport.producer  # what Twisted calls when the buffer fills
     producer.pauseProducing()
     for seq in range(3):
@@ -260,7 +266,7 @@ async def test_client_stuck_past_the_slow_timeout_is_closed():
         slow_id = (await slow.next("welcome"))["id"]
         mover = await connect(live.ws_url("stuck"))
         await mover.next("welcome")
-        [protocol] = [p for p in live.factory.protocols if p.client and p.client.id == slow_id]
+        protocol = server_side(live, slow_id)
         protocol.transport.producer.pauseProducing()
         for seq in range(6):
             mover.send({"type": "move", "lat": 1, "lng": 1, "seq": seq})
@@ -282,7 +288,7 @@ async def test_frames_written_through_the_socket_keep_order_when_it_fills(server
 
     client = await connect(server.ws_url("big"))
     client_id = (await client.next("welcome"))["id"]
-    [protocol] = [p for p in server.factory.protocols if p.client and p.client.id == client_id]
+    protocol = server_side(server, client_id)
     big = b'{"type":"snapshot","pins":[],"pad":"' + b"x" * 4_000_000 + b'"}'
     small = b'{"type":"update","pins":[],"gone":["after"]}'
     protocol.send_frame(Frame(big))
@@ -307,7 +313,7 @@ async def test_connections_carry_the_factory_settings_without_copying_them(serve
     """Idle connections stay small: Autobahn's ~30 settings live on a class, not per connection."""
     client = await connect(server.ws_url())
     client_id = (await client.next("welcome"))["id"]
-    [protocol] = [p for p in server.factory.protocols if p.client and p.client.id == client_id]
+    protocol = server_side(server, client_id)
     assert protocol.autoPingInterval == 30.0 and protocol.maxMessagePayloadSize == 64 * 1024
     assert "autoPingInterval" not in vars(protocol)
     assert not any(name in vars(protocol) for name in type(protocol).CONFIG_ATTRS)
