@@ -33,6 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# /proc/stat per core, read the same way the generator reads it.
+from loadgen import core_ticks
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PEERS = HERE / "peers"
@@ -122,18 +125,6 @@ def _pinned(core: int):  # type: ignore[no-untyped-def]
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
     return setup
-
-
-def core_ticks() -> dict[int, tuple[int, int]]:
-    out = {}
-    with open("/proc/stat", "rb") as f:
-        for line in f:
-            if line.startswith(b"cpu") and line[3:4].isdigit():
-                name, *vals = line.split()
-                v = [int(x) for x in vals]
-                total = sum(v[:8])
-                out[int(name[3:])] = (total - v[3] - v[4], v[6], total)
-    return out
 
 
 def wait_quiet(limit_s: float, threshold: float = 0.15) -> float:
