@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import resource
+import sys
+from importlib import metadata
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -210,6 +212,12 @@ class Options(usage.Options):
          "clients), to check that a load balancer keeps each session on one node."],
     ]
 
+    def opt_version(self) -> None:  # noqa: N802 (Twisted's name)
+        """Display the livemap and Twisted versions and exit."""
+        from twisted import copyright
+        sys.stdout.write(f"livemap {livemap_version()} (Twisted {copyright.version})\n")
+        sys.exit(0)
+
     def postOptions(self) -> None:  # noqa: N802 (Twisted's name)
         from twisted.internet import reactor
         for name in ("port", "pirate"):
@@ -245,6 +253,14 @@ class Options(usage.Options):
             if self["port"].split(":", 1)[0] not in ("tcp", "tcp6"):
                 raise usage.UsageError("--workers shares a plain TCP --port (tcp:... or "
                                        "tcp6:...); terminate TLS in front of it")
+
+
+def livemap_version() -> str:
+    """The installed distribution's version: setup.cfg says it once."""
+    try:
+        return metadata.version("livemap")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def with_backlog(description: str, backlog: int = LISTEN_BACKLOG) -> str:
@@ -450,6 +466,7 @@ def make_worker_service(reactor: Any, options: Options, spec: WorkerSpec) -> ser
 
 def makeService(options: Options) -> service.MultiService:  # noqa: N802 (twistd's name)
     from twisted.internet import reactor
+    log.info("livemap {version} starting", version=livemap_version())
     raise_open_file_limit()
     top = service.MultiService()
     if options["workers"] > 1:
