@@ -26,11 +26,17 @@ from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 from twisted.web.static import File
 
+import livemap_web
+
 from . import wire
 from .hub import Hub
 from .maps import DirectoryFull, DirectoryUnavailable, MapDirectory, PrivateMap, parse_ttl
 
-WEB_ROOT = Path(__file__).resolve().parent.parent / "web"
+# The page is the installed package livemap_web (web/ in the checkout), found
+# beside its own __init__.py, never relative to a checkout. resolve() follows
+# a development install's link (editable_mode=strict) back to web/, so a file
+# added there is served without reinstalling.
+WEB_ROOT = Path(livemap_web.__file__).resolve().parent
 CONFIG_PLACEHOLDER = b'{"livemap": "config"}'
 OSM_TILES = "https://tile.openstreetmap.org/{z}/{x}/{y}.png"
 OSM_ATTRIBUTION = ('&copy; <a href="https://www.openstreetmap.org/copyright">'
@@ -209,8 +215,8 @@ class LiveMapSite:
             raise ValueError(f"{web_root / 'index.html'} lacks the config placeholder")
         self.static = StaticFiles(str(web_root / "static"))
         self.vendor = {
-            "leaflet": StaticFiles(str(web_root / "node_modules" / "leaflet" / "dist")),
-            "sockjs-client": StaticFiles(str(web_root / "node_modules" / "sockjs-client" / "dist")),
+            "leaflet": StaticFiles(str(web_root / "vendor" / "leaflet" / "dist")),
+            "sockjs-client": StaticFiles(str(web_root / "vendor" / "sockjs-client" / "dist")),
         }
 
     def resource(self) -> IResource:
