@@ -198,6 +198,12 @@ def pin_centre(viewer: Viewer, pin_id: str) -> tuple[float, float]:
 def test_two_viewers_see_each_other_move_and_leave(
         browser: Browser, base_url: str, map_name: str) -> None:
     """The core promise: every viewer sees every pin, live, and pins go when people go."""
+    two_viewers_see_each_other_move_and_leave(browser, base_url, map_name)
+
+
+def two_viewers_see_each_other_move_and_leave(
+        browser: Browser, base_url: str, map_name: str, screenshot: Path = SCREENSHOT) -> None:
+    """The scenario, also run against a server installed from the wheel (test_packaging.py)."""
     url = f"{base_url}/m/{map_name}"
     ada = open_viewer(browser, url, geolocation=BERLIN, name="Ada")
     grace = open_viewer(browser, url, geolocation=NEARBY, mobile=True,
@@ -236,8 +242,8 @@ def test_two_viewers_see_each_other_move_and_leave(
     # The README's picture: both pins with their names, everyone in view.
     ada.page.click("#fit-all")
     ada.page.wait_for_timeout(800)  # let the fly-to animation settle; not an assertion
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    ada.page.screenshot(path=str(SCREENSHOT))
+    screenshot.parent.mkdir(exist_ok=True)
+    ada.page.screenshot(path=str(screenshot))
     for pin_id in (ada_id, grace_id):
         x, y = pin_centre(ada, pin_id)
         assert 0 < x < 1100 and 0 < y < 640, "fit-all left a pin out of view"

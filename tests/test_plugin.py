@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import subprocess
+import sys
 import time
+from importlib import metadata
+from pathlib import Path
 
 import pytest
 import pytest_twisted
@@ -21,6 +26,46 @@ from wsclient import connect
 def test_twistd_finds_the_plugin():
     makers = {maker.tapname: maker for maker in getPlugins(IServiceMaker)}
     assert makers["livemap"].options is Options
+
+
+ROOT = Path(__file__).resolve().parent.parent
+# Where an installed livemap's parts come from, as a fresh interpreter sees them.
+WHERE = """
+import json, sys
+import livemap_tx.web, twisted.plugins.livemap_plugin as plugin
+from twisted.application.service import IServiceMaker
+from twisted.plugin import getPlugins
+print(json.dumps({"web_root": str(livemap_tx.web.WEB_ROOT), "plugin": plugin.__file__,
+                  "package": livemap_tx.__file__, "sys_path": sys.path,
+                  "tapnames": [maker.tapname for maker in getPlugins(IServiceMaker)]}))
+"""
+
+
+def test_the_development_install_runs_the_checkout_without_it_on_sys_path(tmp_path):
+    """
+    scripts/install's editable install (strict mode): from anywhere, the
+    plugin, the code and the page are the checkout's own files, reached
+    through the link tree, not through the checkout on sys.path (the
+    deprecated compat mode's way).
+    """
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", WHERE], capture_output=True, text=True,
+                            timeout=60, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    where = json.loads(result.stdout)
+    assert Path(where["plugin"]).resolve() == ROOT / "twisted" / "plugins" / "livemap_plugin.py"
+    assert Path(where["package"]).resolve() == ROOT / "livemap_tx" / "__init__.py"
+    assert Path(where["web_root"]) == ROOT / "web"
+    assert where["tapnames"].count("livemap") == 1
+    assert str(ROOT) not in [os.path.realpath(entry) for entry in where["sys_path"] if entry]
+
+
+def test_version_is_the_installed_distributions(tmp_path):
+    """`twistd livemap --version` says which livemap runs, as its metadata says."""
+    result = subprocess.run(twistd_command("--version"), capture_output=True, text=True,
+                            timeout=60, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"livemap {metadata.version('livemap')} (Twisted "), result.stdout
 
 
 def test_defaults():
