@@ -22,6 +22,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from . import wire
+from .privacy import map_label as log_name
 from .wire import BBox, in_bbox
 
 # Grid cell size, in degrees, of the spatial indexes of pins and views.
@@ -70,6 +71,8 @@ class Stats:
         self.ticks = 0
         self.slow_skips = 0
         self.slow_closes = 0
+        # Messages for one member (errors) not written because it was paused.
+        self.dropped_while_paused = 0
 
     def reject(self, code: str) -> None:
         self.rejected[code] = self.rejected.get(code, 0) + 1
@@ -79,7 +82,7 @@ class Pin:
     """The latest accepted state of one connection's position."""
 
     __slots__ = ("id", "lat", "lng", "heading", "accuracy", "name", "seq", "ts",
-                 "origin", "version", "sent_lat", "sent_lng", "cell", "_json")
+                 "origin", "version", "sent_lat", "sent_lng", "cell", "born", "_json")
 
     def __init__(self, pin_id: str) -> None:
         self.id = pin_id
@@ -98,6 +101,8 @@ class Pin:
         self.sent_lat: Optional[float] = None
         self.sent_lng: Optional[float] = None
         self.cell: Optional[tuple[int, int]] = None
+        # The hub's serial when it was made (see Member.paused_serial).
+        self.born = 0
         self._json: Optional[bytes] = None
 
     def json(self) -> bytes:
@@ -150,10 +155,16 @@ class Member:
     """
     One connection's place in a map. Transports call these methods; the
     member's pin (if it has moved) is shared with everyone on the map.
+
+    What a member has been sent is always one of: the map as of the last
+    tick (it follows its view's updates), plus `pending` (pins it got ahead
+    of the tick in a snapshot or catch-up); or, while paused, that state as
+    of the pause plus `missed`/`missed_gone` (what changed since).
     """
 
     __slots__ = ("id", "map", "subscriber", "view", "pin", "name", "paused_at",
-                 "missed", "last_version")
+                 "paused_serial", "missed", "missed_gone", "resync", "pending",
+                 "last_version", "active")
 
     def __init__(self, member_id: str, map_state: MapState, subscriber: Subscriber) -> None:
         self.id = member_id
@@ -162,8 +173,21 @@ class Member:
         self.view: Optional[BBox] = None
         self.pin: Optional[Pin] = None
         self.name: Optional[str] = None
+        self.active = True
+        # Flow control: set while the transport says its buffer is full.
         self.paused_at: Optional[float] = None
+        # Pins made after this (Pin.born) were never sent to the member.
+        self.paused_serial = 0
+        # Ids of pins that changed while paused, and of pins it may have
+        # known that left while paused: at most the map's pins now plus its
+        # pins at the pause.
         self.missed: set[str] = set()
+        self.missed_gone: set[str] = set()
+        # It asked for a new view while paused: it gets a whole snapshot.
+        self.resync = False
+        # Pins sent to this member (snapshot, catch-up) in a state no tick
+        # has sent yet: its view group's next update may not cover them.
+        self.pending: Optional[set[str]] = None
         # The version of this member's last pin: a pin made again (after it
         # expired) goes on counting, so no node keeps an old state over it.
         self.last_version = 0
@@ -189,7 +213,13 @@ class Member:
         self.map.leave(self)
 
     def send(self, payload: bytes) -> None:
-        """A message for this member alone (an error, say), counted like the rest."""
+        """
+        A message for this member alone (an error, say). Dropped while the
+        member is paused: nothing is written into a buffer known to be full.
+        """
+        if self.paused_at is not None or not self.active:
+            self.map.hub.stats.dropped_while_paused += 1
+            return
         self.map._send(self, payload)
 
 
@@ -204,13 +234,16 @@ class MapState:
         self.pins: dict[str, Pin] = {}
         self.members: dict[str, Member] = {}
         self.dirty: set[str] = set()
-        # Pins removed since the last tick (they know where they were last sent).
-        self.gone: list[Pin] = []
+        # Pins removed since the last tick, by id (the first one removed:
+        # it knows where the id was last sent).
+        self.gone: dict[str, Pin] = {}
         self.world: set[Member] = set()
         self.groups: dict[BBox, ViewGroup] = {}
         self.view_cells: dict[tuple[int, int], set[ViewGroup]] = {}
         self.pin_cells: dict[tuple[int, int], set[str]] = {}
         self.slow: set[Member] = set()
+        # Members whose `pending` the next tick must check.
+        self.pending_members: set[Member] = set()
         self.tick_call: Optional[IDelayedCall] = None
         self.last_tick = -math.inf
 
@@ -223,6 +256,8 @@ class MapState:
         self.members[member.id] = member
         self.world.add(member)
         self.hub.stats.connections_opened += 1
+        # The current pins: the world's next update covers whatever of them
+        # no tick has sent yet.
         self._send(member, wire.encode_welcome(
             member.id, [pin.json() for pin in self.pins.values()]))
         return member
@@ -230,33 +265,51 @@ class MapState:
     def leave(self, member: Member) -> None:
         if self.members.pop(member.id, None) is None:
             return
+        member.active = False
         self.hub.stats.connections_closed += 1
         self._unsubscribe(member)
         self.slow.discard(member)
+        self.pending_members.discard(member)
+        member.pending = None
         pin = member.pin
         if pin is not None:
             member.pin = None
             self.remove_pin(pin)
         self._forget_if_empty()
 
+    def new_pin(self, pin_id: str) -> Pin:
+        """A pin that no member has been sent yet (see `pause`)."""
+        pin = Pin(pin_id)
+        pin.born = self.hub.next_serial()
+        return pin
+
     def remove_pin(self, pin: Pin) -> None:
         del self.pins[pin.id]
         self.dirty.discard(pin.id)
         self._unindex_pin(pin)
-        self.gone.append(pin)
+        self.gone.setdefault(pin.id, pin)
         self._schedule()
 
     def _forget_if_empty(self) -> None:
-        if not self.members and not self.pins:
+        # Not while a tick is due: its departures must still reach the
+        # other nodes (and a tick never dies half done).
+        if (not self.members and not self.pins and not self.gone and not self.dirty
+                and self.tick_call is None):
             self.hub.forget(self)
 
     def apply_remote(self, origin: str, states: Iterable[dict], gone: Iterable[str]) -> None:
         """States and departures of pins owned by another node."""
         pins = self.pins
+        # Departures first: a delta that names a pin in both (it left and
+        # came back) leaves it present.
+        for pin_id in gone:
+            pin = pins.get(pin_id)
+            if pin is not None and pin.origin == origin:
+                self.remove_pin(pin)
         for state in states:
             pin = pins.get(state["id"])
             if pin is None:
-                pin = pins[state["id"]] = Pin(state["id"])
+                pin = pins[state["id"]] = self.new_pin(state["id"])
                 pin.origin = origin
                 pin.version = -1
             elif pin.origin != origin or state["version"] <= pin.version:
@@ -268,10 +321,6 @@ class MapState:
             pin._json = None
             self._index_pin(pin)
             self._mark(pin)
-        for pin_id in gone:
-            pin = pins.get(pin_id)
-            if pin is not None and pin.origin == origin:
-                self.remove_pin(pin)
         self._forget_if_empty()
 
     def expire_pins(self, older_than_ms: int) -> int:
@@ -300,7 +349,7 @@ class MapState:
     def move(self, member: Member, move: wire.Move) -> None:
         pin = member.pin
         if pin is None:
-            pin = member.pin = Pin(member.id)
+            pin = member.pin = self.new_pin(member.id)
             pin.name = member.name
             pin.version = member.last_version
             self.pins[pin.id] = pin
@@ -323,53 +372,94 @@ class MapState:
             self._mark(pin)
 
     def set_view(self, member: Member, bbox: Optional[BBox]) -> None:
-        paused = member.paused_at is not None
-        if not paused:
-            self._unsubscribe(member)
+        if member.paused_at is not None:
+            # Its buffer is full: the snapshot goes when it drains.
+            member.view = bbox
+            member.resync = True
+            member.missed = set()
+            member.missed_gone = set()
+            return
+        self._unsubscribe(member)
         member.view = bbox
-        if not paused:
-            self._subscribe(member)
-        self._send(member, wire.encode_snapshot(self.pins_in(bbox)))
+        self._subscribe(member)
+        self._send_snapshot(member)
 
-    def pins_in(self, bbox: Optional[BBox]) -> list[bytes]:
-        """The encoded pins inside a box, through the grid rather than every pin."""
+    def _send_snapshot(self, member: Member) -> None:
+        bbox = member.view
+        pins = self.pins_in(bbox)
+        self._set_pending(member, bbox, (pin.id for pin in pins))
+        self._send(member, wire.encode_snapshot([pin.json() for pin in pins]))
+
+    def _set_pending(self, member: Member, bbox: Optional[BBox], ids: Iterable[str]) -> None:
+        # In the world, every change and departure reaches every member, so
+        # nothing is pending there. In a box, departures are routed by where
+        # a pin was last sent, which a pin sent early may not be.
+        member.pending = None
+        self.pending_members.discard(member)
+        if bbox is None or not self.dirty:
+            return
+        dirty = self.dirty
+        early = {pin_id for pin_id in ids if pin_id in dirty}
+        if early:
+            member.pending = early
+            self.pending_members.add(member)
+
+    def pins_in(self, bbox: Optional[BBox]) -> list[Pin]:
+        """The pins inside a box, through the grid rather than every pin."""
         if bbox is None:
-            return [pin.json() for pin in self.pins.values()]
+            return list(self.pins.values())
         found = []
         for cell in _bbox_cells(bbox):
             for pin_id in self.pin_cells.get(cell, ()):
                 pin = self.pins[pin_id]
                 if in_bbox(bbox, pin.lat, pin.lng):
-                    found.append(pin.json())
+                    found.append(pin)
         return found
 
     # Flow control
 
     def pause(self, member: Member) -> None:
-        if member.paused_at is not None or member.id not in self.members:
+        if member.paused_at is not None or not member.active:
             return
         self._unsubscribe(member)
         member.paused_at = self.hub.clock.seconds()
+        member.paused_serial = self.hub.next_serial()
         member.missed = set()
+        member.missed_gone = set()
+        # What was pending is dirty: the next tick notes it as missed.
+        member.pending = None
+        self.pending_members.discard(member)
         self.slow.add(member)
 
     def resume(self, member: Member) -> None:
-        if member.paused_at is None or member.id not in self.members:
+        if member.paused_at is None or not member.active:
             return
         member.paused_at = None
         self.slow.discard(member)
-        missed, member.missed = member.missed, set()
-        if missed:
-            pins, gone = [], []
-            for pin_id in missed:
-                pin = self.pins.get(pin_id)
-                if pin is not None and (member.view is None or
-                                        in_bbox(member.view, pin.lat, pin.lng)):
-                    pins.append(pin.json())
-                else:
-                    gone.append(pin_id)
-            self._send(member, wire.encode_update(pins, gone))
+        bbox = member.view
+        if member.resync:
+            member.resync = False
+            member.missed, member.missed_gone = set(), set()
+            self._subscribe(member)
+            self._send_snapshot(member)
+            return
+        ids = member.missed | member.missed_gone
+        member.missed, member.missed_gone = set(), set()
         self._subscribe(member)
+        if not ids:
+            return
+        pins, gone = [], []
+        pins_now = self.pins
+        for pin_id in ids:
+            pin = pins_now.get(pin_id)
+            if pin is not None and (bbox is None or in_bbox(bbox, pin.lat, pin.lng)):
+                pins.append(pin)
+            else:
+                gone.append(pin_id)
+        self._set_pending(member, bbox, (pin.id for pin in pins))
+        # If this fills the buffer again, the transport pauses the member
+        # from inside the write, and it stays paused.
+        self._send(member, wire.encode_update([pin.json() for pin in pins], gone))
 
     # The tick
 
@@ -395,49 +485,64 @@ class MapState:
         changed = [pins[pin_id] for pin_id in self.dirty]
         gone = self.gone
         self.dirty = set()
-        self.gone = []
+        self.gone = {}
+        # A pin that left and came back within the tick is a change, not a
+        # departure: no update names a pin twice.
+        departed = [pin for pin_id, pin in gone.items() if pin_id not in pins]
         if self.world:
             self._broadcast(self.world, wire.encode_update(
-                [pin.json() for pin in changed], [pin.id for pin in gone]))
+                [pin.json() for pin in changed], [pin.id for pin in departed]))
         if self.groups:
-            self._fan_out_views(changed, gone)
+            self._fan_out_views(changed, gone, departed)
+        if self.pending_members:
+            self._settle_pending(gone)
         if self.slow:
             self._note_missed(changed, gone, started)
         publisher = self.hub.publisher
         if publisher is not None:
             local = [pin for pin in changed if pin.origin is None]
-            local_gone = [pin.id for pin in gone if pin.origin is None]
+            local_gone = [pin.id for pin in departed if pin.origin is None]
             if local or local_gone:
                 publisher(self.name, local, local_gone)
         for pin in changed:
             pin.sent_lat, pin.sent_lng = pin.lat, pin.lng
         self.hub.tick_observer(clock.seconds() - started)
+        self._forget_if_empty()
 
-    def _fan_out_views(self, changed: list[Pin],
-                       gone: list[Pin]) -> None:
+    @staticmethod
+    def _last_sent(pin: Optional[Pin], old: Optional[Pin]) -> Optional[tuple[float, float]]:
+        """Where an id was as of the last tick (a pin made again has no place yet)."""
+        for candidate in (pin, old):
+            if candidate is not None and candidate.sent_lat is not None:
+                return candidate.sent_lat, candidate.sent_lng  # type: ignore[return-value]
+        return None
+
+    def _fan_out_views(self, changed: list[Pin], gone: dict[str, Pin],
+                       departed: list[Pin]) -> None:
         touched: set[ViewGroup] = set()
         cells = self.view_cells
+        nowhere: set[ViewGroup] = set()
         for pin in changed:
-            groups = cells.get(_cell(pin.lat, pin.lng), set())
-            if pin.sent_lat is not None and pin.sent_lng is not None:
-                before = cells.get(_cell(pin.sent_lat, pin.sent_lng))
-                if before and before is not groups:
-                    groups = groups | before
+            groups = cells.get(_cell(pin.lat, pin.lng), nowhere)
+            before = self._last_sent(pin, gone.get(pin.id))
+            if before is not None:
+                was = cells.get(_cell(*before))
+                if was and was is not groups:
+                    groups = groups | was
             for group in groups:
                 if in_bbox(group.bbox, pin.lat, pin.lng):
                     group.pins.append(pin.json())
-                elif pin.sent_lat is not None and in_bbox(
-                        group.bbox, pin.sent_lat, pin.sent_lng):  # type: ignore[arg-type]
+                elif before is not None and in_bbox(group.bbox, *before):
                     group.gone.append(pin.id)
                 else:
                     continue
                 touched.add(group)
-        for pin in gone:
-            lat, lng = pin.sent_lat, pin.sent_lng
-            if lat is None or lng is None:
+        for pin in departed:
+            before = self._last_sent(pin, None)
+            if before is None:
                 continue
-            for group in cells.get(_cell(lat, lng), ()):
-                if in_bbox(group.bbox, lat, lng):
+            for group in cells.get(_cell(*before), ()):
+                if in_bbox(group.bbox, *before):
                     group.gone.append(pin.id)
                     touched.add(group)
         for group in touched:
@@ -445,30 +550,65 @@ class MapState:
             group.pins = []
             group.gone = []
 
-    def _note_missed(self, changed: list[Pin],
-                     gone: list[Pin],
-                     now: float) -> None:
-        ids = [pin.id for pin in changed]
-        ids.extend(pin.id for pin in gone)
+    def _settle_pending(self, gone: dict[str, Pin]) -> None:
+        """Tell members in a box about pins they got early and that their group's update missed."""
+        members, self.pending_members = self.pending_members, set()
+        pins = self.pins
+        for member in members:
+            ids, member.pending = member.pending, None
+            bbox = member.view
+            if ids is None or bbox is None or member.paused_at is not None or not member.active:
+                continue
+            stale = []
+            for pin_id in ids:
+                pin = pins.get(pin_id)
+                if pin is not None and in_bbox(bbox, pin.lat, pin.lng):
+                    continue  # its group was sent this state
+                before = self._last_sent(pin, gone.get(pin_id))
+                if before is not None and in_bbox(bbox, *before):
+                    continue  # its group was told it left
+                stale.append(pin_id)
+            if stale:
+                self._send(member, wire.encode_update([], stale))
+
+    def _note_missed(self, changed: list[Pin], gone: dict[str, Pin], now: float) -> None:
         stats = self.hub.stats
         timeout = self.hub.slow_timeout
         limit = self.hub.max_missed
         for member in list(self.slow):
-            member.missed.update(ids)
             stats.slow_skips += 1
             assert member.paused_at is not None
-            if now - member.paused_at >= timeout or len(member.missed) > limit:
+            if not member.resync:
+                missed, missed_gone = member.missed, member.missed_gone
+                for pin in gone.values():
+                    missed.discard(pin.id)
+                    # A pin made after the pause was never sent to it.
+                    if pin.born < member.paused_serial:
+                        missed_gone.add(pin.id)
+                missed.update(pin.id for pin in changed)
+            if (now - member.paused_at >= timeout
+                    or len(member.missed) + len(member.missed_gone) > limit):
                 self.slow.discard(member)
+                member.resync = True
+                member.missed, member.missed_gone = set(), set()
                 stats.slow_closes += 1
                 self.log.info("closing slow client {member} on map {map}",
-                              member=member.id, map=self.name)
+                              member=member.id, map=log_name(self.name))
                 member.subscriber.close(wire.CLOSE_POLICY, "too slow: not reading")
 
     def _broadcast(self, members: Iterable[Member], payload: bytes) -> None:
         frame = Frame(payload)
         count = 0
-        for member in members:
-            member.subscriber.send_frame(frame)
+        # A copy: a write may pause (or close) a member from inside the
+        # loop, as Twisted does when a socket buffer fills.
+        for member in tuple(members):
+            if member.paused_at is not None or not member.active:
+                continue  # paused by an earlier write of this loop
+            try:
+                member.subscriber.send_frame(frame)
+            except Exception:
+                self._send_failed(member)
+                continue
             count += 1
         stats = self.hub.stats
         stats.frames_sent += count
@@ -478,7 +618,19 @@ class MapState:
         stats = self.hub.stats
         stats.frames_sent += 1
         stats.bytes_sent += len(payload)
-        member.subscriber.send_frame(Frame(payload))
+        try:
+            member.subscriber.send_frame(Frame(payload))
+        except Exception:
+            self._send_failed(member)
+
+    def _send_failed(self, member: Member) -> None:
+        # One broken transport never costs the others their update.
+        self.log.failure("could not send to client {member} on map {map}",
+                         member=member.id, map=log_name(self.name))
+        try:
+            member.subscriber.close(wire.CLOSE_INTERNAL_ERROR, "internal error")
+        except Exception:
+            self.log.failure("could not close client {member}", member=member.id)
 
     # Indexes
 
@@ -550,6 +702,12 @@ class Hub:
         self.publisher: Optional[Callable[[str, list[Pin], list[str]], None]] = None
         self.maps: dict[str, MapState] = {}
         self.stats = Stats()
+        self._serial = 0
+
+    def next_serial(self) -> int:
+        """A number that only grows: orders pin births and pauses."""
+        self._serial += 1
+        return self._serial
 
     def map(self, map_name: str, *, limited: bool = True) -> MapState:
         """The state of a map, made on demand (up to `max_maps` if `limited`)."""
@@ -605,10 +763,12 @@ class Hub:
                     yield map_state.name, pin
 
     def forget(self, map_state: MapState) -> None:
-        """An empty map costs nothing: drop it (it is made again on demand)."""
-        if self.maps.get(map_state.name) is map_state:
-            if map_state.tick_call is not None and map_state.tick_call.active():
-                map_state.tick_call.cancel()
+        """
+        An empty map costs nothing: drop it (it is made again on demand).
+        Only once its last tick ran, or its last departures would never be
+        published.
+        """
+        if self.maps.get(map_state.name) is map_state and map_state.tick_call is None:
             del self.maps[map_state.name]
 
     def pins(self, map_name: str) -> list[dict]:

@@ -11,6 +11,8 @@ from twisted.internet.task import Clock
 from livemap_tx.hub import Frame, Hub
 from livemap_tx.wire import Move
 
+import hubfakes
+
 
 class FakeSubscriber:
     def __init__(self) -> None:
@@ -221,68 +223,182 @@ def test_view_snapshot_uses_the_spatial_grid(hub, clock):
     assert hub.maps["m"].pins_in((-180, -90, 180, 90)).__len__() == 40
 
 
-def test_slow_subscriber_is_skipped_then_caught_up_with_latest_states(hub, clock):
-    slow, slow_out = join(hub)
+def test_slow_subscriber_is_paused_by_its_own_write_skipped_then_caught_up(hub, clock):
+    slow, slow_view = hubfakes.join(hub, high_water=100)
     mover, _ = join(hub)
     leaver, _ = join(hub)
     leaver.move(move())
     clock.advance(1)
-    slow_out.take()
-    slow.pause()
-    for seq in range(5):
+    slow_view.take()
+    slow_view.stall()
+    mover.move(move(lat=0, seq=0, heading=90.0))
+    clock.advance(1)  # this update fills the buffer: the transport pauses the member
+    assert slow_view.paused and len(slow_view.take()) == 1
+    for seq in range(1, 5):
         mover.move(move(lat=seq, seq=seq))
         clock.advance(1)
     leaver.leave()
     clock.advance(1)
-    assert slow_out.take() == []
+    assert slow_view.take() == []
     assert hub.stats.slow_skips == 6
-    slow.resume()
-    [catch_up] = slow_out.take()
+    slow_view.drain()
+    [catch_up] = slow_view.take()
     assert [(p["id"], p["seq"]) for p in catch_up["pins"]] == [("id1", 4)]
     assert catch_up["gone"] == ["id2"]
     mover.move(move(seq=9))
     clock.advance(1)
-    assert slow_out.take()[0]["pins"][0]["seq"] == 9
+    assert slow_view.take()[0]["pins"][0]["seq"] == 9
+
+
+def test_members_paused_from_inside_a_broadcast_cost_nobody_their_update(hub, clock):
+    """
+    Twisted pauses a producer from inside write(): half the map stalls at
+    once, in the middle of one tick, and the tick still reaches everyone
+    else, every view and the other nodes.
+    """
+    published = []
+    hub.publisher = lambda name, pins, gone: published.append(
+        ([p.id for p in pins], list(gone)))
+    slow = [hubfakes.join(hub, high_water=10) for _ in range(20)]
+    fast = [hubfakes.join(hub) for _ in range(20)]
+    boxed = [hubfakes.join(hub) for _ in range(3)]
+    for member, view in boxed:
+        member.set_view((0, 0, 10, 10))
+    leaver, _ = join(hub)
+    leaver.move(move(lat=5, lng=5))
+    clock.advance(1)
+    for _, view in slow:
+        view.stall()
+    mover, _ = join(hub)
+    mover.move(move(lat=5, lng=5, seq=1))
+    leaver.leave()
+    clock.advance(1)
+    assert all(view.paused for _, view in slow)
+    for _, view in fast + boxed:
+        assert set(view.sees()) == {mover.id}, view.sees()
+    assert published[-1] == ([mover.id], [leaver.id])
+    for _, view in slow:
+        view.drain()
+        assert set(view.sees()) == {mover.id}
+
+
+def test_a_catch_up_that_fills_the_buffer_again_keeps_the_member_paused(hub, clock):
+    slow, slow_view = hubfakes.join(hub, high_water=150)
+    movers = [join(hub)[0] for _ in range(3)]
+    clock.advance(1)
+    slow_view.stall()
+    for seq, mover in enumerate(movers):
+        mover.move(move(lat=seq, seq=seq))
+    clock.advance(1)
+    assert slow_view.paused
+    for seq, mover in enumerate(movers, start=10):
+        mover.move(move(lat=seq, seq=seq))
+    clock.advance(1)
+    # The client read what was buffered, but reads slowly: the catch-up
+    # fills the buffer again and the transport pauses it from inside.
+    slow_view.buffered = 0
+    slow_view.paused = False
+    slow.resume()
+    assert slow_view.paused
+    for seq, mover in enumerate(movers, start=20):
+        mover.move(move(lat=seq, seq=seq))
+        clock.advance(1)  # a write now would raise ProtocolViolation
+    assert slow in hub.maps["m"].slow
+    slow_view.drain()
+    assert {p["seq"] for p in slow_view.sees().values()} == {20, 21, 22}
 
 
 def test_slow_subscriber_is_closed_after_the_timeout(hub, clock):
-    slow, slow_out = join(hub)
+    slow, slow_view = hubfakes.join(hub, high_water=10)
     mover, _ = join(hub)
-    slow.pause()
-    for _ in range(29):
+    slow_view.stall()
+    for _ in range(30):  # paused by the first tick's write, at 1 s
         mover.move(move())
         clock.advance(1)
-    assert slow_out.closed is None
+    assert slow_view.paused and slow_view.closed is None
     mover.move(move())
     clock.advance(1.5)
-    assert slow_out.closed == (1008, "too slow: not reading")
+    assert slow_view.closed == (1008, "too slow: not reading")
     assert hub.stats.slow_closes == 1
 
 
 def test_slow_subscriber_missed_set_is_bounded(clock):
     hub = Hub(clock, max_missed=10)
-    slow_sub = FakeSubscriber()
-    slow = hub.join("m", slow_sub)
-    slow.pause()
+    slow, slow_view = hubfakes.join(hub, "m", high_water=10)
+    slow_view.stall()
     for _ in range(12):
         hub.join("m", FakeSubscriber()).move(move())
     clock.advance(1)
-    assert slow_sub.closed is not None
+    assert slow_view.closed is not None
 
 
-def test_paused_member_can_change_view_and_resumes_into_it(hub, clock):
-    slow, out = join(hub)
+def test_what_a_paused_member_is_owed_is_bounded_by_the_pins_of_the_map(hub, clock):
+    """Pins that come and go while it is paused leave nothing behind for it."""
+    slow, slow_view = hubfakes.join(hub, high_water=10)
+    stayer, _ = join(hub)
+    stayer.move(move())
+    clock.advance(1)
+    slow_view.stall()
+    stayer.move(move(seq=1))
+    clock.advance(1)
+    assert slow_view.paused
+    for _ in range(50):
+        visitor, _ = join(hub)
+        visitor.move(move())
+        clock.advance(1)
+        visitor.leave()
+        clock.advance(1)
+    assert len(slow.missed) + len(slow.missed_gone) <= len(hub.maps["m"].pins)
+    slow_view.drain()
+    assert set(slow_view.sees()) == {stayer.id}
+
+
+def test_a_paused_member_changing_view_gets_its_snapshot_once_it_drains(hub, clock):
+    slow, slow_view = hubfakes.join(hub, high_water=10)
     mover, _ = join(hub)
-    slow.pause()
-    slow.set_view((0, 0, 10, 10))
-    assert out.take()[-1]["type"] == "snapshot"
+    mover.move(move(lat=50, lng=50))
+    clock.advance(1)
+    slow_view.stall()
+    mover.move(move(lat=51, lng=51))
+    clock.advance(1)
+    assert slow_view.paused
+    slow_view.take()
+    slow.set_view((0, 0, 10, 10))  # a write now would raise ProtocolViolation
     mover.move(move(lat=5, lng=5))
     clock.advance(1)
-    slow.resume()
-    assert out.take()[0]["pins"][0]["id"] == "id1"
+    slow_view.drain()
+    [snapshot] = slow_view.take()
+    assert snapshot["type"] == "snapshot"
+    assert [p["id"] for p in snapshot["pins"]] == ["id1"]
     mover.move(move(lat=6, lng=6))
     clock.advance(1)
-    assert out.take()[0]["pins"][0]["lat"] == 6
+    assert slow_view.take()[0]["pins"][0]["lat"] == 6
+
+
+def test_errors_for_a_paused_member_are_dropped_not_buffered(hub, clock):
+    slow, slow_view = hubfakes.join(hub, high_water=10)
+    slow_view.stall()
+    slow.send(b'{"type":"error","code":"bad_json","message":"x"}')
+    assert slow_view.paused
+    slow.send(b'{"type":"error","code":"bad_json","message":"y"}')
+    assert hub.stats.dropped_while_paused == 1
+
+
+def test_a_pause_during_the_welcome_is_kept(hub, clock):
+    mover, _ = join(hub)
+    for n in range(5):
+        join(hub)[0].move(move(lat=n))
+    clock.advance(1)
+    viewer = hubfakes.Viewer(high_water=10)
+    viewer.stall()
+    member = hub.join("m", viewer)  # the welcome fills the buffer
+    viewer.member = member
+    assert viewer.paused
+    member.pause()  # what the transports do once the member exists
+    mover.move(move(seq=3))
+    clock.advance(1)  # a write now would raise ProtocolViolation
+    viewer.drain()
+    assert viewer.sees()[mover.id]["seq"] == 3
 
 
 def test_tick_stretches_under_load_instead_of_queueing(hub, clock):
@@ -358,3 +474,98 @@ def test_drop_origin_removes_a_dead_nodes_pins(hub, clock):
     assert [p["id"] for p in hub.pins("m")] == ["r4"]
     assert "other" not in hub.maps
     assert [(name, pin.id) for name, pin in hub.local_pins()] == []
+
+
+# Each of these once left a ghost pin on somebody's map.
+
+
+def published_log(hub):
+    published = []
+    hub.publisher = lambda name, pins, gone: published.append(
+        (name, [p.id for p in pins], list(gone)))
+    return published
+
+
+@pytest.mark.parametrize("last_step", ["leave", "remote_gone", "drop_origin"])
+def test_the_last_departure_of_a_map_is_published_before_the_map_is_forgotten(
+        hub, clock, last_step):
+    published = published_log(hub)
+    alice, _ = join(hub)
+    bob, _ = join(hub)
+    alice.move(move())
+    bob.move(move())
+    if last_step != "leave":
+        hub.apply_remote("m", "node-b", [remote("r1", 1)])
+    clock.advance(1)
+    alice.leave()
+    clock.advance(1)
+    bob.leave()  # the map's last local client: its departure is due at the next tick
+    if last_step == "remote_gone":  # ... and then the map's last pin goes
+        hub.apply_remote("m", "node-b", [], ["r1"])
+    elif last_step == "drop_origin":
+        hub.drop_origin("node-b")
+    clock.advance(1)
+    assert published[-1] == ("m", [], [bob.id])
+    assert "m" not in hub.maps
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_pin_snapshotted_into_a_view_and_gone_within_the_tick_is_gone_there(hub, clock):
+    watcher, view = hubfakes.join(hub)
+    comer, _ = join(hub)
+    comer.move(move(lat=5, lng=5))  # not sent by any tick yet
+    watcher.set_view((0, 0, 10, 10))
+    assert set(view.sees()) == {comer.id}
+    comer.leave()
+    clock.advance(1)
+    assert view.sees() == {}
+
+
+def test_a_pin_that_moves_into_a_view_and_out_within_the_tick_leaves_it(hub, clock):
+    watcher, view = hubfakes.join(hub)
+    mover, _ = join(hub)
+    mover.move(move(lat=50, lng=50))
+    clock.advance(1)
+    mover.move(move(lat=5, lng=5))
+    watcher.set_view((0, 0, 10, 10))  # snapshot: the pin is in the box now
+    assert set(view.sees()) == {mover.id}
+    mover.move(move(lat=60, lng=60))
+    clock.advance(1)
+    assert view.sees() == {}
+
+
+def test_expiry_and_a_new_move_within_one_tick_name_the_pin_once(hub, clock):
+    published = published_log(hub)
+    alice, alice_view = hubfakes.join(hub)
+    boxed, boxed_view = hubfakes.join(hub)
+    boxed.set_view((0, 0, 10, 10))
+    alice.move(move(lat=5, lng=5, seq=1))
+    clock.advance(1)
+    clock.advance(100)
+    assert hub.expire_pins(50) == 1
+    alice.move(move(lat=6, lng=6, seq=2))  # back before the tick
+    clock.advance(1)  # Viewer raises if an update names the pin twice
+    assert alice_view.sees()[alice.id]["seq"] == 2
+    assert boxed_view.sees()[alice.id]["seq"] == 2
+    assert published[-1] == ("m", [alice.id], [])
+
+
+def test_a_pin_that_expires_and_comes_back_elsewhere_leaves_the_old_view(hub, clock):
+    alice, _ = join(hub)
+    boxed, boxed_view = hubfakes.join(hub)
+    boxed.set_view((0, 0, 10, 10))
+    alice.move(move(lat=5, lng=5, seq=1))
+    clock.advance(101)
+    hub.expire_pins(50)
+    alice.move(move(lat=50, lng=50, seq=2))
+    clock.advance(1)
+    assert boxed_view.sees() == {}
+
+
+def test_remote_delta_naming_a_pin_in_both_keeps_it(hub, clock):
+    _, view = hubfakes.join(hub)
+    hub.apply_remote("m", "node-b", [remote("r1", 1)])
+    clock.advance(1)
+    hub.apply_remote("m", "node-b", [remote("r1", 2, lat=3.0)], ["r1"])
+    clock.advance(1)
+    assert view.sees()["r1"]["lat"] == 3.0
