@@ -1047,8 +1047,9 @@ class Backplane(service.Service):
     def _bad(self, message: bytes) -> None:
         self.stats.bad_messages += 1
         if self.stats.bad_messages == 1 or self.stats.bad_messages % 1000 == 0:
-            self.log.warn("ignored a malformed backplane message ({count} so far): {start!r}",
-                          count=self.stats.bad_messages, start=message[:80])
+            # Not its content: it may name a private map.
+            self.log.warn("ignored a malformed backplane message of {size} bytes "
+                          "({count} so far)", count=self.stats.bad_messages, size=len(message))
 
     # The first sync
 

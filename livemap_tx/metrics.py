@@ -13,6 +13,7 @@ from prometheus_client.registry import Collector
 
 from .admission import Admission
 from .hub import Hub
+from .privacy import map_label
 
 # Per-map series are capped so that many maps cannot blow up the scrape.
 MAX_MAP_SERIES = 20
@@ -33,14 +34,18 @@ class HubCollector(Collector):
                                   value=stats.connections_opened)
         yield GaugeMetricFamily("livemap_maps", "Maps with connections or pins.",
                                 value=len(hub.maps))
-        yield GaugeMetricFamily("livemap_pins_total", "Pins on all maps.",
+        yield GaugeMetricFamily("livemap_pins", "Pins on all maps.",
                                 value=sum(len(m.pins) for m in hub.maps.values()))
+        # Labelled as the logs name maps: `public`, or a keyed digest, never
+        # the name itself (a private map's name is its only key).
         per_map = GaugeMetricFamily(
-            "livemap_pins", f"Pins per map (the {MAX_MAP_SERIES} busiest maps).",
+            "livemap_map_pins",
+            f"Pins of each of the {MAX_MAP_SERIES} busiest maps, labelled as in the logs "
+            "(public, or ~ and a digest that is not the name).",
             labels=["map"])
         busiest = sorted(hub.maps.values(), key=lambda m: len(m.pins), reverse=True)
         for map_state in busiest[:MAX_MAP_SERIES]:
-            per_map.add_metric([map_state.name], len(map_state.pins))
+            per_map.add_metric([map_label(map_state.name)], len(map_state.pins))
         yield per_map
         yield CounterMetricFamily("livemap_moves_accepted", "Moves accepted.",
                                   value=stats.moves_accepted)

@@ -1,11 +1,15 @@
 """
-Coarsening of positions (--precision, and a client's own wish in `hello`):
-applied before a position is stored, so the true one is never kept or sent.
+What the server keeps and writes about people: positions are coarsened
+(--precision, and a client's own wish in `hello`) before they are stored,
+so the true one is never kept or sent; map names are never written to logs
+or metrics (`map_label`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import secrets
 
 METRES_PER_DEGREE = 111_320.0
 
@@ -27,3 +31,21 @@ def coarsen(lat: float, lng: float, metres: float) -> tuple[float, float]:
     if snapped_lng < -180.0:
         snapped_lng += 360.0
     return round(snapped_lat, 7), round(snapped_lng, 7)
+
+
+# Map names in logs and metrics. A map's name is its only key (a private
+# map's link is its name), so nothing the server writes may contain one.
+# What is written instead is a keyed digest: the same map gets the same
+# label for the life of the process, so an operator can follow it through
+# the logs and /metrics, but the key is random and never written, so a
+# label cannot be turned back into a name, even a guessable one.
+_LABEL_KEY = secrets.token_bytes(16)
+
+
+def map_label(name: str) -> str:
+    """What logs and metrics call a map: `public` as is, any other as `~` + 10 hex digits."""
+    if name == "public":
+        return name
+    digest = hashlib.blake2b(name.encode("utf-8", "surrogatepass"), digest_size=5,
+                             key=_LABEL_KEY).hexdigest()
+    return "~" + digest

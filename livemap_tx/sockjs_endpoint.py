@@ -17,6 +17,7 @@ from . import wire
 from .admission import Admission, Refused
 from .client import Client
 from .hub import Frame, Hub, MapFull
+from .privacy import map_label as log_name
 from .sockjs import SockJSConnection, SockJSResource, quote
 
 SOCKJS_CLIENT_PATH = "/vendor/sockjs-client/sockjs.min.js"
@@ -48,7 +49,7 @@ class SockJSClient:
             # SockJS has no way to refuse before the session opens: close it
             # at once with the policy code and the reason.
             self.log.info("refused a SockJS session on map {map}: {reason}",
-                          map=self.map_name, reason=refused.reason)
+                          map=log_name(self.map_name), reason=refused.reason)
             connection.close(wire.CLOSE_POLICY, refused.reason)
             return
         try:
@@ -58,8 +59,12 @@ class SockJSClient:
             connection.close(wire.CLOSE_POLICY, str(full))
             return
         self.address = address
+        if connection.paused:
+            # The welcome went over the high-water mark before the member
+            # existed to be told.
+            self.client.pause()
         self.log.info("client {client} opened on map {map} over SockJS {transport}",
-                      client=self.client.id, map=self.map_name,
+                      client=self.client.id, map=log_name(self.map_name),
                       transport=connection.transport_name)
 
     # SockJSHandler
@@ -76,7 +81,8 @@ class SockJSClient:
         if client is not None:
             client.connection_lost()
             self.log.info("client {client} closed on map {map}: {code} {reason}",
-                          client=client.id, map=self.map_name, code=code, reason=reason)
+                          client=client.id, map=log_name(self.map_name), code=code,
+                          reason=reason)
 
     def pause_writing(self) -> None:
         if self.client is not None:

@@ -27,6 +27,7 @@ from . import wire
 from .admission import Admission, Refused
 from .client import DEFAULT_RATE, Client
 from .hub import Frame, Hub, MapFull
+from .privacy import map_label as log_name
 
 # Autobahn drops anything larger without reading it; between 4 KiB and this
 # bound the client gets the protocol's `too_big` error before the close.
@@ -135,15 +136,20 @@ class LiveMapProtocol(WebSocketServerProtocol):
             # twisted.web's channel was the transport's producer; it is ours now.
             transport.unregisterProducer()
             transport.registerProducer(_FlowControl(self), True)
+            if getattr(transport, "producerPaused", False):
+                # The welcome filled the buffer before the member existed:
+                # Twisted paused the channel then; the hub must know too.
+                self.client.pause()
             self.factory.protocols.add(self)
             self.factory.log.info(
                 "client {client} opened on map {map} from {peer}",
-                client=self.client.id, map=self.map_name, peer=self.peer)
+                client=self.client.id, map=log_name(self.map_name), peer=self.peer)
         except MapFull as full:
             # Admitted at the upgrade, but the map filled meanwhile.
             self.close(wire.CLOSE_POLICY, str(full))
         except Exception:
-            self.factory.log.failure("could not open a client on map {map}", map=self.map_name)
+            self.factory.log.failure("could not open a client on map {map}",
+                                     map=log_name(self.map_name))
             self.close(wire.CLOSE_INTERNAL_ERROR, "internal error")
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:  # noqa: N802,N803
@@ -160,7 +166,7 @@ class LiveMapProtocol(WebSocketServerProtocol):
             client.connection_lost()
             self.factory.log.info(
                 "client {client} closed on map {map}: {code} {reason}",
-                client=client.id, map=self.map_name, code=code, reason=reason)
+                client=client.id, map=log_name(self.map_name), code=code, reason=reason)
 
     # The hub's Subscriber interface.
 

@@ -9,6 +9,7 @@ import pytest
 import pytest_twisted
 import treq
 
+from livemap_tx.privacy import map_label
 from wsclient import connect
 
 
@@ -93,12 +94,37 @@ async def test_pins_api_and_metrics_follow_the_map(server):
     response, body = await get(server, "/metrics")
     text = body.decode()
     assert response.code == 200
-    for line in ["livemap_connections 1.0", 'livemap_pins{map="api"} 1.0',
+    for line in ["livemap_connections 1.0", "livemap_pins 1.0",
+                 f'livemap_map_pins{{map="{map_label("api")}"}} 1.0',
                  "livemap_moves_accepted_total 1.0",
                  'livemap_messages_rejected_total{code="bad_json"} 1.0']:
         assert line in text
     frames = float(re.search(r"^livemap_frames_sent_total (\S+)", text, re.M).group(1))
     sent = float(re.search(r"^livemap_bytes_sent_total (\S+)", text, re.M).group(1))
     assert frames >= 3 and sent > 100
+    client.close()
+    await client.wait_closed()
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics_follow_prometheus_naming(server):
+    """What promtool's lint checks: counters end in _total, nothing else does, all have help."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client = await connect(server.ws_url("lint"))
+    await client.next("welcome")
+    client.send({"type": "move", "lat": 1, "lng": 2})
+    await client.next("update")
+    _, body = await get(server, "/metrics")
+    families = list(text_string_to_metric_families(body.decode()))
+    assert families
+    for family in families:
+        assert family.documentation, family.name
+        assert re.fullmatch(r"[a-z_][a-z0-9_]*", family.name), family.name
+        if family.type == "counter":
+            assert all(s.name.endswith(("_total", "_created")) for s in family.samples)
+        else:
+            assert not family.name.endswith("_total"), f"{family.type} {family.name}"
+            assert not any(s.name.endswith("_total") for s in family.samples), family.name
     client.close()
     await client.wait_closed()
