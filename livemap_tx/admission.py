@@ -16,7 +16,10 @@ from urllib.parse import urlsplit
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 DEFAULT_MAX_CONNECTIONS = 20_000
-DEFAULT_MAX_PER_IP = 200
+# One public address can be a whole venue or a carrier-grade NAT (the
+# talk's own audience shares one Wi-Fi): a quarter of the connections, so
+# that it takes several addresses to fill the server.
+DEFAULT_MAX_PER_IP = 5_000
 
 
 class Refused(Exception):

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import pytest_twisted
 import treq
+from twisted.internet import defer, protocol
 
+from conftest import eventually
 from livemap_tx.admission import Admission, Refused, parse_networks
 from wsclient import connect
 
@@ -123,3 +127,65 @@ async def test_a_map_filled_after_the_upgrade_check_closes_with_1008(server):
     assert server.factory.admission.total == 1  # the refused session gave its place back
     first.close()
     await first.wait_closed()
+
+
+class _RawUpgrade(protocol.Protocol):
+    """A bare WebSocket upgrade: the status line and the first frame are all it reads."""
+
+    def __init__(self, done: defer.Deferred, path: bytes) -> None:
+        self.done = done
+        self.path = path
+        self.data = b""
+
+    def connectionMade(self) -> None:  # noqa: N802
+        self.transport.write(
+            b"GET " + self.path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n")
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.data += data
+        head, found, rest = self.data.partition(b"\r\n\r\n")
+        if self.done.called or not found:
+            return
+        if not head.startswith(b"HTTP/1.1 101"):
+            self.done.callback(head.split(b"\r\n", 1)[0])
+        elif b"welcome" in rest:
+            self.done.callback(b"welcome")
+
+    def connectionLost(self, reason: object = None) -> None:  # noqa: N802
+        if not self.done.called:
+            self.done.callback(b"lost")
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_default_admits_an_audience_of_two_thousand_behind_one_address(server):
+    """A talk's audience on one venue Wi-Fi shares one public address."""
+    from twisted.internet import reactor
+
+    assert server.factory.admission.max_per_ip >= 2000
+    opened = []
+    for _ in range(50):  # in batches, so the listen backlog (50) never overflows
+        batch = []
+        for _ in range(40):
+            done: defer.Deferred = defer.Deferred()
+            transport = reactor.connectTCP(
+                "127.0.0.1", server.port,
+                _OneShot(lambda d=done: _RawUpgrade(d, b"/ws/venue")))
+            batch.append((done, transport))
+        results = await defer.gatherResults([d for d, _ in batch])
+        assert set(results) == {b"welcome"}, set(results)
+        opened.extend(transport for _, transport in batch)
+    assert server.hub.connection_count() == 2000
+    assert server.factory.admission.per_ip == {"127.0.0.1": 2000}
+    for connector in opened:
+        connector.disconnect()
+    await eventually(lambda: server.hub.connection_count() == 0, "all closed")
+
+
+class _OneShot(protocol.ClientFactory):
+    def __init__(self, build: Any) -> None:
+        self.build = build
+
+    def buildProtocol(self, addr: object) -> protocol.Protocol:  # noqa: N802
+        return self.build()

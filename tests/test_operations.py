@@ -36,7 +36,7 @@ def test_operational_defaults():
     options.parseOptions(["--trust-proxy", "10.0.0.0/8, ::1", "--allow-origin",
                           "https://a.example,https://b.example"])
     assert (options["max-connections"], options["max-per-ip"], options["max-maps"],
-            options["max-pins-per-map"]) == (20000, 200, 10000, 50000)
+            options["max-pins-per-map"]) == (20000, 5000, 10000, 50000)
     assert (options["precision"], options["stale"], options["expire"]) == (0.0, 600.0, 3600.0)
     assert (options["no-open-maps"], options["no-public"]) == (0, 0)
 
