@@ -321,7 +321,10 @@ class SockJSWebSocketProtocol(WebSocketServerProtocol):
         try:
             messages = frames.decode_websocket_payload(payload)
         except frames.PayloadError:
-            session.close(3000, "Broken framing.")
+            # As sockjs-node does: a websocket close with 3000, and no
+            # SockJS close frame before it (the suite's test_broken_json).
+            # The session ends when the close completes (onClose).
+            self._receiver.finish(3000, "Broken framing.")
             return
         session.deliver(messages)
 
