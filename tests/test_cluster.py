@@ -13,7 +13,7 @@ import re
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator
 
 import orjson
 import pytest
@@ -25,7 +25,8 @@ from twisted.web.client import HTTPConnectionPool
 from conftest import TwistdServer, eventually, start_twistd
 from livemap_tx.workers import SessionRouter, WorkerSpec, session_owner
 from redis_server import RedisServer, needs_redis
-from wsclient import WSClient, connect
+from liveclients import MapView, open_view, sockjs_session
+from wsclient import connect
 
 WAIT = 10.0
 # Short, so a dead node is noticed in about two seconds; not so short that a
@@ -33,54 +34,6 @@ WAIT = 10.0
 NODE_TTL = "2"
 
 
-
-
-class MapView:
-    """What one client believes the map is, from the messages it was sent."""
-
-    def __init__(self, client: WSClient) -> None:
-        self.client = client
-        self.id: Optional[str] = None
-        self.pins: dict[str, tuple] = {}
-
-    def _apply(self, message: dict) -> None:
-        kind = message["type"]
-        if kind == "welcome":
-            self.id = message["id"]
-        if kind in ("welcome", "snapshot"):
-            self.pins = {}
-        for pin in message.get("pins", ()):
-            self.pins[pin["id"]] = (pin["lat"], pin["lng"], pin["name"])
-        for pin_id in message.get("gone", ()):
-            self.pins.pop(pin_id, None)
-
-    async def until(self, predicate: Callable[[dict], bool], timeout: float = WAIT) -> dict:
-        deadline = reactor.seconds() + timeout
-        while True:
-            while self.client.messages:
-                self._apply(self.client.messages.pop(0))
-            if self.id is not None and predicate(self.pins):
-                return self.pins
-            remaining = deadline - reactor.seconds()
-            if remaining <= 0:
-                raise AssertionError(f"the view never got there: {self.pins}")
-            try:
-                self._apply(await self.client.next(timeout=remaining))
-            except AssertionError:
-                if self.client.closed.called:
-                    raise
-
-    def move(self, lat: float, lng: float) -> None:
-        self.client.send({"type": "move", "lat": lat, "lng": lng})
-
-    def hello(self, name: str) -> None:
-        self.client.send({"type": "hello", "name": name})
-
-
-async def open_view(url: str) -> MapView:
-    view = MapView(await connect(url))
-    await view.until(lambda pins: True)
-    return view
 
 
 @pytest.fixture
@@ -304,37 +257,6 @@ def private_ports(node: TwistdServer) -> list[int]:
     found = re.search(r"private ports ([\d ]+)", node.log())
     assert found, node.log()
     return [int(port) for port in found.group(1).split()]
-
-
-async def sockjs_session(url: str, session: str, pool: HTTPConnectionPool) -> "SockJSPoller":
-    poller = SockJSPoller(url, session, pool)
-    assert await poller.poll() == [], "the session opens with 'o'"
-    return poller
-
-
-class SockJSPoller:
-    """A SockJS xhr-polling session, each request on a fresh TCP connection."""
-
-    def __init__(self, url: str, session: str, pool: HTTPConnectionPool) -> None:
-        self.base = f"{url}/sockjs/public/000/{session}"
-        self.pool = pool
-        self.view = MapView(WSClient())
-
-    async def poll(self) -> list[dict]:
-        response = await treq.post(f"{self.base}/xhr", pool=self.pool)
-        body = (await response.text()).strip()
-        assert response.code == 200, body
-        messages = []
-        if body.startswith("a"):
-            messages = [orjson.loads(item) for item in orjson.loads(body[1:])]
-            for message in messages:
-                self.view._apply(message)
-        return messages
-
-    async def send(self, message: dict) -> None:
-        response = await treq.post(f"{self.base}/xhr_send", pool=self.pool,
-                                   data=orjson.dumps([orjson.dumps(message).decode()]))
-        assert response.code == 204, await response.text()
 
 
 @needs_redis

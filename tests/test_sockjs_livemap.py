@@ -99,28 +99,3 @@ async def test_sockjs_and_websocket_clients_share_a_map(server, transport):
             await node.ended
         watcher.close()
         await watcher.wait_closed()
-
-
-@pytest_twisted.ensureDeferred
-async def test_a_backed_up_sockjs_session_gets_only_the_latest_states(server):
-    """The library's pause/resume reach the hub: skipped, then one catch-up."""
-    import treq
-
-    base = f"{server.url}/sockjs/slowmap/000/slow"
-    assert (await (await treq.post(base + "/xhr")).content()).startswith(b"o")
-    welcome = json.loads(json.loads((await (await treq.post(base + "/xhr")).content())[1:])[0])
-    member = server.hub.maps["slowmap"].members[welcome["id"]]
-    mover = await connect(server.ws_url("slowmap"))
-    await mover.next("welcome")
-    member.subscriber.pause_writing()  # what the session says over its high-water mark
-    for seq in range(3):
-        mover.send({"type": "move", "lat": 1, "lng": seq, "seq": seq})
-        await mover.until(lambda m, s=seq: m["type"] == "update"
-                          and any(p["seq"] == s for p in m["pins"]))
-    assert server.hub.stats.slow_skips >= 1
-    member.subscriber.resume_writing()
-    body = (await (await treq.post(base + "/xhr")).content())
-    [catch_up] = [json.loads(m) for m in json.loads(body[1:])]
-    assert [pin["seq"] for pin in catch_up["pins"]] == [2]
-    mover.close()
-    await mover.wait_closed()

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 import pytest_twisted
 
 from conftest import deferLater, start_server, stop_server
+from liveclients import MapView, open_view, start_reading, stop_reading
+from livemap_tx import wire
 from wsclient import connect
 
 MOVE = {"type": "move", "lat": 48.85, "lng": 2.35, "heading": 90, "accuracy": 5, "seq": 1}
@@ -225,37 +229,104 @@ async def test_silent_peer_is_closed_after_ping_timeout():
         await stop_server(live)
 
 
+def server_buffered(protocol) -> int:
+    """Bytes in Twisted's write buffer of a server-side connection (Twisted's own fields)."""
+    transport = protocol.transport
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+
+
+async def stall(server, client, client_id: str):
+    """
+    The client stops reading and its server-side buffer is brought to just
+    under Twisted's mark with snapshots it asks for: the next broadcast
+    fills it, and Twisted pauses the member from inside that write.
+    """
+    protocol = server_side(server, client_id)
+    protocol.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    stop_reading(client)
+    mark = protocol.transport.bufferSize
+    snapshot = len(wire.encode_snapshot([pin.json() for pin in
+                                         server.hub.maps[protocol.map_name].pins.values()]))
+    for _ in range(1000):
+        if server_buffered(protocol) + snapshot > mark:
+            break
+        client.send({"type": "view", "bbox": None})
+        await deferLater(0.005)  # the kernel's buffers take the first ones
+    else:
+        raise AssertionError("the server's buffer never filled")
+    assert protocol.client.member.paused_at is None
+    return protocol
+
+
+@pytest.fixture
+def logged_failures():
+    """Failures logged while the test runs (a tick that dies logs one)."""
+    from twisted.logger import globalLogPublisher
+
+    failures: list = []
+
+    def observe(event: dict) -> None:
+        if "log_failure" in event:
+            failures.append(event["log_failure"])
+    globalLogPublisher.addObserver(observe)
+    yield failures
+    globalLogPublisher.removeObserver(observe)
+
+
 @pytest_twisted.ensureDeferred
-async def test_flow_control_skips_a_paused_client_and_catches_it_up(server):
-    """Twisted's pause/resume of a socket reaches the hub: skipped, then one catch-up."""
+async def test_a_client_that_stops_reading_is_paused_mid_broadcast_and_caught_up(
+        server, logged_failures):
+    """
+    Twisted pauses a client whose buffer fills from inside a broadcast's
+    write: the tick still reaches every other client, the client is skipped
+    and not read from, and one catch-up brings it the latest states.
+    """
     slow = await connect(server.ws_url("flow"))
     slow_id = (await slow.next("welcome"))["id"]
-    mover = await connect(server.ws_url("flow"))
-    await mover.next("welcome")
-    protocol = server_side(server, slow_id)
-    producer = protocol.transport.producer  # what Twisted calls when the buffer fills
-    producer.pauseProducing()
-    for seq in range(3):
-        mover.send({"type": "move", "lat": 1, "lng": seq, "seq": seq})
-        await mover.until(lambda m, s=seq: m["type"] == "update"
-                          and any(p["seq"] == s for p in m["pins"]))
-    assert server.hub.stats.slow_skips >= 1
-    assert slow.messages == []
-    # Nor is it read from while it does not read: its messages wait.
+    movers = [await open_view(server.ws_url("flow")) for _ in range(8)]
+    for number, mover in enumerate(movers):
+        mover.hello(f"mover {number} " + "x" * 50)
+        mover.move(1, number, seq=0)
+    for mover in movers:
+        await mover.until(lambda pins: len(pins) == 8 and all(
+            name and name.startswith("mover") for _, _, name in pins.values()))
+    protocol = await stall(server, slow, slow_id)
+    member = protocol.client.member
+    seq = 0
+    while member.paused_at is None:
+        seq += 1
+        for number, mover in enumerate(movers):
+            mover.move(2, number, seq=seq)
+        await deferLater(0.12)
+        assert seq < 20, "never paused"
+    # The tick that paused it went to everyone else.
+    for mover in movers:
+        await mover.until(lambda pins: all(
+            mover.states[i]["seq"] == seq for i in pins) and len(pins) == 8)
+    assert logged_failures == []
+    # Skipped from now on, and not read from while it does not read.
+    skips = server.hub.stats.slow_skips
+    for number, mover in enumerate(movers):
+        mover.move(3, number, seq=seq + 1)
+    await movers[0].until(lambda pins: all(movers[0].states[i]["seq"] == seq + 1 for i in pins))
+    assert server.hub.stats.slow_skips > skips
     slow.send({"type": "move", "lat": 5, "lng": 5, "seq": 77})
     slow.send_raw(b"garbage")
     await deferLater(0.2)
     assert all(pin["seq"] != 77 for pin in server.hub.pins("flow"))
-    producer.resumeProducing()
-    catch_up = await slow.next("update")
-    assert [pin["seq"] for pin in catch_up["pins"]] == [2]  # only the latest state
-    assert (await slow.next("error"))["code"] == "bad_json"  # read once resumed
-    await mover.until(lambda m: m["type"] == "update" and any(p["seq"] == 77 for p in m["pins"]))
-    mover.send({"type": "move", "lat": 1, "lng": 9, "seq": 9})
-    await slow.until(lambda m: m["type"] == "update" and any(p["seq"] == 9 for p in m["pins"]))
-    for client in (slow, mover):
+    # It reads again: what was buffered, then one catch-up with the latest states.
+    view = MapView(slow)
+    view.id = slow_id
+    start_reading(slow)
+    mover_ids = {mover.id for mover in movers}
+    await view.until(lambda pins: mover_ids <= set(pins) and all(
+        view.states[i]["seq"] == seq + 1 for i in mover_ids))
+    assert (await slow.until(lambda m: m["type"] == "error"))["code"] == "bad_json"
+    await movers[0].until(lambda pins: slow_id in pins)
+    for client in [slow] + [mover.client for mover in movers]:
         client.close()
         await client.wait_closed()
+    assert logged_failures == []
 
 
 @pytest_twisted.ensureDeferred
@@ -264,18 +335,27 @@ async def test_client_stuck_past_the_slow_timeout_is_closed():
     try:
         slow = await connect(live.ws_url("stuck"))
         slow_id = (await slow.next("welcome"))["id"]
-        mover = await connect(live.ws_url("stuck"))
-        await mover.next("welcome")
-        protocol = server_side(live, slow_id)
-        protocol.transport.producer.pauseProducing()
-        for seq in range(6):
-            mover.send({"type": "move", "lat": 1, "lng": 1, "seq": seq})
+        movers = [await open_view(live.ws_url("stuck")) for _ in range(8)]
+        for mover in movers:
+            mover.hello("m" * 64)
+            mover.move(1, 1)
+        await movers[0].until(lambda pins: len(pins) == 8)
+        await stall(live, slow, slow_id)
+        for seq in range(30):
+            for mover in movers:
+                mover.move(1, 1, seq=seq)
             await deferLater(0.1)
+            if live.hub.stats.slow_closes:
+                break
+        # It reads again (before Autobahn gives up on the close handshake):
+        # what was buffered, then the close frame.
+        start_reading(slow)
         code, reason = await slow.wait_closed()
         assert (code, reason) == (1008, "too slow: not reading")
         assert live.hub.stats.slow_closes == 1
-        mover.close()
-        await mover.wait_closed()
+        for mover in movers:
+            mover.client.close()
+            await mover.client.wait_closed()
     finally:
         await stop_server(live)
 

@@ -1,0 +1,133 @@
+"""
+Test clients that keep their own picture of a map, as a real client would:
+`MapView` over a WebSocket, `SockJSPoller` over SockJS xhr-polling, and
+ways to make a client stop reading the way a stalled phone does.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any, Callable, Optional
+
+import orjson
+import treq
+from twisted.internet import reactor
+from twisted.web.client import HTTPConnectionPool
+
+from wsclient import WSClient, connect
+
+WAIT = 10.0
+
+
+class MapView:
+    """What one client believes the map is, from the messages it was sent."""
+
+    def __init__(self, client: WSClient) -> None:
+        self.client = client
+        self.id: Optional[str] = None
+        self.pins: dict[str, tuple] = {}
+        self.states: dict[str, dict] = {}
+
+    def _apply(self, message: dict) -> None:
+        kind = message["type"]
+        if kind == "welcome":
+            self.id = message["id"]
+        if kind in ("welcome", "snapshot"):
+            self.pins = {}
+            self.states = {}
+        pin_ids = [pin["id"] for pin in message.get("pins", ())]
+        gone = message.get("gone", ())
+        assert len(set(pin_ids)) == len(pin_ids), f"a pin twice in {message}"
+        assert not set(pin_ids) & set(gone), f"a pin in pins and gone: {message}"
+        for pin in message.get("pins", ()):
+            self.pins[pin["id"]] = (pin["lat"], pin["lng"], pin["name"])
+            self.states[pin["id"]] = pin
+        for pin_id in gone:
+            self.pins.pop(pin_id, None)
+            self.states.pop(pin_id, None)
+
+    def take_messages(self) -> None:
+        while self.client.messages:
+            self._apply(self.client.messages.pop(0))
+
+    async def until(self, predicate: Callable[[dict], bool], timeout: float = WAIT) -> dict:
+        deadline = reactor.seconds() + timeout
+        while True:
+            self.take_messages()
+            if self.id is not None and predicate(self.pins):
+                return self.pins
+            remaining = deadline - reactor.seconds()
+            if remaining <= 0:
+                raise AssertionError(f"the view never got there: {self.pins}")
+            try:
+                self._apply(await self.client.next(timeout=remaining))
+            except AssertionError:
+                if self.client.closed.called:
+                    raise
+
+    def move(self, lat: float, lng: float, **extra: Any) -> None:
+        self.client.send({"type": "move", "lat": lat, "lng": lng, **extra})
+
+    def hello(self, name: str) -> None:
+        self.client.send({"type": "hello", "name": name})
+
+
+async def open_view(url: str) -> MapView:
+    view = MapView(await connect(url))
+    await view.until(lambda pins: True)
+    return view
+
+
+def stop_reading(client: WSClient) -> None:
+    """
+    The client stops reading its socket, with small socket buffers, so that
+    what the server writes next piles up in the server's own buffer soon.
+    """
+    assert client.protocol is not None and client.protocol.transport is not None
+    transport: Any = client.protocol.transport
+    transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    transport.pauseProducing()
+
+
+def start_reading(client: WSClient) -> None:
+    """The client reads again, at full speed (a tiny window trickles on loopback)."""
+    assert client.protocol is not None and client.protocol.transport is not None
+    transport: Any = client.protocol.transport
+    transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    transport.resumeProducing()
+
+
+class SockJSPoller:
+    """A SockJS xhr-polling session, each request on a fresh TCP connection."""
+
+    def __init__(self, url: str, session: str, pool: Optional[HTTPConnectionPool] = None,
+                 map_name: str = "public") -> None:
+        self.base = f"{url}/sockjs/{map_name}/000/{session}"
+        self.pool = pool
+        self.view = MapView(WSClient())
+        self.closed: Optional[list] = None
+
+    async def poll(self) -> list[dict]:
+        response = await treq.post(f"{self.base}/xhr", pool=self.pool)
+        body = (await response.text()).strip()
+        assert response.code == 200, body
+        messages = []
+        if body.startswith("a"):
+            messages = [orjson.loads(item) for item in orjson.loads(body[1:])]
+            for message in messages:
+                self.view._apply(message)
+        elif body.startswith("c"):
+            self.closed = orjson.loads(body[1:])
+        return messages
+
+    async def send(self, message: dict) -> None:
+        response = await treq.post(f"{self.base}/xhr_send", pool=self.pool,
+                                   data=orjson.dumps([orjson.dumps(message).decode()]))
+        assert response.code == 204, await response.text()
+
+
+async def sockjs_session(url: str, session: str, pool: Optional[HTTPConnectionPool] = None,
+                         map_name: str = "public") -> SockJSPoller:
+    poller = SockJSPoller(url, session, pool, map_name)
+    assert await poller.poll() == [], "the session opens with 'o'"
+    return poller
