@@ -378,6 +378,8 @@ class MapState:
             member.resync = True
             member.missed = set()
             member.missed_gone = set()
+            member.pending = None
+            self.pending_members.discard(member)
             return
         self._unsubscribe(member)
         member.view = bbox
@@ -390,18 +392,27 @@ class MapState:
         self._set_pending(member, bbox, (pin.id for pin in pins))
         self._send(member, wire.encode_snapshot([pin.json() for pin in pins]))
 
-    def _set_pending(self, member: Member, bbox: Optional[BBox], ids: Iterable[str]) -> None:
-        # In the world, every change and departure reaches every member, so
-        # nothing is pending there. In a box, departures are routed by where
-        # a pin was last sent, which a pin sent early may not be.
-        member.pending = None
-        self.pending_members.discard(member)
+    def _set_pending(self, member: Member, bbox: Optional[BBox], ids: Iterable[str],
+                     *, replace: bool = True) -> None:
+        """
+        Note the pins just sent to `member` in a state no tick has sent. In
+        the world, every change and departure reaches every member, so
+        nothing is pending there. In a box, departures are routed by where
+        a pin was last sent, which a pin sent early may not be. A snapshot
+        replaces what the member had; a catch-up adds to it.
+        """
+        if replace or bbox is None:
+            member.pending = None
+            self.pending_members.discard(member)
         if bbox is None or not self.dirty:
             return
         dirty = self.dirty
         early = {pin_id for pin_id in ids if pin_id in dirty}
         if early:
-            member.pending = early
+            if member.pending is None:
+                member.pending = early
+            else:
+                member.pending |= early
             self.pending_members.add(member)
 
     def pins_in(self, bbox: Optional[BBox]) -> list[Pin]:
@@ -426,9 +437,8 @@ class MapState:
         member.paused_serial = self.hub.next_serial()
         member.missed = set()
         member.missed_gone = set()
-        # What was pending is dirty: the next tick notes it as missed.
-        member.pending = None
-        self.pending_members.discard(member)
+        # `pending` stays: if the member drains before the next tick, that
+        # tick must still settle it (else the tick notes it as missed).
         self.slow.add(member)
 
     def resume(self, member: Member) -> None:
@@ -456,7 +466,7 @@ class MapState:
                 pins.append(pin)
             else:
                 gone.append(pin_id)
-        self._set_pending(member, bbox, (pin.id for pin in pins))
+        self._set_pending(member, bbox, (pin.id for pin in pins), replace=False)
         # If this fills the buffer again, the transport pauses the member
         # from inside the write, and it stays paused.
         self._send(member, wire.encode_update([pin.json() for pin in pins], gone))
@@ -557,6 +567,8 @@ class MapState:
         for member in members:
             ids, member.pending = member.pending, None
             bbox = member.view
+            # A paused member is owed this tick's changes and departures
+            # (which cover its pending pins: they were dirty) as missed.
             if ids is None or bbox is None or member.paused_at is not None or not member.active:
                 continue
             stale = []

@@ -569,3 +569,32 @@ def test_remote_delta_naming_a_pin_in_both_keeps_it(hub, clock):
     hub.apply_remote("m", "node-b", [remote("r1", 2, lat=3.0)], ["r1"])
     clock.advance(1)
     assert view.sees()["r1"]["lat"] == 3.0
+
+
+# Found by the model-based test (tests/test_hub_model.py) run long.
+
+
+def test_a_member_paused_by_its_snapshot_and_drained_before_the_tick_loses_the_ghost(hub, clock):
+    """The pins a snapshot sent early stay owed across a pause that ends before the tick."""
+    watcher, view = hubfakes.join(hub, high_water=10)
+    view.stall()
+    comer, _ = join(hub)
+    comer.move(move(lat=-10, lng=-179.5))  # not sent by any tick yet
+    watcher.set_view((170, -20, -170, 20))  # the snapshot pauses it
+    assert view.paused and set(view.sees()) == {comer.id}
+    comer.leave()
+    view.drain()  # before the next tick
+    clock.advance(1)
+    assert view.sees() == {}
+
+
+def test_own_pin_sent_early_then_moved_out_of_the_box_leaves_it(hub, clock):
+    member, view = hubfakes.join(hub, high_water=60)
+    view.stall()
+    member.move(move(lat=-10, lng=-10))
+    member.set_view((-20, -20, 20, 20))  # the snapshot pauses it
+    assert view.paused
+    member.move(move(lat=-10, lng=-179.5))
+    view.drain()
+    clock.advance(1)
+    assert view.sees() == {}

@@ -201,7 +201,7 @@ class HubMachine(RuleBasedStateMachine):
         """
         if handle not in self.live:
             return
-        self._note_pause_bound(handle)
+        self._note_pause_bound(handle, resuming=action != "stall")
         viewer = handle.viewer
         if action == "stall":
             viewer.stall()
@@ -212,11 +212,11 @@ class HubMachine(RuleBasedStateMachine):
             viewer.paused = False
             handle.member.resume()
 
-    def _note_pause_bound(self, handle: Handle) -> None:
+    def _note_pause_bound(self, handle: Handle, resuming: bool = False) -> None:
         # What a member paused by the next write may be owed for pins that
         # leave: at most the pins (and departures due) of its map now.
         map_state = self.hub.maps.get(handle.map)
-        if map_state is not None and handle.member.paused_at is None:
+        if map_state is not None and (resuming or handle.member.paused_at is None):
             handle.pause_bound = len(map_state.pins) + len(map_state.gone)
 
     # Time
