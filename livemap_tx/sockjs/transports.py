@@ -328,6 +328,15 @@ class SockJSWebSocketProtocol(WebSocketServerProtocol):
             return
         session.deliver(messages)
 
+    def dropConnection(self, abort: bool = False) -> None:  # noqa: N802 (Autobahn's name)
+        # Autobahn aborts (RST) when the peer answers a close we started;
+        # sockjs-node ends the socket (FIN) after a clean closing handshake,
+        # and the protocol suite's test_broken_json reads to the end.
+        # Timeouts and protocol errors are not clean: they still abort.
+        if abort and self.wasClean:
+            abort = False
+        super().dropConnection(abort)
+
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         receiver = getattr(self, "_receiver", None)
         if receiver is not None:

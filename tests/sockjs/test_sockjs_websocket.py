@@ -15,6 +15,7 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateResponse, PerMessageDeflateResponseAccept
 from twisted.internet import defer, reactor
 from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -32,6 +33,10 @@ class Client(WebSocketClientProtocol):
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         self.factory.queue.put(payload.decode("utf-8"))
 
+    def connectionLost(self, reason: Any) -> None:  # noqa: N802
+        self.factory.lost_reason = reason
+        super().connectionLost(reason)
+
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if not self.factory.opened.called:
             self.factory.opened.errback(RuntimeError(f"handshake failed: {code} {reason}"))
@@ -47,6 +52,7 @@ class ClientFactory(WebSocketClientFactory):
         self.closed: Deferred = Deferred()
         self.queue: DeferredQueue = DeferredQueue()
         self.client: Client | None = None
+        self.lost_reason: Any = None
 
     def recv(self) -> Deferred:
         return self.queue.get().addTimeout(TIMEOUT, reactor)
@@ -148,6 +154,12 @@ def test_broken_json_closes_the_connection(server: Server) -> Generator[Deferred
     code, reason = yield ws.wait_closed()
     assert (code, reason) == (3000, "Broken framing.")
     assert not ws.queue.pending  # nothing after the open frame
+    # The TCP connection ends cleanly (FIN), as sockjs-node ends it, not reset.
+    for _ in range(100):
+        if ws.lost_reason is not None:
+            break
+        yield deferLater(0.01)
+    assert ws.lost_reason.check(ConnectionDone), ws.lost_reason
     server.clock.advance(0)
     assert server.log.last.lost == [(3000, "Broken framing.")]
 
