@@ -103,6 +103,7 @@ class BoundedChannel(HTTPChannel):
     def connectionMade(self) -> None:  # noqa: N802 (Twisted's names)
         super().connectionMade()
         detect_half_open(self.transport)
+        bound_send_buffer(self.transport)
         self._arm()
 
     def allHeadersReceived(self) -> None:  # noqa: N802
@@ -139,6 +140,27 @@ class BoundedChannel(HTTPChannel):
 KEEPALIVE_IDLE = 60
 KEEPALIVE_INTERVAL = 10
 KEEPALIVE_COUNT = 6
+
+
+# The kernel's send buffer of each connection, fixed instead of autotuned
+# (Linux lets one grow to net.ipv4.tcp_wmem's maximum, 4 MiB by default): a
+# phone that stops reading then fills it, and Twisted's buffer after it,
+# within a few hundred KiB, so the hub pauses it and keeps only what it
+# missed, and the kernel holds at most twice this for it. Plenty for a map's
+# updates, even over a slow, distant link.
+SEND_BUFFER = 128 * 1024
+
+
+def bound_send_buffer(transport: Any) -> None:
+    """Fix an accepted connection's kernel send buffer at SEND_BUFFER."""
+    get_handle = getattr(transport, "getHandle", None)
+    sock = get_handle() if get_handle is not None else None
+    if not isinstance(sock, socket.socket):
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
+    except OSError:
+        pass
 
 
 def detect_half_open(transport: Any) -> None:

@@ -144,3 +144,18 @@ def test_accepted_connections_detect_half_open_peers():
         if hasattr(socket, "TCP_KEEPIDLE"):
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == KEEPALIVE_IDLE
     detect_half_open(object())  # no socket: nothing to do, no error
+
+
+@pytest_twisted.ensureDeferred
+async def test_accepted_connections_have_a_bounded_kernel_send_buffer(server):
+    """A stalled client can hold at most twice SEND_BUFFER in the kernel, not 4 MiB."""
+    from livemap_tx.web import SEND_BUFFER
+
+    client = await connect(server.ws_url())
+    my_id = (await client.next("welcome"))["id"]
+    [protocol] = [p for p in server.factory.protocols if p.client and p.client.id == my_id]
+    sock = protocol.transport.getHandle()
+    # Linux doubles the value for its bookkeeping and stops autotuning it.
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) <= 2 * SEND_BUFFER
+    client.close()
+    await client.wait_closed()
