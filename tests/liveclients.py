@@ -6,6 +6,7 @@ ways to make a client stop reading the way a stalled phone does.
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import Any, Callable, Optional
 
@@ -131,3 +132,87 @@ async def sockjs_session(url: str, session: str, pool: Optional[HTTPConnectionPo
     poller = SockJSPoller(url, session, pool, map_name)
     assert await poller.poll() == [], "the session opens with 'o'"
     return poller
+
+
+class StalledSocket:
+    """
+    A WebSocket client on a plain non-blocking socket whose receive buffer
+    is made tiny before it connects, and that never reads: what a phone
+    that stopped reading looks like to a server in another process. It can
+    still send (masked frames), and `drain` reads what arrived at last.
+    """
+
+    def __init__(self, port: int, path: str) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+        self.sock.setblocking(False)
+        self.sock.connect_ex(("127.0.0.1", port))
+        self.path = path
+        self.port = port
+        self.received = b""
+
+    async def open(self) -> None:
+        """Send the upgrade and read the answer head (and nothing more)."""
+        from conftest import deferLater
+
+        request = (f"GET {self.path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\n"
+                   "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                   "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                   "Sec-WebSocket-Version: 13\r\n\r\n").encode()
+        await self._send_all(request)
+        for _ in range(500):
+            try:
+                chunk = self.sock.recv(1)
+            except BlockingIOError:
+                await deferLater(0.01)
+                continue
+            if not chunk:
+                raise ConnectionError("closed during the upgrade")
+            self.received += chunk
+            if self.received.endswith(b"\r\n\r\n"):
+                assert self.received.startswith(b"HTTP/1.1 101"), self.received
+                self.received = b""
+                return
+        raise AssertionError("no upgrade answer")
+
+    async def send(self, message: dict) -> None:
+        payload = orjson.dumps(message)
+        mask = os.urandom(4)
+        head = bytes([0x81])
+        if len(payload) < 126:
+            head += bytes([0x80 | len(payload)])
+        else:
+            head += bytes([0x80 | 126]) + len(payload).to_bytes(2, "big")
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        await self._send_all(head + mask + masked)
+
+    async def _send_all(self, data: bytes) -> None:
+        from conftest import deferLater
+
+        while data:
+            try:
+                sent = self.sock.send(data)
+            except BlockingIOError:
+                await deferLater(0.01)
+                continue
+            data = data[sent:]
+
+    def drain(self) -> bytes:
+        """Read whatever is there now (non-blocking); b'' once closed."""
+        chunks = []
+        while True:
+            try:
+                chunk = self.sock.recv(65536)
+            except BlockingIOError:
+                break
+            except ConnectionError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        data = b"".join(chunks)
+        self.received += data
+        return data
+
+    def close(self) -> None:
+        self.sock.close()
