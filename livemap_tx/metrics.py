@@ -63,6 +63,10 @@ class HubCollector(Collector):
         yield CounterMetricFamily("livemap_slow_skips",
                                   "Ticks a congested client was skipped for.",
                                   value=stats.slow_skips)
+        yield GaugeMetricFamily("livemap_paused_connections",
+                                "Connections skipped now because they do not read "
+                                "(their buffer is full).",
+                                value=sum(len(m.slow) for m in hub.maps.values()))
         yield CounterMetricFamily("livemap_slow_closes",
                                   "Clients closed for not reading.",
                                   value=stats.slow_closes)

@@ -214,5 +214,21 @@ class StalledSocket:
         self.received += data
         return data
 
+    def messages(self) -> list[dict]:
+        """Every whole text message received so far (server frames are unmasked)."""
+        found, data = [], self.received
+        while len(data) >= 2:
+            opcode, length, at = data[0] & 0x0F, data[1] & 0x7F, 2
+            if length == 126:
+                length, at = int.from_bytes(data[2:4], "big"), 4
+            elif length == 127:
+                length, at = int.from_bytes(data[2:10], "big"), 10
+            if len(data) < at + length:
+                break
+            if opcode == 1:
+                found.append(orjson.loads(data[at:at + length]))
+            data = data[at + length:]
+        return found
+
     def close(self) -> None:
         self.sock.close()
