@@ -185,7 +185,9 @@ def open_viewer(browser: Browser, url: str, *, geolocation: Optional[dict] = Non
                                       dialog.dismiss()))
     if before_load is not None:
         before_load(page)
-    page.goto(url)
+    # Not "load": a SockJS iframe transport (htmlfile) started before the
+    # page's load event can hold that event back for as long as it streams.
+    page.goto(url, wait_until="domcontentloaded")
     return viewer
 
 
