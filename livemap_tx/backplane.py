@@ -46,7 +46,7 @@ import random
 import secrets
 import socket
 from dataclasses import dataclass, replace
-from typing import Any, Iterable, Iterator, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Protocol
 from urllib.parse import unquote, urlsplit
 
 import orjson
@@ -61,8 +61,12 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .hub import Hub, Pin
+from .device_store import MemoryDeviceKeys, RedisDeviceKeys, fix_value
+from .hub import DEVICES, Hub, Pin
 from .maps import MapDirectory
+
+if TYPE_CHECKING:
+    from .devices import Devices
 
 # Bumped when the messages change shape: nodes of different versions never
 # share a channel.
@@ -147,6 +151,9 @@ class Link(Protocol):
     def restore_maps(self, maps: list[tuple[str, float]]) -> defer.Deferred:
         """Add these (name, expires_ms) unless present (after Redis lost them)."""
 
+    def device_keys(self) -> Any:
+        """The store of devices on this link (device_store.py)."""
+
 
 # In memory: one process, for tests
 
@@ -166,12 +173,20 @@ class MemoryBus:
         self.expires: dict[str, float] = {}
         # Private maps: name -> expiry (epoch ms, inf: never), as the sorted set.
         self.maps: dict[str, float] = {}
+        # Devices (device_store.MemoryDeviceKeys): token hash -> (record,
+        # forget at ms), token hash -> (version, latest fix), the epoch.
+        self.devices: dict[str, tuple[bytes, float]] = {}
+        self.device_fixes: dict[str, tuple[int, bytes]] = {}
+        self.device_epoch: Optional[str] = None
         self.published = 0
 
     def stop(self) -> None:
         self.up = False
         self.expires.clear()
         self.maps.clear()
+        self.devices.clear()
+        self.device_fixes.clear()
+        self.device_epoch = None
         for link in list(self.links.values()):
             link._lost("bus stopped")
 
@@ -257,6 +272,9 @@ class MemoryLink:
 
     def find_map(self, name: str) -> defer.Deferred:
         return self._reply(lambda: self.bus.maps.get(name))
+
+    def device_keys(self) -> MemoryDeviceKeys:
+        return MemoryDeviceKeys(self)
 
     def restore_maps(self, maps: list[tuple[str, float]]) -> defer.Deferred:
         if self.linked:
@@ -467,6 +485,7 @@ class RedisLink:
         self.own_channel = self._channel(node)
         self.key_prefix = f"{prefix}:node:"
         self.maps_key = f"{prefix}:maps"
+        self.store_prefix = prefix
         self.linked = False
         self.receiver: Optional[LinkReceiver] = None
         self._stopping = False
@@ -588,6 +607,9 @@ class RedisLink:
         return self._query("ZSCORE", self.maps_key, name).addCallback(
             lambda found: None if found is None else float(found))
 
+    def device_keys(self) -> RedisDeviceKeys:
+        return RedisDeviceKeys(self, self.store_prefix)
+
     def restore_maps(self, maps: list[tuple[str, float]]) -> defer.Deferred:
         if not self.linked:
             return defer.fail(ConnectionError("not connected to Redis"))
@@ -682,6 +704,8 @@ class Backplane(service.Service):
 
     log = Logger()
     directory: Optional[MapDirectory] = None
+    devices: Optional[Devices] = None
+    device_keys: Any = None
 
     def __init__(self, hub: Hub, link: Link, clock: IReactorTime, *,
                  node_ttl: float = DEFAULT_NODE_TTL, sync_timeout: Optional[float] = None,
@@ -716,6 +740,11 @@ class Backplane(service.Service):
         # Nodes whose whole state arrived since the link last came up.
         self._full_from: set[str] = set()
         self._sync_call: Any = None
+        # How the other nodes' states came in, while the devices' are loading.
+        self._nodes_synced: Optional[str] = None
+        self._devices_loaded = False
+        # The device store's epoch as this node last saw it.
+        self._device_epoch: Optional[str] = None
         self._beat = task.LoopingCall(self._guarded, self._heartbeat)
         self._beat.clock = clock
         self._sweep = task.LoopingCall(self._guarded, self.sweep)
@@ -728,7 +757,7 @@ class Backplane(service.Service):
     def startService(self) -> None:  # noqa: N802 (Twisted's name)
         super().startService()
         self.hub.publisher = self.publish_tick
-        self._sync_call = self.clock.callLater(self.sync_timeout, self._first_sync_done,
+        self._sync_call = self.clock.callLater(self.sync_timeout, self._finish_sync,
                                                "timed out")
         self.link.start(self)
         self._beat.start(self.beat_interval, now=False)
@@ -753,7 +782,7 @@ class Backplane(service.Service):
         for call in (self._reply_call, self._sync_call):
             if call is not None and call.active():
                 call.cancel()
-        self._first_sync_done("stopped")
+        self._finish_sync("stopped")
         return self.link.stop()
 
     def when_synced(self) -> defer.Deferred:
@@ -818,6 +847,96 @@ class Backplane(service.Service):
         if self.directory is not None:
             self.directory.learn(name, None if expires_ms is None else expires_ms / 1000)
 
+    # The devices: this backplane is the DeviceStore of the node's Devices
+
+    def share_devices(self, devices: Devices) -> None:
+        """Keep `devices` in the link's store, for every node (device_store.py)."""
+        self.devices = devices
+        self.device_keys = self.link.device_keys()
+        devices.store = self
+
+    def add_device(self, token_hash: str, record: dict, expires_ms: float, *,
+                   cap: int, now_ms: float) -> defer.Deferred:
+        if not self.link.linked:
+            return defer.fail(ConnectionError(f"not linked to {self.link.describe()}"))
+        return self.device_keys.add_device(token_hash, orjson.dumps(record), expires_ms,
+                                           cap=cap, now_ms=now_ms)
+
+    def find_device(self, token_hash: str, now_ms: float) -> defer.Deferred:
+        if not self.link.linked:
+            return defer.fail(ConnectionError(f"not linked to {self.link.describe()}"))
+        return self.device_keys.find_device(token_hash, now_ms).addCallback(
+            lambda found: None if found is None else orjson.loads(found))
+
+    def remove_device(self, token_hash: str, map_name: str, pin_id: str) -> defer.Deferred:
+        if not self.link.linked:
+            return defer.fail(ConnectionError(f"not linked to {self.link.describe()}"))
+
+        def removed(existed: bool) -> bool:
+            self._publish(b'{"t":"devgone","n":%s,"m":%s,"i":%s,"k":%s}' % (
+                orjson.dumps(self.node), orjson.dumps(map_name), orjson.dumps([pin_id]),
+                orjson.dumps([token_hash])))
+            return existed
+        return self.device_keys.remove_device(token_hash).addCallback(removed)
+
+    def save_fix(self, token_hash: str, map_name: str, version: int, entry: bytes,
+                 now_ms: float, expires_ms: float) -> defer.Deferred:
+        if not self.link.linked:
+            return defer.fail(ConnectionError(f"not linked to {self.link.describe()}"))
+        name = orjson.dumps(map_name)
+
+        def saved(outcome: str) -> str:
+            if outcome == "saved":
+                self._publish(b'{"t":"dev","n":%s,"m":%s,"p":[%s]}' % (
+                    orjson.dumps(self.node), name, entry))
+            return outcome
+        return self.device_keys.save_fix(token_hash, version, fix_value(name, entry),
+                                         now_ms, expires_ms).addCallback(saved)
+
+    async def _sync_devices(self) -> None:
+        """
+        After (re)linking: if the store lost its data (a new epoch), write
+        back what this node knows; then its fixes replace this node's
+        device pins.
+        """
+        assert self.devices is not None
+        now_ms = self.clock.seconds() * 1000
+        epoch = await self.device_keys.epoch(secrets.token_hex(8))
+        if self._device_epoch is not None and epoch != self._device_epoch:
+            await self._restore_devices()
+        self._device_epoch = epoch
+        values = await self.device_keys.load_fixes(now_ms)
+        entries = []
+        for value in values:
+            try:
+                decoded = orjson.loads(value)
+                [state] = self._states([decoded["e"]])
+                entries.append((decoded["m"], state))
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                self.stats.bad_messages += 1
+        self.devices.replace_all(entries)
+        self._devices_loaded = True
+        if self._nodes_synced is not None:
+            self._finish_sync(self._nodes_synced)
+
+    async def _restore_devices(self) -> None:
+        assert self.devices is not None
+        records = self.devices.known_records()
+        self.log.info("node {node}: the device store is new; writing back {count} devices",
+                      node=self.node, count=len(records))
+        await self.device_keys.restore(
+            (key, orjson.dumps(record), until) for key, record, until in records)
+        by_id = {record["i"]: (key, until) for key, record, until in records}
+        now_ms = self.clock.seconds() * 1000
+        for map_state in list(self.hub.maps.values()):
+            for pin in list(map_state.pins.values()):
+                found = by_id.get(pin.id)
+                if pin.origin == DEVICES and found is not None:
+                    entry = b"[%d,%s]" % (pin.version, pin.json())
+                    await self.device_keys.save_fix(
+                        found[0], pin.version, fix_value(orjson.dumps(map_state.name), entry),
+                        now_ms, found[1])
+
     # Health and metrics
 
     def health_problem(self) -> Optional[str]:
@@ -856,6 +975,10 @@ class Backplane(service.Service):
         self._publish(self._hello)
         self._send_full(None)
         self._restore_maps()
+        if self.devices is not None:
+            defer.Deferred.fromCoroutine(self._sync_devices()).addErrback(
+                lambda failure: self.log.warn("could not load the devices' pins: {error}",
+                                              error=failure.getErrorMessage()))
         if self._synced is None and self._sync_pending is None:
             self.link.present().addCallbacks(self._wait_for_nodes,
                                              lambda failure: self._first_sync_done("no peers"))
@@ -894,6 +1017,12 @@ class Backplane(service.Service):
                 self._forget(origin, "said goodbye")
             elif kind == "map":
                 self._learn_map(decoded)
+            elif kind == "dev":
+                if self.devices is not None:
+                    self.devices.apply(decoded["m"], self._states(decoded["p"]))
+            elif kind == "devgone":
+                if self.devices is not None:
+                    self.devices.remote_gone(decoded["m"], list(decoded["i"]), list(decoded["k"]))
             else:
                 self._bad(message)
         except (KeyError, TypeError, ValueError, AttributeError):
@@ -1063,6 +1192,14 @@ class Backplane(service.Service):
             self._sync_pending = pending
 
     def _first_sync_done(self, how: str) -> None:
+        """The other nodes' states are in (or will not come): done once the devices' are too."""
+        if self._synced is not None or self._nodes_synced is not None:
+            return
+        self._nodes_synced = how
+        if self._devices_loaded or self.devices is None:
+            self._finish_sync(how)
+
+    def _finish_sync(self, how: str) -> None:
         if self._synced is not None:
             return
         self._synced = how

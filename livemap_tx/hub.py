@@ -31,6 +31,11 @@ _COLUMNS = int(360 / CELL_DEGREES)
 _ROWS = int(180 / CELL_DEGREES)
 
 
+# The origin of the pins fed by phone apps: they belong to a device, not to
+# a node, so no node's loss takes them (no node id can contain "~").
+DEVICES = "~devices"
+
+
 class MapFull(Exception):
     """A map (or the server) has as many members as it may have."""
 
@@ -82,7 +87,8 @@ class Pin:
     """The latest accepted state of one connection's position."""
 
     __slots__ = ("id", "lat", "lng", "heading", "accuracy", "name", "seq", "ts",
-                 "origin", "version", "sent_lat", "sent_lng", "cell", "born", "_json")
+                 "source", "battery", "origin", "version", "sent_lat", "sent_lng", "cell",
+                 "born", "_json")
 
     def __init__(self, pin_id: str) -> None:
         self.id = pin_id
@@ -93,7 +99,11 @@ class Pin:
         self.name: Optional[str] = None
         self.seq: Optional[int] = None
         self.ts = 0
-        # None for a pin of this process; else the node that owns it.
+        # A phone app's pin: which app, and its battery (0-100) if known.
+        self.source: Optional[str] = None
+        self.battery: Optional[int] = None
+        # None for a pin of this process; DEVICES for a phone app's pin
+        # (it belongs to no node); else the node that owns it.
         self.origin: Optional[str] = None
         # Counts the owner's changes, so a stale remote state never wins.
         self.version = 0
@@ -109,13 +119,19 @@ class Pin:
         """The pin's encoding, made at most once per accepted state."""
         if self._json is None:
             self._json = wire.pin_json(self.id, self.lat, self.lng, self.heading,
-                                       self.accuracy, self.name, self.seq, self.ts)
+                                       self.accuracy, self.name, self.seq, self.ts,
+                                       self.source, self.battery)
         return self._json
 
     def as_dict(self) -> dict:
-        return {"id": self.id, "lat": self.lat, "lng": self.lng,
-                "heading": self.heading, "accuracy": self.accuracy,
-                "name": self.name, "seq": self.seq, "ts": self.ts}
+        pin = {"id": self.id, "lat": self.lat, "lng": self.lng,
+               "heading": self.heading, "accuracy": self.accuracy,
+               "name": self.name, "seq": self.seq, "ts": self.ts}
+        if self.source is not None:
+            pin["source"] = self.source
+            if self.battery is not None:
+                pin["battery"] = self.battery
+        return pin
 
 
 def _cell(lat: float, lng: float) -> tuple[int, int]:
@@ -242,6 +258,8 @@ class MapState:
         self.view_cells: dict[tuple[int, int], set[ViewGroup]] = {}
         self.pin_cells: dict[tuple[int, int], set[str]] = {}
         self.slow: set[Member] = set()
+        # Pins of phone apps on this map (they count toward its places).
+        self.device_pins = 0
         # Members whose `pending` the next tick must check.
         self.pending_members: set[Member] = set()
         self.tick_call: Optional[IDelayedCall] = None
@@ -250,7 +268,7 @@ class MapState:
     # Membership
 
     def join(self, subscriber: Subscriber) -> Member:
-        if len(self.members) >= self.hub.max_members:
+        if len(self.members) + self.device_pins >= self.hub.max_members:
             raise MapFull("map full")
         member = Member(self.hub.new_id(), self, subscriber)
         self.members[member.id] = member
@@ -285,6 +303,8 @@ class MapState:
 
     def remove_pin(self, pin: Pin) -> None:
         del self.pins[pin.id]
+        if pin.origin == DEVICES:
+            self.device_pins -= 1
         self.dirty.discard(pin.id)
         self._unindex_pin(pin)
         self.gone.setdefault(pin.id, pin)
@@ -312,21 +332,28 @@ class MapState:
                 pin = pins[state["id"]] = self.new_pin(state["id"])
                 pin.origin = origin
                 pin.version = -1
+                if origin == DEVICES:
+                    self.device_pins += 1
             elif pin.origin != origin or state["version"] <= pin.version:
                 continue
             pin.version = state["version"]
             pin.lat, pin.lng = state["lat"], state["lng"]
             pin.heading, pin.accuracy = state["heading"], state["accuracy"]
             pin.name, pin.seq, pin.ts = state["name"], state["seq"], state["ts"]
+            pin.source, pin.battery = state.get("source"), state.get("battery")
             pin._json = None
             self._index_pin(pin)
             self._mark(pin)
         self._forget_if_empty()
 
     def expire_pins(self, older_than_ms: int) -> int:
-        """Remove this node's pins whose last fix is older than a bound."""
+        """
+        Remove this node's pins, and phone apps' pins, whose last fix is
+        older than a bound (every node expires the apps' pins by itself,
+        at the same time: their `ts` is the fix's).
+        """
         expired = [pin for pin in self.pins.values()
-                   if pin.origin is None and pin.ts < older_than_ms]
+                   if (pin.origin is None or pin.origin == DEVICES) and pin.ts < older_than_ms]
         for pin in expired:
             member = self.members.get(pin.id)
             if member is not None:
@@ -731,11 +758,11 @@ class Hub:
         return map_state
 
     def can_join(self, map_name: str) -> bool:
-        """Whether a new connection to this map would be admitted now."""
+        """Whether a new connection (or device) would be admitted to this map now."""
         map_state = self.maps.get(map_name)
         if map_state is None:
             return len(self.maps) < self.max_maps
-        return len(map_state.members) < self.max_members
+        return len(map_state.members) + map_state.device_pins < self.max_members
 
     def close_map(self, map_name: str, code: int, reason: str) -> None:
         """Close every connection of a map (it expired, say)."""

@@ -160,6 +160,16 @@ class MapDirectory:
             return defer.succeed(self.exists(name))
         return self._lookup(name)
 
+    def expiry(self, name: str) -> Optional[float]:
+        """When a private map this node knows expires (the clock's seconds), else None."""
+        entry = self.private.get(name)
+        return None if entry is None else entry.expires
+
+    def is_expired(self, name: str) -> bool:
+        """Whether `name` is a private map known to have expired (its tombstone)."""
+        entry = self.private.get(name)
+        return entry is not None and entry.expired
+
     def create(self, ttl: Optional[float] = None) -> PrivateMap:
         """A private map of this node alone (no store)."""
         if len(self.private) >= self.max_private:

@@ -12,6 +12,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from .admission import Admission
+from .devices import Devices
 from .hub import Hub
 from .privacy import map_label
 
@@ -85,6 +86,23 @@ class AdmissionCollector(Collector):
         for reason, count in sorted(self.admission.refused.items()):
             refused.add_metric([reason], count)
         yield refused
+
+
+class DeviceCollector(Collector):
+    """Phone apps' devices: made, deleted, reports taken and refused."""
+
+    def __init__(self, devices: Devices) -> None:
+        self.devices = devices
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.devices.stats
+        for name, text in (("created", "Devices made."), ("deleted", "Devices deleted."),
+                           ("reports", "Reports of devices applied."),
+                           ("refused", "Device creations and reports refused as too fast.")):
+            yield CounterMetricFamily(f"livemap_devices_{name}", text, value=stats[name])
+        yield GaugeMetricFamily(
+            "livemap_device_pins", "Pins of phone apps on all maps.",
+            value=sum(m.device_pins for m in self.devices.hub.maps.values()))
 
 
 def make_registry(hub: Hub) -> tuple[CollectorRegistry, Histogram]:

@@ -40,10 +40,12 @@ from .backplane import (
     parse_redis_url,
 )
 from .client import DEFAULT_RATE
+from .app_routes import PhoneApps
+from .devices import Devices
 from .hub import Hub
 from .logfiles import ReopenLogsOnHangup
 from .maps import MAX_TTL, MIN_TTL, MapDirectory
-from .metrics import AdmissionCollector, make_registry
+from .metrics import AdmissionCollector, DeviceCollector, make_registry
 from .pirate import PirateFactory
 from .sockjs import SockJSResource
 from .sockjs_endpoint import sockjs_resource
@@ -355,10 +357,14 @@ def make_node(reactor: Any, options: Options, *,
         # A map with clients here: the directory never forgets it (see maps.py).
         map_state = hub.maps.get(name)
         return map_state is not None and bool(map_state.members)
+    def expired(name: str) -> None:
+        hub.close_map(name, wire.CLOSE_POLICY, "map expired")
+        devices.forget_map(name)
     directory = MapDirectory(
         reactor, open_maps=not options["no-open-maps"], public=not options["no-public"],
-        min_ttl=options.get("min-ttl", MIN_TTL), in_use=in_use,
-        on_expire=lambda name: hub.close_map(name, wire.CLOSE_POLICY, "map expired"))
+        min_ttl=options.get("min-ttl", MIN_TTL), in_use=in_use, on_expire=expired)
+    devices = Devices(hub, directory, reactor, rate=options["rate"],
+                      precision=options["precision"], expire=options["expire"])
     factory = LiveMapFactory(hub, reactor, rate=options["rate"], precision=options["precision"],
                              ping_interval=options["ping"], ping_timeout=options["ping"],
                              handshake_timeout=options["handshake-timeout"],
@@ -371,7 +377,9 @@ def make_node(reactor: Any, options: Options, *,
         sockjs = route_sockjs(sockjs)
     site = LiveMapSite(hub, WebSocketResource(factory), registry, tiles=options["tiles"],
                        attribution=options["attribution"], rate=options["rate"],
-                       sockjs=sockjs, directory=directory, stale=options["stale"])
+                       sockjs=sockjs, directory=directory, stale=options["stale"],
+                       apps=PhoneApps(devices, admission))
+    registry.register(DeviceCollector(devices))
     backplane = None
     if options.get("redis"):
         # The password may come from the environment rather than the URL:
@@ -383,6 +391,9 @@ def make_node(reactor: Any, options: Options, *,
         # Private maps live in Redis: every node finds them, and they outlive
         # the node that made them.
         backplane.share_maps(directory)
+        # And so do devices and their latest fixes: a device's pin belongs
+        # to it, not to the node that took its last report.
+        backplane.share_devices(devices)
         # Degraded, not down: /healthz stays 200 while Redis is away.
         site.health_checks["redis"] = backplane.health_problem
     return Node(hub, factory, site, backplane, local_sockjs, directory)

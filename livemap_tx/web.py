@@ -29,6 +29,7 @@ from twisted.web.static import File
 import livemap_web
 
 from . import wire
+from .app_routes import PhoneApps
 from .hub import Hub
 from .maps import DirectoryFull, DirectoryUnavailable, MapDirectory, PrivateMap, parse_ttl
 
@@ -69,6 +70,8 @@ def script_json(value: object) -> bytes:
 # Paths that carry a map name, for the access log: a private map's name is
 # its only key, so it never goes into a log.
 _MAP_IN_PATH = re.compile(rb"^(/(?:m|ws|sockjs|api/maps)/)(?!public(?:/|$))[^/?]+")
+# Paths that carry a device's token: its only credential.
+_TOKEN_IN_PATH = re.compile(rb"^(/(?:api/devices|apps/owntracks|apps/overland)/)[^/?]+")
 
 
 def _log_escape(value: bytes) -> str:
@@ -82,7 +85,7 @@ def private_log_formatter(timestamp: str, request: Any) -> str:
     """
     address = request.getClientAddress()
     path = request.uri.split(b"?", 1)[0]
-    path = _MAP_IN_PATH.sub(rb"\1*", path)
+    path = _TOKEN_IN_PATH.sub(rb"\1*", _MAP_IN_PATH.sub(rb"\1*", path))
     return '"%s" - - %s "%s %s %s" %d %s "-" "%s"' % (
         _log_escape(getattr(address, "host", "-").encode()), timestamp,
         _log_escape(request.method), _log_escape(path), _log_escape(request.clientproto),
@@ -90,14 +93,27 @@ def private_log_formatter(timestamp: str, request: Any) -> str:
         _log_escape(request.getHeader(b"user-agent") or b"-"))
 
 
+# No request body is read beyond this (twisted.web would read any body into
+# memory or a temporary file before a resource sees it): the largest
+# legitimate one is an Overland batch of 1,000 points.
+MAX_BODY = 2 * 1024 * 1024
+_TOO_LARGE = (b"HTTP/1.1 413 Content Too Large\r\nContent-Type: text/plain\r\n"
+              b"Content-Length: 22\r\nConnection: close\r\n\r\nrequest body too large")
+
+
 class BoundedChannel(HTTPChannel):
     """
     HTTP/1.1 with a deadline for each request's headers: a client that
     dribbles them (slowloris), or keeps an idle connection, is cut off.
+    A body over MAX_BODY (declared, or chunked past it) gets a 413 and the
+    connection is closed without reading the rest.
     """
 
     header_timeout = 20.0
+    max_body = MAX_BODY
     _header_deadline: Optional[IDelayedCall] = None
+    _body_read = 0
+    _refused = False
     log = Logger()
 
     def connectionMade(self) -> None:  # noqa: N802 (Twisted's names)
@@ -108,7 +124,26 @@ class BoundedChannel(HTTPChannel):
 
     def allHeadersReceived(self) -> None:  # noqa: N802
         self._disarm()
+        self._body_read = 0
+        if self.length is not None and self.length > self.max_body:
+            self._too_large()
+            return
         super().allHeadersReceived()
+
+    def rawDataReceived(self, data: bytes) -> None:  # noqa: N802
+        if self._refused:
+            return
+        self._body_read += len(data)
+        if self._body_read > self.max_body + 64 * 1024:  # a chunked body past the bound
+            self._too_large()
+            return
+        super().rawDataReceived(data)
+
+    def _too_large(self) -> None:
+        self._refused = True
+        if self.transport is not None:
+            self.transport.write(_TOO_LARGE)
+            self.loseConnection()
 
     def requestDone(self, request: Request) -> None:  # noqa: N802
         # Armed first: a pipelined request handled inside requestDone disarms it.
@@ -218,8 +253,9 @@ class LiveMapSite:
                  tiles: str = OSM_TILES, attribution: str = OSM_ATTRIBUTION,
                  rate: float = 10.0, sockjs: Optional[IResource] = None,
                  web_root: Path = WEB_ROOT, directory: Optional[MapDirectory] = None,
-                 stale: float = 600.0) -> None:
+                 stale: float = 600.0, apps: Optional[PhoneApps] = None) -> None:
         self.hub = hub
+        self.apps = apps
         # name -> check returning None when fine, else what is wrong (the
         # Redis link, say): /healthz then says "degraded", still with 200.
         self.health_checks: dict[str, Callable[[], Optional[str]]] = {}
@@ -324,6 +360,26 @@ class LiveMapSite:
             return orjson.dumps({"error": "full" if error is DirectoryFull else "unavailable",
                                  "message": str(failure.value)})
         return self.directory.create_private(ttl).addCallbacks(created, refused)
+
+    @app.route("/api/maps/<map_name>/devices", methods=["POST"])
+    def create_device(self, request: Request, map_name: str) -> Any:
+        """A phone app's device on this map (app_routes.PhoneApps)."""
+        if self.apps is None:
+            return NO_SUCH_MAP
+        return self.apps.create_device(request, map_name)
+
+    @app.route("/api/devices/<token>", methods=["DELETE"])
+    def delete_device(self, request: Request, token: str) -> Any:
+        if self.apps is None:
+            return NO_SUCH_MAP
+        return self.apps.delete_device(request, token)
+
+    @app.route("/apps/", branch=True)
+    def phone_apps(self, request: Request) -> IResource:
+        """The endpoints the phone apps report to."""
+        if self.apps is None:
+            return pages.notFound()
+        return self.apps.resource()
 
     @app.route("/api/maps/<map_name>/pins", methods=["GET", "HEAD"])
     def pins(self, request: Request, map_name: str) -> defer.Deferred:

@@ -201,12 +201,19 @@ def in_bbox(bbox: BBox, lat: float, lng: float) -> bool:
 
 def pin_json(pin_id: str, lat: float, lng: float, heading: Optional[float],
              accuracy: Optional[float], name: Optional[str], seq: Optional[int],
-             ts: int) -> bytes:
-    """One PIN object, encoded once per accepted state."""
-    return orjson.dumps({
-        "id": pin_id, "lat": lat, "lng": lng, "heading": heading,
-        "accuracy": accuracy, "name": name, "seq": seq, "ts": ts,
-    })
+             ts: int, source: Optional[str] = None, battery: Optional[int] = None) -> bytes:
+    """
+    One PIN object, encoded once per accepted state. A pin fed by a phone
+    app adds `source` and, when known, `battery` (livemap's extension,
+    docs/protocol.md); a browser's pin has exactly the protocol's keys.
+    """
+    pin: dict = {"id": pin_id, "lat": lat, "lng": lng, "heading": heading,
+                 "accuracy": accuracy, "name": name, "seq": seq, "ts": ts}
+    if source is not None:
+        pin["source"] = source
+        if battery is not None:
+            pin["battery"] = battery
+    return orjson.dumps(pin)
 
 
 def encode_welcome(client_id: str, pins: Iterable[bytes]) -> bytes:

@@ -104,7 +104,8 @@ async def test_three_nodes_one_map_and_a_killed_node_leaves_no_ghosts(cluster, r
     truth = {view.id: (n, n, None) for n, view in enumerate(views)}
     for view in views:
         await view.until(lambda pins: pins == truth)
-    assert redis.command("DBSIZE") == "3"  # one presence key per node
+    # One presence key per node, and the device store's epoch (no position anywhere).
+    assert redis.command("DBSIZE") == "4"
     nodes[0].process.send_signal(signal.SIGKILL)
     nodes[0].process.wait()
     survivors = {view.id: truth[view.id] for view in views[1:]}
@@ -113,7 +114,7 @@ async def test_three_nodes_one_map_and_a_killed_node_leaves_no_ghosts(cluster, r
     for view in views[1:]:
         await view.until(lambda pins: pins == survivors, timeout=10)
     # The dead node's presence key expires by itself: nothing is left behind.
-    await eventually(lambda: redis.command("DBSIZE") == "2", what="presence key expiry")
+    await eventually(lambda: redis.command("DBSIZE") == "3", what="presence key expiry")
     await close_all(*views[1:])
 
 
@@ -247,7 +248,7 @@ async def test_a_private_map_expires_on_every_node_and_stays_dead(cluster, redis
     assert await status(f"{newcomer.url}/m/{'x' * 24}") == 200
     # One key for every private map; nothing else was left behind.
     assert redis.command("ZCARD", "livemap:v1:livemap:maps") == "1"
-    assert redis.command("DBSIZE") == "4"  # three presence keys and the maps
+    assert redis.command("DBSIZE") == "5"  # three presence keys, the maps, the epoch
 
 
 # --workers

@@ -8,7 +8,7 @@ import socket
 import pytest
 import pytest_twisted
 import treq
-from twisted.internet import reactor, ssl
+from twisted.internet import defer, reactor, ssl
 from twisted.internet.endpoints import serverFromString
 
 from conftest import deferLater, server_options
@@ -159,3 +159,38 @@ async def test_accepted_connections_have_a_bounded_kernel_send_buffer(server):
     assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) <= 2 * SEND_BUFFER
     client.close()
     await client.wait_closed()
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+@pytest_twisted.ensureDeferred
+async def test_a_request_body_over_the_bound_is_refused_unread(server, chunked):
+    """twisted.web would read any body; livemap answers 413 and closes instead."""
+    from livemap_tx.web import MAX_BODY
+    from twisted.internet import protocol
+
+    received: list[bytes] = []
+    done = defer.Deferred()
+
+    class Sender(protocol.Protocol):
+        def connectionMade(self) -> None:  # noqa: N802
+            if chunked:
+                self.transport.write(b"POST /apps/overland/x HTTP/1.1\r\nHost: a\r\n"
+                                     b"Transfer-Encoding: chunked\r\n\r\n")
+                chunk = b"x" * 65536
+                for _ in range(MAX_BODY // 65536 + 4):
+                    self.transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            else:
+                self.transport.write(b"POST /apps/overland/x HTTP/1.1\r\nHost: a\r\n"
+                                     b"Content-Length: %d\r\n\r\n" % (MAX_BODY + 1) + b"x" * 1000)
+
+        def dataReceived(self, data: bytes) -> None:  # noqa: N802
+            received.append(data)
+
+        def connectionLost(self, reason: object = None) -> None:  # noqa: N802
+            done.callback(None)
+
+    factory = protocol.ClientFactory()
+    factory.protocol = Sender
+    reactor.connectTCP("127.0.0.1", server.port, factory)
+    await done.addTimeout(10, reactor)
+    assert b"".join(received).startswith(b"HTTP/1.1 413")

@@ -1,0 +1,232 @@
+"""
+The devices of a cluster in Redis (and the same in memory, for tests).
+
+Keys, in the link's database (`{prefix}` is `livemap:v1:{cluster}`):
+
+- `{prefix}:devices`: sorted set of token hashes, scored by when the device
+  is forgotten (epoch ms): its map's expiry, or 30 days after its last fix;
+- `{prefix}:device`: hash, token hash -> the device's record (JSON: map, pin
+  id, name, map expiry);
+- `{prefix}:fixes`: hash, token hash -> its latest fix (JSON `{"m": MAP,
+  "e": [VERSION, PIN]}`), and `{prefix}:fixv` the version alone, compared
+  as a decimal string (a Lua number would round it);
+- `{prefix}:epoch`: a random value set by the first node to find it
+  missing: a node that sees a new one knows Redis lost its data and writes
+  back what it knows.
+
+Every change is one Lua script, so that a device deleted on one node can
+never be brought back by a fix saved on another. Only token hashes are
+kept, never tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from twisted.internet import defer
+
+# Forgotten devices pruned per script call (the rest go on the next one).
+PRUNE_BATCH = 1000
+
+_PRUNE = """
+local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, %d)
+for _, h in ipairs(gone) do
+  redis.call('ZREM', KEYS[1], h)
+  redis.call('HDEL', KEYS[2], h)
+  redis.call('HDEL', KEYS[3], h)
+  redis.call('HDEL', KEYS[4], h)
+end
+""" % PRUNE_BATCH
+
+ADD_DEVICE = (_PRUNE + """
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 'full' end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[4])
+redis.call('HSET', KEYS[2], ARGV[4], ARGV[5])
+return 'added'
+""").encode()
+
+FIND_DEVICE = b"""
+local until = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not until or tonumber(until) <= tonumber(ARGV[2]) then return false end
+return redis.call('HGET', KEYS[2], ARGV[1])
+"""
+
+REMOVE_DEVICE = b"""
+local existed = redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+redis.call('HDEL', KEYS[4], ARGV[1])
+return existed
+"""
+
+SAVE_FIX = b"""
+local until = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not until or tonumber(until) <= tonumber(ARGV[2]) then return 'unknown' end
+local held = redis.call('HGET', KEYS[4], ARGV[1])
+if held and (#held > #ARGV[3] or (#held == #ARGV[3] and held >= ARGV[3])) then
+  return 'older'
+end
+redis.call('HSET', KEYS[4], ARGV[1], ARGV[3])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
+redis.call('ZADD', KEYS[1], ARGV[5], ARGV[1])
+return 'saved'
+"""
+
+PRUNE = (_PRUNE + "return 0\n").encode()
+
+RESTORE_DEVICES = b"""
+for i = 1, #ARGV, 3 do
+  if not redis.call('ZSCORE', KEYS[1], ARGV[i]) then
+    redis.call('ZADD', KEYS[1], ARGV[i + 2], ARGV[i])
+    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+  end
+end
+return 0
+"""
+
+RESTORE_CHUNK = 500
+
+
+def fix_value(map_name: bytes, entry: bytes) -> bytes:
+    return b'{"m":%s,"e":%s}' % (map_name, entry)
+
+
+class RedisDeviceKeys:
+    """The device store's commands on a RedisLink's command connection."""
+
+    def __init__(self, link: Any, prefix: str) -> None:
+        self.link = link
+        self.keys = [f"{prefix}:devices", f"{prefix}:device", f"{prefix}:fixes",
+                     f"{prefix}:fixv"]
+        self.epoch_key = f"{prefix}:epoch"
+
+    def _eval(self, script: bytes, *args: Any) -> defer.Deferred:
+        d = self.link._query("EVAL", script, len(self.keys), *self.keys, *args)
+        return d.addCallback(lambda out: out.decode() if isinstance(out, bytes) else out)
+
+    def add_device(self, token_hash: str, record: bytes, expires_ms: float, *,
+                   cap: int, now_ms: float) -> defer.Deferred:
+        return self._eval(ADD_DEVICE, str(int(now_ms)), str(cap), str(int(expires_ms)),
+                          token_hash, record)
+
+    def find_device(self, token_hash: str, now_ms: float) -> defer.Deferred:
+        return self.link._query("EVAL", FIND_DEVICE, 2, self.keys[0], self.keys[1],
+                                token_hash, str(int(now_ms)))
+
+    def remove_device(self, token_hash: str) -> defer.Deferred:
+        return self._eval(REMOVE_DEVICE, token_hash).addCallback(lambda n: bool(int(n)))
+
+    def save_fix(self, token_hash: str, version: int, value: bytes, now_ms: float,
+                 expires_ms: float) -> defer.Deferred:
+        return self._eval(SAVE_FIX, token_hash, str(int(now_ms)), str(version), value,
+                          str(int(expires_ms)))
+
+    async def load_fixes(self, now_ms: float) -> list[bytes]:
+        """Every live device's latest fix (forgotten devices pruned first)."""
+        await self._eval(PRUNE, str(int(now_ms)))
+        protocol = self.link.commands.protocol
+        if protocol is None:
+            raise ConnectionError("not connected to Redis")
+        values: list[bytes] = []
+        cursor = 0
+        while True:
+            reply = await self.link._query("HSCAN", self.keys[2], cursor, "COUNT", 1000)
+            cursor, flat = int(reply[0]), reply[1]
+            values.extend(flat[1::2])
+            if cursor == 0:
+                return values
+
+    async def epoch(self, candidate: str) -> str:
+        """The store's epoch: `candidate` if it had none (it lost its data, or is new)."""
+        await self.link._query("SET", self.epoch_key, candidate, "NX")
+        found = await self.link._query("GET", self.epoch_key)
+        return found.decode() if isinstance(found, bytes) else str(found)
+
+    def restore(self, records: Iterable[tuple[str, bytes, float]]) -> defer.Deferred:
+        """Write back devices unless present (after Redis lost them)."""
+        items = list(records)
+        sent = []
+        for start in range(0, len(items), RESTORE_CHUNK):
+            args: list[Any] = []
+            for token_hash, record, expires_ms in items[start:start + RESTORE_CHUNK]:
+                args += [token_hash, record, str(int(expires_ms))]
+            sent.append(self.link._query("EVAL", RESTORE_DEVICES, 2, self.keys[0],
+                                         self.keys[1], *args))
+        return defer.gatherResults(sent, consumeErrors=True)
+
+
+class MemoryDeviceKeys:
+    """The same store on a MemoryBus (one process, for tests), answered in a later turn."""
+
+    def __init__(self, link: Any) -> None:
+        self.link = link
+
+    @property
+    def bus(self) -> Any:
+        return self.link.bus
+
+    def _prune(self, now_ms: float) -> None:
+        for key in [k for k, (_, until) in self.bus.devices.items() if until <= now_ms]:
+            del self.bus.devices[key]
+            self.bus.device_fixes.pop(key, None)
+
+    def add_device(self, token_hash: str, record: bytes, expires_ms: float, *,
+                   cap: int, now_ms: float) -> defer.Deferred:
+        def add() -> str:
+            self._prune(now_ms)
+            if len(self.bus.devices) >= cap:
+                return "full"
+            self.bus.devices[token_hash] = (record, expires_ms)
+            return "added"
+        return self._answer(add)
+
+    def find_device(self, token_hash: str, now_ms: float) -> defer.Deferred:
+        def find() -> Any:
+            found = self.bus.devices.get(token_hash)
+            return None if found is None or found[1] <= now_ms else found[0]
+        return self._answer(find)
+
+    def remove_device(self, token_hash: str) -> defer.Deferred:
+        def remove() -> bool:
+            self.bus.device_fixes.pop(token_hash, None)
+            return self.bus.devices.pop(token_hash, None) is not None
+        return self._answer(remove)
+
+    def save_fix(self, token_hash: str, version: int, value: bytes, now_ms: float,
+                 expires_ms: float) -> defer.Deferred:
+        def save() -> str:
+            found = self.bus.devices.get(token_hash)
+            if found is None or found[1] <= now_ms:
+                return "unknown"
+            held = self.bus.device_fixes.get(token_hash)
+            if held is not None and held[0] >= version:
+                return "older"
+            self.bus.device_fixes[token_hash] = (version, value)
+            self.bus.devices[token_hash] = (found[0], expires_ms)
+            return "saved"
+        return self._answer(save)
+
+    async def load_fixes(self, now_ms: float) -> list[bytes]:
+        def load() -> list[bytes]:
+            self._prune(now_ms)
+            return [value for _, value in self.bus.device_fixes.values()]
+        return await self._answer(load)
+
+    async def epoch(self, candidate: str) -> str:
+        def epoch() -> str:
+            if self.bus.device_epoch is None:
+                self.bus.device_epoch = candidate
+            return self.bus.device_epoch
+        return await self._answer(epoch)
+
+    def restore(self, records: Iterable[tuple[str, bytes, float]]) -> defer.Deferred:
+        items = list(records)
+
+        def restore() -> None:
+            for token_hash, record, expires_ms in items:
+                self.bus.devices.setdefault(token_hash, (record, expires_ms))
+        return self._answer(restore)
+
+    def _answer(self, compute: Any) -> defer.Deferred:
+        # As from Redis: in a later turn, and a failure while not linked.
+        return self.link._reply(compute)

@@ -1,0 +1,446 @@
+"""
+Devices: phone apps that report in the background (OwnTracks, Traccar
+Client and OsmAnd, Overland, GPSLogger) as pins on a map.
+
+A device is made for a map through the API and given a token, its only
+credential. Its reports (`Fix`es, parsed from each app's own format by
+apps.py) move one pin that belongs to the device, not to a node: its
+`origin` is `hub.DEVICES`, its version is the fix's own time, so any node
+may apply any report and a fix older than the one shown never wins, however
+the reports are spread over nodes and however late a queued fix arrives.
+The pin has no connection: it stays until `--expire` after its last fix,
+until the device is deleted or its map expires.
+
+Where devices are kept is a `DeviceStore`: `LocalDevices` (one process), or
+the backplane (Redis, shared by every node of a cluster). Only a token's
+SHA-256 is kept anywhere: a store, a log or a dump never holds a token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import secrets
+import zlib
+from dataclasses import dataclass
+from typing import Optional, Protocol, Sequence
+
+import orjson
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from . import wire
+from .hub import DEVICES, Hub
+from .maps import MapDirectory
+from .privacy import coarsen
+
+SOURCES = ("owntracks", "osmand", "overland")
+# 24 random bytes: 192 bits, 32 characters.
+TOKEN_BYTES = 24
+# A fix further than this in the device's future is refused.
+MAX_FUTURE = 300.0
+# A device that reports nothing for this long is forgotten.
+DEVICE_IDLE = 30 * 24 * 3600.0
+DEFAULT_MAX_DEVICES = 100_000
+# Devices one client address may make: a burst, then one per period.
+CREATE_BURST = 10
+CREATE_PERIOD = 30.0
+# Client addresses whose creations are counted (least recently seen go first).
+MAX_CREATORS = 10_000
+
+
+def token_hash(token: str) -> str:
+    """What is kept of a token: its SHA-256, in hex."""
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(TOKEN_BYTES)
+
+
+def looks_like_token(value: str) -> bool:
+    return len(value) == 32 and wire.is_map_name(value)
+
+
+@dataclass(frozen=True)
+class Fix:
+    """One position report of a device, in livemap's units."""
+
+    lat: float
+    lng: float
+    # The device's time of the fix, ms since the epoch.
+    ts: int
+    source: str
+    accuracy: Optional[float] = None
+    heading: Optional[float] = None
+    battery: Optional[int] = None
+    # OwnTracks' two-character tracker id, as the device sent it.
+    tid: Optional[str] = None
+
+
+def fix_version(fix: Fix) -> int:
+    """
+    Orders fixes by the device's time; equal times are ordered by content,
+    so that every node picks the same one.
+    """
+    content = f"{fix.lat!r},{fix.lng!r},{fix.heading!r},{fix.accuracy!r},{fix.battery!r}"
+    return fix.ts * 65536 + (zlib.crc32(content.encode()) & 0xFFFF)
+
+
+@dataclass(eq=False)
+class Device:
+    token_hash: str
+    id: str
+    map: str
+    name: Optional[str]
+    # When the map expires (the clock's seconds), if it does.
+    expires: Optional[float] = None
+    # The report rate limit of this node for the device (a token bucket).
+    tokens: float = 0.0
+    updated: float = -math.inf
+
+    def record(self) -> dict:
+        return {"m": self.map, "i": self.id, "n": self.name,
+                "x": None if self.expires is None else round(self.expires * 1000)}
+
+    @classmethod
+    def from_record(cls, token_hash: str, record: dict) -> Device:
+        expires = record.get("x")
+        return cls(token_hash, record["i"], record["m"], record.get("n"),
+                   None if expires is None else expires / 1000)
+
+
+class DeviceError(Exception):
+    """A device request that cannot be done; `status` is the HTTP answer."""
+
+    status = 400
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class UnknownDevice(DeviceError):
+    status = 404
+
+
+class NoSuchMap(DeviceError):
+    status = 404
+
+
+class Refused(DeviceError):
+    status = 403
+
+
+class TooFast(DeviceError):
+    status = 429
+
+
+class Full(DeviceError):
+    status = 503
+
+
+class Unavailable(DeviceError):
+    status = 503
+
+
+class DeviceStore(Protocol):
+    """Where devices and their latest fixes are kept (times in ms since the epoch)."""
+
+    def add_device(self, token_hash: str, record: dict, expires_ms: float, *,
+                   cap: int, now_ms: float) -> defer.Deferred:
+        """Fires "added" or "full" (`cap` devices live); fails if unreachable."""
+
+    def find_device(self, token_hash: str, now_ms: float) -> defer.Deferred:
+        """Fires the device's record, or None."""
+
+    def remove_device(self, token_hash: str, map_name: str, pin_id: str) -> defer.Deferred:
+        """Fires whether it existed; a cluster's other nodes drop its pin."""
+
+    def save_fix(self, token_hash: str, map_name: str, version: int, entry: bytes,
+                 now_ms: float, expires_ms: float) -> defer.Deferred:
+        """
+        Keep `entry` (`[version, PIN]`) as the device's latest fix unless it
+        holds a newer one, and keep the device until `expires_ms`. Fires
+        "saved" (the other nodes of a cluster are told), "older" or "unknown".
+        """
+
+
+class LocalDevices:
+    """The store of one process: dictionaries."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, tuple[dict, float]] = {}
+        self.versions: dict[str, int] = {}
+
+    def add_device(self, token_hash: str, record: dict, expires_ms: float, *,
+                   cap: int, now_ms: float) -> defer.Deferred:
+        self._prune(now_ms)
+        if len(self.records) >= cap:
+            return defer.succeed("full")
+        self.records[token_hash] = (record, expires_ms)
+        return defer.succeed("added")
+
+    def find_device(self, token_hash: str, now_ms: float) -> defer.Deferred:
+        found = self.records.get(token_hash)
+        if found is None or found[1] <= now_ms:
+            return defer.succeed(None)
+        return defer.succeed(found[0])
+
+    def remove_device(self, token_hash: str, map_name: str, pin_id: str) -> defer.Deferred:
+        self.versions.pop(token_hash, None)
+        return defer.succeed(self.records.pop(token_hash, None) is not None)
+
+    def save_fix(self, token_hash: str, map_name: str, version: int, entry: bytes,
+                 now_ms: float, expires_ms: float) -> defer.Deferred:
+        found = self.records.get(token_hash)
+        if found is None or found[1] <= now_ms:
+            return defer.succeed("unknown")
+        if version <= self.versions.get(token_hash, -1):
+            return defer.succeed("older")
+        self.versions[token_hash] = version
+        self.records[token_hash] = (found[0], expires_ms)
+        return defer.succeed("saved")
+
+    def forget_map(self, map_name: str) -> None:
+        for key in [key for key, (record, _) in self.records.items() if record["m"] == map_name]:
+            del self.records[key]
+            self.versions.pop(key, None)
+
+    def _prune(self, now_ms: float) -> None:
+        for key in [key for key, (_, expires) in self.records.items() if expires <= now_ms]:
+            del self.records[key]
+            self.versions.pop(key, None)
+
+
+class Devices:
+    """The devices of this node: made, found, fed and deleted."""
+
+    log = Logger()
+
+    def __init__(self, hub: Hub, maps: MapDirectory, clock: IReactorTime, *,
+                 rate: float = 10.0, precision: float = 0.0, expire: float = 3600.0,
+                 max_devices: int = DEFAULT_MAX_DEVICES,
+                 store: Optional[DeviceStore] = None) -> None:
+        self.hub = hub
+        self.maps = maps
+        self.clock = clock
+        self.rate = rate
+        self.precision = precision
+        self.expire = expire
+        self.max_devices = max_devices
+        self.local = LocalDevices()
+        self.store: DeviceStore = store or self.local
+        # Devices this node has met, by token hash (bounded, like the maps).
+        self.known: dict[str, Device] = {}
+        self.max_known = max_devices
+        # Creations per client address: (tokens, last update).
+        self.creators: dict[str, tuple[float, float]] = {}
+        self.stats = {"created": 0, "deleted": 0, "reports": 0, "refused": 0}
+
+    # Making and finding
+
+    async def create(self, map_name: str, name: Optional[str], address: str) -> tuple[str, Device]:
+        """A new device on `map_name`: its token (shown once) and itself."""
+        self._check_creator(address)
+        try:
+            exists = await self.maps.resolve(map_name)
+        except Exception:
+            raise Unavailable("this server cannot look this map up right now") from None
+        if not exists:
+            raise NoSuchMap("no map has this name")
+        if not self.hub.can_join(map_name):
+            raise Full("map full")
+        now = self.clock.seconds()
+        token = new_token()
+        expires = self.maps.expiry(map_name)
+        device = Device(token_hash(token), self.hub.new_id(), map_name, name, expires)
+        try:
+            outcome = await self.store.add_device(
+                device.token_hash, device.record(), self._keep_until(device, now) * 1000,
+                cap=self.max_devices, now_ms=now * 1000)
+        except Exception:
+            raise Unavailable("the cluster's device store (Redis) cannot be reached now; "
+                              "try again shortly") from None
+        if outcome != "added":
+            raise Full("too many devices")
+        self._remember(device)
+        self.stats["created"] += 1
+        self.log.info("device {device} made", device=device.id)
+        return token, device
+
+    async def find(self, token: str) -> Device:
+        """The device of a token, or UnknownDevice."""
+        if not looks_like_token(token):
+            raise UnknownDevice("unknown device")
+        key = token_hash(token)
+        device = self.known.get(key)
+        now = self.clock.seconds()
+        if device is not None and (device.expires is None or device.expires > now):
+            return device
+        try:
+            record = await self.store.find_device(key, now * 1000)
+        except Exception:
+            raise Unavailable("the cluster's device store (Redis) cannot be reached now") from None
+        if record is None:
+            self.known.pop(key, None)
+            raise UnknownDevice("unknown device")
+        device = Device.from_record(key, record)
+        if not await self._map_lives(device.map):
+            raise UnknownDevice("unknown device")
+        return self._remember(device)
+
+    async def delete(self, token: str) -> None:
+        """The device goes, and its pin from every viewer; its token is refused after."""
+        device = await self.find(token)
+        try:
+            await self.store.remove_device(device.token_hash, device.map, device.id)
+        except Exception:
+            raise Unavailable("the cluster's device store (Redis) cannot be reached now") from None
+        self.known.pop(device.token_hash, None)
+        self.hub.apply_remote(device.map, DEVICES, (), [device.id])
+        self.stats["deleted"] += 1
+        self.log.info("device {device} deleted", device=device.id)
+
+    # Reports
+
+    async def report(self, device: Device, fix: Fix) -> str:
+        """
+        Apply a fix: "moved", "older" (a newer one is shown) or "expired"
+        (older than --expire: it would vanish at once). Raises TooFast, or
+        DeviceError for a fix in the future.
+        """
+        now = self.clock.seconds()
+        if fix.ts > (now + MAX_FUTURE) * 1000:
+            raise DeviceError("fix more than 5 minutes in the future")
+        self._check_rate(device, now)
+        self.stats["reports"] += 1
+        if fix.ts < (now - self.expire) * 1000:
+            return "expired"
+        version = fix_version(fix)
+        state = self.state(device, fix, now)
+        entry = b"[%d,%s]" % (version, orjson.dumps(state))
+        try:
+            outcome = await self.store.save_fix(device.token_hash, device.map, version, entry,
+                                                now * 1000, self._keep_until(device, now) * 1000)
+        except Exception:
+            raise Unavailable("the cluster's device store (Redis) cannot be reached now") from None
+        if outcome == "unknown":
+            self.known.pop(device.token_hash, None)
+            raise UnknownDevice("unknown device")
+        if outcome == "older":
+            return "older"
+        self.apply(device.map, [dict(state, version=version)])
+        return "moved"
+
+    def state(self, device: Device, fix: Fix, now: float) -> dict:
+        """The pin of a fix, as the protocol shows it (coarsened, no later than now)."""
+        lat, lng, accuracy = fix.lat, fix.lng, fix.accuracy
+        if self.precision > 0:
+            lat, lng = coarsen(lat, lng, self.precision)
+            accuracy = self.precision if accuracy is None else max(accuracy, self.precision)
+        return {"id": device.id, "lat": lat, "lng": lng, "heading": fix.heading,
+                "accuracy": accuracy, "name": device.name, "seq": None,
+                "ts": min(fix.ts, int(now * 1000)), "source": fix.source,
+                "battery": fix.battery}
+
+    def apply(self, map_name: str, states: list[dict], gone: Sequence[str] = ()) -> None:
+        """
+        Device pins (states with a `version`) onto the hub; older ones change
+        nothing. Also for a map this node has not heard of (its first
+        client may come later); never for a map known to have expired.
+        """
+        now = self.clock.seconds()
+        bound = (now - self.expire) * 1000
+        fresh = [state for state in states if state["ts"] >= bound]
+        if (fresh or gone) and not self.maps.is_expired(map_name):
+            self.hub.apply_remote(map_name, DEVICES, fresh, gone)
+
+    # The cluster's side (the backplane calls these)
+
+    def remote_gone(self, map_name: str, pin_ids: list[str], token_hashes: list[str]) -> None:
+        for key in token_hashes:
+            self.known.pop(key, None)
+        self.hub.apply_remote(map_name, DEVICES, (), pin_ids)
+
+    def replace_all(self, entries: list[tuple[str, dict]]) -> None:
+        """
+        The store's fixes, after this node (re)joined: they replace every
+        device pin this node holds (a device deleted meanwhile loses its pin).
+        """
+        by_map: dict[str, list[dict]] = {}
+        for map_name, state in entries:
+            by_map.setdefault(map_name, []).append(state)
+        for map_state in list(self.hub.maps.values()):
+            seen = {state["id"] for state in by_map.get(map_state.name, ())}
+            stale = [pin.id for pin in map_state.pins.values()
+                     if pin.origin == DEVICES and pin.id not in seen]
+            if stale:
+                self.hub.apply_remote(map_state.name, DEVICES, (), stale)
+        for map_name, states in by_map.items():
+            self.apply(map_name, states)
+        self.known.clear()
+
+    def forget_map(self, map_name: str) -> None:
+        """The map expired: its devices and their pins go (the store's entries expire too)."""
+        for key in [key for key, device in self.known.items() if device.map == map_name]:
+            del self.known[key]
+        self.local.forget_map(map_name)
+        map_state = self.hub.maps.get(map_name)
+        if map_state is not None:
+            pins = [pin.id for pin in map_state.pins.values() if pin.origin == DEVICES]
+            if pins:
+                self.hub.apply_remote(map_name, DEVICES, (), pins)
+
+    def known_records(self) -> list[tuple[str, dict, float]]:
+        """What this node knows, to write back to a store that lost it."""
+        now = self.clock.seconds()
+        return [(device.token_hash, device.record(), self._keep_until(device, now) * 1000)
+                for device in self.known.values()]
+
+    # Limits
+
+    def _check_creator(self, address: str) -> None:
+        now = self.clock.seconds()
+        tokens, updated = self.creators.pop(address, (float(CREATE_BURST), now))
+        tokens = min(float(CREATE_BURST), tokens + (now - updated) / CREATE_PERIOD)
+        if tokens < 1.0:
+            self.creators[address] = (tokens, now)
+            self.stats["refused"] += 1
+            raise TooFast(f"at most {CREATE_BURST} devices at once from one address, "
+                          f"then one every {CREATE_PERIOD:g} s")
+        self.creators[address] = (tokens - 1.0, now)
+        while len(self.creators) > MAX_CREATORS:
+            del self.creators[next(iter(self.creators))]
+
+    def _check_rate(self, device: Device, now: float) -> None:
+        capacity = max(1.0, self.rate)
+        device.tokens = min(capacity, device.tokens + (now - device.updated) * self.rate)
+        device.updated = now
+        if device.tokens < 1.0:
+            self.stats["refused"] += 1
+            raise TooFast(f"more than {self.rate:g} reports a second")
+        device.tokens -= 1.0
+
+    def _keep_until(self, device: Device, now: float) -> float:
+        until = now + DEVICE_IDLE
+        return until if device.expires is None else min(until, device.expires)
+
+    def _remember(self, device: Device) -> Device:
+        self.known.pop(device.token_hash, None)
+        self.known[device.token_hash] = device
+        while len(self.known) > self.max_known:
+            del self.known[next(iter(self.known))]
+        return device
+
+    async def _map_lives(self, map_name: str) -> bool:
+        try:
+            return bool(await self.maps.resolve(map_name))
+        except Exception:
+            raise Unavailable("this server cannot look this map up right now") from None
+
+
+__all__ = ["Device", "DeviceError", "DeviceStore", "Devices", "Fix", "Full", "LocalDevices",
+           "NoSuchMap", "Refused", "SOURCES", "TooFast", "Unavailable", "UnknownDevice",
+           "fix_version", "looks_like_token", "new_token", "token_hash"]

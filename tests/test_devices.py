@@ -1,0 +1,226 @@
+"""Devices and their fixes, on the hub with a fake clock (devices.py)."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+
+import hubfakes
+from livemap_tx.devices import (
+    DEVICE_IDLE,
+    Devices,
+    DeviceError,
+    Fix,
+    Full,
+    NoSuchMap,
+    TooFast,
+    UnknownDevice,
+    fix_version,
+    looks_like_token,
+    token_hash,
+)
+from livemap_tx.hub import DEVICES, Hub
+from livemap_tx.maps import MapDirectory
+
+
+def run(coroutine: Any) -> Any:
+    """The result of a coroutine that finishes at once (the local store does)."""
+    result = []
+    defer.Deferred.fromCoroutine(coroutine).addBoth(result.append)
+    [outcome] = result
+    if isinstance(outcome, Failure):
+        outcome.raiseException()
+    return outcome
+
+
+@pytest.fixture
+def clock() -> Clock:
+    clock = Clock()
+    clock.advance(1_800_000_000)
+    return clock
+
+
+@pytest.fixture
+def hub(clock: Clock) -> Hub:
+    ids = (f"id{n}" for n in itertools.count())
+    return Hub(clock, tick_interval=0.1, new_id=lambda: next(ids), max_members=5)
+
+
+@pytest.fixture
+def maps(clock: Clock) -> MapDirectory:
+    return MapDirectory(clock, min_ttl=10)
+
+
+@pytest.fixture
+def devices(hub: Hub, maps: MapDirectory, clock: Clock) -> Devices:
+    return Devices(hub, maps, clock, rate=2.0, expire=3600.0)
+
+
+def fix(clock: Clock, ago: float = 0.0, lat: float = 52.5, lng: float = 13.4,
+        **extra: Any) -> Fix:
+    return Fix(lat, lng, int((clock.seconds() - ago) * 1000), "owntracks", **extra)
+
+
+def test_a_device_gets_a_long_random_token_kept_only_as_a_hash(devices, hub):
+    token, device = run(devices.create("family", "Ada", "10.0.0.1"))
+    assert looks_like_token(token) and len(token) == 32  # 192 bits
+    assert device.token_hash == token_hash(token) != token
+    assert token not in repr(devices.known) and token not in repr(devices.local.records)
+    assert run(devices.find(token)) is device
+    with pytest.raises(UnknownDevice):
+        run(devices.find("x" * 32))
+
+
+def test_a_report_moves_the_devices_pin_for_every_viewer(devices, hub, clock):
+    viewer, view = hubfakes.join(hub, "family")
+    token, device = run(devices.create("family", "Ada", "10.0.0.1"))
+    taken = fix(clock, heading=90.0, battery=80, accuracy=5.0)
+    outcome = run(devices.report(device, taken))
+    assert outcome == "moved"
+    clock.advance(0.1)
+    pin = view.sees()[device.id]
+    assert (pin["lat"], pin["lng"], pin["heading"], pin["name"]) == (52.5, 13.4, 90.0, "Ada")
+    assert (pin["source"], pin["battery"], pin["accuracy"], pin["seq"]) == (
+        "owntracks", 80, 5.0, None)
+    assert pin["ts"] == taken.ts  # the time of the fix
+    assert hub.maps["family"].pins[device.id].origin == DEVICES
+
+
+def test_an_older_fix_never_moves_the_pin_back(devices, hub, clock):
+    token, device = run(devices.create("family", None, "10.0.0.1"))
+    assert run(devices.report(device, fix(clock, ago=10, lat=1.0))) == "moved"
+    clock.advance(1)
+    assert run(devices.report(device, fix(clock, ago=60, lat=2.0))) == "older"
+    assert hub.pins("family")[0]["lat"] == 1.0
+
+
+def test_a_fix_in_the_future_is_refused_a_little_is_not(devices, hub, clock):
+    token, device = run(devices.create("family", None, "10.0.0.1"))
+    with pytest.raises(DeviceError, match="future"):
+        run(devices.report(device, fix(clock, ago=-301)))
+    assert hub.pins("family") == []
+    assert run(devices.report(device, fix(clock, ago=-60))) == "moved"
+    # Shown as of now, not as a time to come.
+    assert hub.pins("family")[0]["ts"] == int(clock.seconds() * 1000)
+
+
+def test_a_fix_older_than_expire_makes_no_pin(devices, hub, clock):
+    token, device = run(devices.create("family", None, "10.0.0.1"))
+    assert run(devices.report(device, fix(clock, ago=3601))) == "expired"
+    assert hub.pins("family") == []
+
+
+def test_reports_faster_than_the_rate_are_refused(devices, clock):
+    token, device = run(devices.create("family", None, "10.0.0.1"))
+    run(devices.report(device, fix(clock, ago=3)))
+    run(devices.report(device, fix(clock, ago=2)))
+    with pytest.raises(TooFast):
+        run(devices.report(device, fix(clock, ago=1)))
+    clock.advance(0.5)
+    assert run(devices.report(device, fix(clock))) == "moved"
+
+
+def test_creations_are_rate_limited_per_address(devices, clock):
+    devices.hub.max_members = 100
+    for _ in range(10):
+        run(devices.create("family", None, "10.0.0.1"))
+    with pytest.raises(TooFast):
+        run(devices.create("family", None, "10.0.0.1"))
+    run(devices.create("family", None, "10.0.0.2"))  # another address
+    clock.advance(30)
+    run(devices.create("family", None, "10.0.0.1"))
+
+
+def test_device_pins_count_toward_the_maps_places(devices, hub, clock):
+    members = [hubfakes.join(hub, "small")[0] for _ in range(3)]
+    created = [run(devices.create("small", None, f"10.0.0.{n}")) for n in range(2)]
+    for _, device in created:
+        run(devices.report(device, fix(clock)))
+    with pytest.raises(Full):
+        run(devices.create("small", None, "10.0.0.9"))
+    assert not hub.can_join("small")
+    members[0].leave()
+    assert hub.can_join("small")
+
+
+def test_the_pin_expires_after_expire_without_a_fix_and_comes_back(devices, hub, clock):
+    viewer, view = hubfakes.join(hub, "family")
+    token, device = run(devices.create("family", None, "10.0.0.1"))
+    run(devices.report(device, fix(clock)))
+    clock.advance(3000)
+    assert hub.expire_pins(3600) == 0
+    clock.advance(601)
+    assert hub.expire_pins(3600) == 1
+    clock.advance(0.1)
+    assert view.sees() == {}
+    run(devices.report(device, fix(clock)))
+    clock.advance(0.1)
+    assert set(view.sees()) == {device.id}
+
+
+def test_deleting_a_device_removes_its_pin_and_refuses_its_token(devices, hub, clock):
+    viewer, view = hubfakes.join(hub, "family")
+    token, device = run(devices.create("family", None, "10.0.0.1"))
+    run(devices.report(device, fix(clock)))
+    clock.advance(0.1)
+    run(devices.delete(token))
+    clock.advance(0.1)
+    assert view.sees() == {}
+    with pytest.raises(UnknownDevice):
+        run(devices.find(token))
+    with pytest.raises(UnknownDevice):
+        run(devices.delete(token))
+
+
+def test_a_private_maps_expiry_removes_its_devices(hub, clock):
+    maps = MapDirectory(clock, open_maps=False, min_ttl=10)
+    devices = Devices(hub, maps, clock)
+    maps.on_expire = devices.forget_map
+    private = maps.create(ttl=60)
+    viewer, view = hubfakes.join(hub, private.name)
+    token, device = run(devices.create(private.name, "Ada", "10.0.0.1"))
+    assert device.expires == private.expires
+    run(devices.report(device, fix(clock)))
+    clock.advance(0.1)
+    assert set(view.sees()) == {device.id}
+    clock.advance(60)
+    clock.advance(0.1)
+    assert view.sees() == {}
+    with pytest.raises(UnknownDevice):
+        run(devices.find(token))
+    with pytest.raises(NoSuchMap):
+        run(devices.create(private.name, None, "10.0.0.1"))
+    with pytest.raises(NoSuchMap):
+        run(devices.create("not-made", None, "10.0.0.1"))
+
+
+def test_an_idle_device_is_forgotten(devices, clock):
+    token, device = run(devices.create("family", None, "10.0.0.1"))
+    devices.known.clear()
+    clock.advance(DEVICE_IDLE - 1)
+    assert run(devices.find(token)).id == device.id
+    devices.known.clear()
+    clock.advance(2)
+    with pytest.raises(UnknownDevice):
+        run(devices.find(token))
+
+
+def test_precision_coarsens_app_fed_pins_too(hub, maps, clock):
+    devices = Devices(hub, maps, clock, precision=1000)
+    token, device = run(devices.create("family", None, "10.0.0.1"))
+    run(devices.report(device, fix(clock, lat=48.85837, lng=2.29448, accuracy=5.0)))
+    [pin] = hub.pins("family")
+    assert (pin["lat"], pin["lng"]) != (48.85837, 2.29448) and pin["accuracy"] == 1000
+
+
+def test_equal_times_are_ordered_by_content_the_same_everywhere(clock):
+    first = fix(clock, lat=1.0)
+    second = fix(clock, lat=2.0)
+    assert fix_version(first) != fix_version(second)
+    assert fix_version(first) // 65536 == first.ts
+    assert fix_version(fix(clock, lat=1.0)) == fix_version(first)
