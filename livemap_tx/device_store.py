@@ -46,8 +46,8 @@ return 'added'
 """).encode()
 
 FIND_DEVICE = b"""
-local until = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not until or tonumber(until) <= tonumber(ARGV[2]) then return false end
+local forget_at = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not forget_at or tonumber(forget_at) <= tonumber(ARGV[2]) then return false end
 return redis.call('HGET', KEYS[2], ARGV[1])
 """
 
@@ -60,8 +60,8 @@ return existed
 """
 
 SAVE_FIX = b"""
-local until = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not until or tonumber(until) <= tonumber(ARGV[2]) then return 'unknown' end
+local forget_at = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not forget_at or tonumber(forget_at) <= tonumber(ARGV[2]) then return 'unknown' end
 local held = redis.call('HGET', KEYS[4], ARGV[1])
 if held and (#held > #ARGV[3] or (#held == #ARGV[3] and held >= ARGV[3])) then
   return 'older'

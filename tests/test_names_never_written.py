@@ -1,6 +1,6 @@
 """
-A private map's name is its link: nothing the server writes anywhere may
-contain it. Two real `twistd` nodes (twistd writes every level of
+A private map's name is its link, and a device's token its only credential:
+nothing the server writes anywhere may contain either. Two real `twistd` nodes (twistd writes every level of
 twisted.logger's events to its log) are driven through everything a map's
 clients and the world can do to them: the page, the API, WebSocket and
 SockJS clients, every kind of bad message, a client too slow to read, the
@@ -11,7 +11,9 @@ searched for the name.
 
 from __future__ import annotations
 
+import base64
 import re
+import time
 
 import orjson
 import pytest_twisted
@@ -46,7 +48,7 @@ class Answers:
 
 @needs_redis
 @pytest_twisted.ensureDeferred
-async def test_a_private_maps_name_is_in_no_log_metric_or_error_page(cluster):  # noqa: F811
+async def test_map_names_and_device_tokens_are_in_no_log_metric_or_error_page(cluster):  # noqa: F811
     options = ("--no-open-maps", "--min-ttl", "4", "--slow-timeout", "1")
     maker, other = cluster(*options), cluster(*options)
     answers = Answers()
@@ -94,6 +96,41 @@ async def test_a_private_maps_name_is_in_no_log_metric_or_error_page(cluster):  
     framed.send_raw(b'["a')
     await framed.wait_closed()
 
+    # Phone apps' devices on the map: made on one node, reporting to both;
+    # one deleted, then used again. A token is a secret like the name.
+    tokens = []
+    for node in (maker, other):
+        response = await treq.post(f"{node.url}/api/maps/{name}/devices",
+                                   data=b'{"name": "Phone"}')
+        assert response.code == 201
+        tokens.append(orjson.loads(await response.content())["token"])
+    basic = base64.b64encode(b"me:" + tokens[0].encode()).decode()
+    now = int(time.time())
+    for node in (maker, other):
+        for method, path, data, headers, status in (
+                ("POST", f"/apps/owntracks/{tokens[0]}",
+                 b'{"_type":"location","lat":1,"lon":2,"tst":%d}' % now, {}, 200),
+                ("POST", "/apps/owntracks", b'{"_type":"location","lat":1,"lon":2,"tst":%d}' % now,
+                 {"Authorization": [f"Basic {basic}"]}, 200),
+                ("GET", f"/apps/osmand?id={tokens[0]}&lat=1&lon=2&timestamp={now}", b"", {}, 200),
+                ("POST", f"/apps/overland?token={tokens[0]}", b'{"locations":[]}', {}, 200),
+                ("POST", "/apps/overland", b'{"locations":[]}',
+                 {"Authorization": [f"Bearer {tokens[0]}"]}, 200),
+                ("POST", f"/apps/owntracks/{tokens[0]}", b"broken", {}, 400),
+                ("POST", f"/apps/osmand?id={tokens[0]}&lat=100&lon=2", b"", {}, 400),
+                ("POST", f"/apps/owntracks/{tokens[0]}",
+                 b'{"_type":"location","lat":1,"lon":2,"tst":%d}' % (now + 999), {}, 400)):
+            code, _ = await answers.request(method, node.url + path, data=data or None,
+                                            headers=headers)
+            assert code == status, (method, path, code)
+    assert (await answers.request("DELETE", f"{other.url}/api/devices/{tokens[1]}"))[0] == 204
+    for node in (maker, other):
+        assert (await answers.request("DELETE", f"{node.url}/api/devices/{tokens[1]}"))[0] == 404
+        code, _ = await answers.request("POST", f"{node.url}/apps/owntracks/{tokens[1]}",
+                                        data=b'{"_type":"location","lat":1,"lon":2,"tst":%d}' % now)
+        assert code == 404
+    secrets = [name, *tokens]
+
     # A client that stops reading on a busy map is closed as too slow.
     slow = StalledSocket(maker.port, f"/ws/{name}")
     await slow.open()
@@ -127,12 +164,14 @@ async def test_a_private_maps_name_is_in_no_log_metric_or_error_page(cluster):  
         logs.append(node.log())
     assert "closing slow client" in logs[0] and "a private map expired" in logs[1]
     assert re.search(r"opened on map ~[0-9a-f]{10}", logs[0])
-    for text in logs + answers.bodies:
-        assert name not in text, _around(text, name)
-    # Nor any long part of it (a truncated name is still most of a link).
-    for text in logs + answers.bodies:
-        for start in range(0, len(name) - 12):
-            assert name[start:start + 12] not in text, _around(text, name[start:start + 12])
+    assert "device" in logs[0] and "deleted" in logs[1]
+    for secret in secrets:
+        for text in logs + answers.bodies:
+            assert secret not in text, _around(text, secret)
+        # Nor any long part of it (a truncated link is still most of one).
+        for text in logs + answers.bodies:
+            for start in range(0, len(secret) - 12):
+                assert secret[start:start + 12] not in text, _around(text, secret[start:start + 12])
 
 
 def _around(text: str, found: str) -> str:
