@@ -131,3 +131,38 @@ async def test_a_redis_that_comes_back_empty_gets_the_devices_back(cluster, redi
     await everywhere(nodes, "family", lambda held: held.get(pin_id, {}).get("lat") == 2.0,
                      "the fix after the restart")
     assert redis.command("ZCARD", "livemap:v1:livemap:devices") == "1"
+
+
+@needs_redis
+@pytest_twisted.ensureDeferred
+async def test_the_documented_acl_user_can_do_everything_livemap_does(
+        tmp_path, redis, cluster):  # noqa: F811
+    """docs/deployment.md's `user livemap ...` line, applied as is: pins, private maps, devices."""
+    from pathlib import Path
+
+    doc = (Path(__file__).parent.parent / "docs" / "deployment.md").read_text()
+    [line] = [ln for ln in doc.splitlines() if ln.startswith("user livemap on ")]
+    rules = line.split()[2:]
+    rules = ["on", ">s3cret-acl", *[rule for rule in rules[1:] if not rule.startswith(">")]]
+    redis.command("ACL", "SETUSER", "livemap", *rules)
+    url = f"redis://livemap:s3cret-acl@127.0.0.1:{redis.port}/0"
+    nodes = [cluster("--redis", url, "--no-open-maps"), cluster("--redis", url, "--no-open-maps")]
+    for node in nodes:
+        health = await (await treq.get(f"{node.url}/healthz")).text()
+        assert health == "ok", health
+    created = orjson.loads(await (await treq.post(f"{nodes[0].url}/api/maps")).content())
+    name = created["map"]
+    device = await make_device(nodes[1], name)
+    views = [await open_view(node.ws_url(name)) for node in nodes]
+    views[0].move(1.0, 2.0)
+    assert await report(nodes[0], device["token"], 3.0, time.time()) == 200
+    for view in views:
+        await view.until(lambda seen: len(seen) == 2)
+    response = await treq.delete(f"{nodes[0].url}/api/devices/{device['token']}")
+    assert response.code == 204
+    for view in views:
+        await view.until(lambda seen: device["id"] not in seen)
+        view.client.close()
+        await view.client.wait_closed()
+    for node in nodes:
+        assert "NOPERM" not in node.log() and "noperm" not in node.log().lower()
