@@ -4,13 +4,20 @@
 // deferred classic script before this module runs); SockJS is loaded only when
 // the plain WebSocket cannot be used. The wire protocol is docs/PROTOCOL.md
 // (shared/PROTOCOL.md): welcome/update/snapshot/error in, hello/move out.
+// The people list is people.js, the trails trails.js, the wording of
+// distances and ages format.js.
 
 /* global L */
+
+import {ago, duration, batteryLevel, sourceLabel} from './format.js';
+import {PeoplePanel} from './people.js';
+import {Trails} from './trails.js';
 
 const NAME_KEY = 'livemap.name';
 const APPROXIMATE_KEY = 'livemap.approximate';
 const TTL_KEY = 'livemap.ttl';
 const CREATED_KEY = 'livemap.created'; // sessionStorage: the map this tab just made
+const TRAILS_KEY = 'livemap.trails';
 // `hello` needs a name; someone who shares an approximate location without
 // having typed one is called this.
 const DEFAULT_NAME = 'Someone';
@@ -19,7 +26,11 @@ const STALE_CHECK_MS = 15000; // how often "last seen N min ago" is brought up t
 const COPIED_MS = 2000;
 const SENT_SEQS_KEPT = 32; // send times kept to match echoes of our own moves
 const MAP_PATH = /^\/m\/([A-Za-z0-9_-]{1,64})$/;
-const FIRST_FIX_ZOOM = 15;
+// Street level: where a viewer alone on the map is shown, and the closest
+// any automatic view (arrival, "Show everyone", following) comes.
+const STREET_ZOOM = 15;
+const TRAIL_MS = 10 * 60 * 1000;
+const TICK_MS = 1000; // ages in the people list, "not live for", the trails' window
 const HEADING_STEP = 5; // degrees: smaller heading-only changes are not sent
 const BACKOFF_FIRST_MS = 1000;
 const BACKOFF_MAX_MS = 30000;
@@ -109,8 +120,16 @@ const ui = {
   newMap: $('new-map'),
   ttl: $('new-map-ttl'),
   approximate: $('approximate'),
+  trails: $('trails'),
   mapInfo: $('map-info'),
+  panel: $('panel'),
+  optionsToggle: $('options-toggle'),
+  people: $('people'),
 };
+
+// Phones, upright or sideways (style.css has the same query): the people
+// list starts as one line and closes again once someone is chosen.
+const compactLayout = window.matchMedia('(max-width: 599px), (max-height: 499px)');
 
 const map = L.map('map', {
   zoomControl: false,
@@ -197,24 +216,18 @@ function syncWithDateHeader(response, sentAt) {
   skewInterval(date - Date.now(), date + 1000 - sentAt);
 }
 
-function ago(ms) {
-  const s = Math.max(0, Math.floor(ms / 1000));
-  if (s < 60) return `${s} s ago`;
-  const min = Math.floor(s / 60);
-  if (min < 60) return `${min} min ago`;
-  const h = Math.floor(min / 60);
-  if (h < 48) return `${h} h ago`;
-  return `${Math.floor(h / 24)} days ago`;
-}
-
 // ---------------------------------------------------------------- pins
 
 /**
  * @type {Map<string, {marker: L.Marker, inner: Element, arrow: Element, body: Element,
- *   name: Element, age: Element, pin: object, seen: string}>}
+ *   name: Element, source: Element, battery: Element, age: Element, pin: object,
+ *   stale: boolean, seen: string}>}
  */
 const pins = new Map();
 let myId = null;
+// Date.now() when the connection dropped: every pin is then shown as it was
+// ("not live"), the viewer's own too, until a welcome rebuilds the map.
+let notLiveSince = null;
 
 // A DivIcon whose element says which pin it is, even when Leaflet rebuilds it.
 const PinIcon = L.DivIcon.extend({
@@ -236,31 +249,52 @@ function headingDelta(a, b) {
   return d > 180 ? 360 - d : d;
 }
 
+function pinName(pin) {
+  return typeof pin.name === 'string' && pin.name.trim() ? pin.name : '';
+}
+
+function pinLabel(pin) {
+  return pinName(pin) || (pin.id === myId ? 'you' : 'anonymous');
+}
+
 function renderPin(entry, pin) {
   const mine = pin.id === myId;
   // Our own arrow follows the compass at once rather than waiting for the echo.
   const heading = mine && sensorHeading !== null ? sensorHeading : normHeading(pin.heading);
   entry.body.classList.toggle('has-heading', heading !== null);
   if (heading !== null) entry.arrow.style.transform = `rotate(${heading}deg)`;
-  const name = typeof pin.name === 'string' && pin.name.trim() ? pin.name : '';
   // textContent, never innerHTML: names come from other people.
-  entry.name.textContent = name || (mine ? 'you' : 'anonymous');
-  entry.name.classList.toggle('unnamed', !name);
+  entry.name.textContent = pinLabel(pin);
+  entry.name.classList.toggle('unnamed', !pinName(pin));
+  // A pin fed by a phone app says which app, and the phone's battery if it told.
+  const source = sourceLabel(pin.source);
+  entry.source.textContent = source || '';
+  entry.source.hidden = !source;
+  const battery = batteryLevel(pin.battery);
+  entry.battery.textContent = battery === null ? '' : `${battery}%`;
+  entry.battery.hidden = battery === null;
+  entry.battery.classList.toggle('low', battery !== null && battery <= 15);
   const at = entry.marker.getLatLng();
   if (at.lat !== pin.lat || at.lng !== pin.lng) entry.marker.setLatLng([pin.lat, pin.lng]);
-  entry.marker.setZIndexOffset(mine ? 1000 : 0);
+  entry.marker.setZIndexOffset(mine ? 1000 : following === pin.id ? 500 : 0);
+  entry.inner.classList.toggle('followed', following === pin.id);
   entry.pin = pin;
+  entry.seen = null; // the name may have changed: say the age line again
   renderAge(entry, serverNow());
 }
 
-// A pin that has not moved for `stale` seconds is dimmed and says how old it is.
+// A pin that has not moved for `stale` seconds is dimmed and says how old it
+// is; while the connection is down, every pin says how long it has not been live.
 function renderAge(entry, now) {
   const ts = entry.pin.ts;
   const age = Number.isFinite(ts) ? now - ts : 0;
-  const seen = age >= config.stale * 1000 ? `last seen ${ago(age)}` : '';
+  const stale = age >= config.stale * 1000;
+  let seen = stale ? `last seen ${ago(age)}` : '';
+  if (notLiveSince !== null) seen = `not live for ${duration(Date.now() - notLiveSince)}`;
+  entry.stale = stale;
   if (seen === entry.seen) return;
   entry.seen = seen;
-  entry.inner.classList.toggle('stale', seen !== '');
+  entry.inner.classList.toggle('stale', stale);
   entry.age.textContent = seen;
   entry.inner.title = seen ? `${entry.name.textContent}, ${seen}` : '';
 }
@@ -297,13 +331,19 @@ function upsertPin(pin) {
       body: content.querySelector('.pin-body'),
       arrow: content.querySelector('.pin-arrow'),
       name: content.querySelector('.pin-name'),
+      source: content.querySelector('.pin-source'),
+      battery: content.querySelector('.pin-battery'),
       age: content.querySelector('.pin-age'),
       pin,
-      seen: '',
+      stale: false,
+      seen: null,
     };
     pins.set(pin.id, entry);
   }
   renderPin(entry, pin);
+  trails.record(pin.id, pin.lat, pin.lng, pin.ts, pin.id === myId);
+  if (pin.id === following) keepFollowing(entry);
+  people.invalidate();
 }
 
 function removePin(id) {
@@ -311,47 +351,294 @@ function removePin(id) {
   if (entry) {
     entry.marker.remove();
     pins.delete(id);
+    people.invalidate();
   }
+}
+
+// Someone left the map (an update's `gone`).
+function pinGone(id) {
+  const entry = pins.get(id);
+  if (id === following && entry) {
+    stopFollowing();
+    toast(`${pinLabel(entry.pin)} left the map`);
+  }
+  removePin(id);
+  trails.remove(id);
 }
 
 function replacePins(list) {
   const keep = new Set((list || []).map((p) => p && p.id));
   for (const id of [...pins.keys()]) if (!keep.has(id)) removePin(id);
   for (const pin of list || []) upsertPin(pin);
-  showCount();
 }
 
 function clearPins() {
   for (const id of [...pins.keys()]) removePin(id);
-  showCount();
 }
 
 function showCount() {
-  const n = pins.size;
-  ui.count.textContent = `${n} ${n === 1 ? 'person' : 'people'}`;
+  people.invalidate();
 }
 
-// Until the viewer or a first fix picks a view, a welcome shows where people are.
-let viewChosen = false;
-map.on('dragstart', () => { viewChosen = true; });
+// ---------------------------------------------------------------- the view
+
+// The part of the map that no panel or button covers, in pixels of the
+// map's container (which fills the window): what "fit", "centre" and "in
+// view" mean on this page. A panel as wide as most of the screen is a band
+// at the top or the bottom (a phone held upright); a narrower one is a
+// column at the left. The map's buttons are a band at the bottom right.
+function freeArea() {
+  const size = map.getSize();
+  const area = {left: 0, top: 0, right: size.x, bottom: size.y};
+  for (const el of [ui.panel, ui.people]) {
+    const r = el.getBoundingClientRect();
+    if (r.width === 0 || r.height === 0) continue;
+    if (r.width > size.x * 0.6) {
+      if (r.top + r.height / 2 < size.y / 2) area.top = Math.max(area.top, r.bottom);
+      else area.bottom = Math.min(area.bottom, r.top);
+    } else {
+      area.left = Math.max(area.left, r.right);
+    }
+  }
+  const buttons = ui.actions.closest('.leaflet-bottom');
+  if (buttons) area.bottom = Math.min(area.bottom, buttons.getBoundingClientRect().top);
+  return area;
+}
+
+// Room around each fitted pin: its dot above, its name label below.
+const PIN_ROOM = {left: 28, top: 28, right: 28, bottom: 56};
+
+function fitArea() {
+  const free = freeArea();
+  const size = map.getSize();
+  const area = {
+    left: free.left + PIN_ROOM.left,
+    top: free.top + PIN_ROOM.top,
+    right: free.right - PIN_ROOM.right,
+    bottom: free.bottom - PIN_ROOM.bottom,
+  };
+  // A window too small for the panels: use all of it rather than nothing.
+  if (area.right - area.left < 64 || area.bottom - area.top < 64) {
+    return {left: 0, top: 0, right: size.x, bottom: size.y};
+  }
+  return area;
+}
+
+// Puts `latlng` in the middle of the free part of the map.
+function centreOn(latlng, zoom, options) {
+  const area = fitArea();
+  const size = map.getSize();
+  const offset = L.point((area.left + area.right - size.x) / 2, (area.top + area.bottom - size.y) / 2);
+  const z = zoom === undefined ? map.getZoom() : zoom;
+  const centre = map.unproject(map.project(latlng, z).subtract(offset), z);
+  map.setView(centre, z, options);
+}
+
+// Shows all of `points`: no closer than street level, as close as they allow.
+function fitPoints(points, options) {
+  if (points.length === 1) {
+    centreOn(points[0], Math.max(options.keepZoom ? map.getZoom() : 0, STREET_ZOOM), options);
+    return;
+  }
+  const area = fitArea();
+  const size = map.getSize();
+  map.fitBounds(L.latLngBounds(points), {
+    ...options,
+    paddingTopLeft: [area.left, area.top],
+    paddingBottomRight: [size.x - area.right, size.y - area.bottom],
+    maxZoom: STREET_ZOOM,
+  });
+}
+
+// Where the viewer is: the position this page has, else the pin the server has.
+function viewerAt() {
+  if (position) return L.latLng(position.lat, position.lng);
+  const own = myId !== null ? pins.get(myId) : null;
+  return own ? own.marker.getLatLng() : null;
+}
+
+function everyone() {
+  const points = [...pins.entries()].filter(([id]) => id !== myId).map(([, e]) => e.marker.getLatLng());
+  const me = viewerAt();
+  if (me) points.push(me);
+  return points;
+}
+
+// Arrival: the first fix, and the first welcome (the fix may come before or
+// after it, or never), show the viewer and everyone else. After that the
+// view is the viewer's: arrivals and moves never move it, except a person
+// followed. Touching the map before then ends the arrival too.
+let viewTouched = false;
+let firstWelcome = true;
+
+function arrive() {
+  if (viewTouched) return;
+  const points = everyone();
+  if (points.length > 0) fitPoints(points, {animate: false});
+}
+
+for (const type of ['pointerdown', 'wheel', 'keydown']) {
+  map.getContainer().addEventListener(type, (e) => {
+    viewTouched = true;
+    // The map's arrow keys pan it: that is the viewer choosing a view too.
+    if (type === 'keydown' && e.key.startsWith('Arrow') && e.target === map.getContainer()) {
+      stopFollowing();
+    }
+  }, {passive: true});
+}
 
 function fitAll() {
-  viewChosen = true;
-  const points = [...pins.values()].map((e) => e.marker.getLatLng());
+  viewTouched = true;
+  stopFollowing();
+  const points = everyone();
   if (points.length === 0) {
     toast('Nobody is on the map yet');
-  } else if (points.length === 1) {
-    map.setView(points[0], Math.max(map.getZoom(), FIRST_FIX_ZOOM));
-  } else {
-    const top = ui.name.closest('.panel').getBoundingClientRect().bottom;
-    map.fitBounds(L.latLngBounds(points), {
-      paddingTopLeft: [48, Math.max(48, top + 32)],
-      paddingBottomRight: [72, 48],
-      maxZoom: 17,
-    });
+    return;
   }
+  fitPoints(points, {animate: true, keepZoom: true});
 }
 ui.fitAll.addEventListener('click', fitAll);
+
+// ---------------------------------------------------------------- following
+
+// The pin the map keeps in its middle, until the viewer pans, taps the
+// person again, taps "stop", or asks for everyone.
+let following = null;
+
+function markFollowed() {
+  for (const [id, entry] of pins) {
+    entry.inner.classList.toggle('followed', id === following);
+    entry.marker.setZIndexOffset(id === myId ? 1000 : id === following ? 500 : 0);
+  }
+  people.invalidate();
+}
+
+function follow(id) {
+  const entry = pins.get(id);
+  if (!entry) return;
+  if (following === id) {
+    stopFollowing();
+    return;
+  }
+  following = id;
+  corrections = 0;
+  viewTouched = true;
+  markFollowed();
+  if (people.isOpen && people.collapsible()) {
+    // A phone: the whole map for the person followed; the bar says who it is.
+    const hadFocus = ui.people.contains(document.activeElement);
+    people.setOpen(false);
+    if (hadFocus) $('people-toggle').focus();
+  }
+  centreOn(entry.marker.getLatLng(), Math.max(map.getZoom(), STREET_ZOOM), {animate: true});
+}
+
+function keepFollowing(entry) {
+  corrections = 0;
+  centreOn(entry.marker.getLatLng(), undefined, {animate: true});
+}
+
+// An animation cut short (a new move in the middle of a zoom, a pinch) can
+// leave the person off the middle: put them back when the map comes to
+// rest, a few times at most (a pole is as far as the map goes).
+let corrections = 0;
+map.on('moveend', () => {
+  const entry = following !== null ? pins.get(following) : null;
+  if (!entry || corrections >= 3) return;
+  const at = map.latLngToContainerPoint(entry.marker.getLatLng());
+  const area = fitArea();
+  if (Math.abs(at.x - (area.left + area.right) / 2) > 1 ||
+      Math.abs(at.y - (area.top + area.bottom) / 2) > 1) {
+    corrections++;
+    centreOn(entry.marker.getLatLng(), undefined, {animate: true});
+  }
+});
+
+function stopFollowing() {
+  if (following === null) return;
+  following = null;
+  markFollowed();
+}
+
+map.on('dragstart', () => {
+  viewTouched = true;
+  stopFollowing();
+});
+
+// ---------------------------------------------------------------- people and trails
+
+const people = new PeoplePanel({
+  root: ui.people,
+  toggle: $('people-toggle'),
+  count: ui.count,
+  summary: $('people-summary'),
+  body: $('people-body'),
+  list: $('people-list'),
+  searchBox: $('people-search-box'),
+  search: $('people-search'),
+  more: $('people-more'),
+  unfollow: $('unfollow'),
+  template: $('person-template'),
+}, {
+  compact: () => compactLayout.matches,
+  people: () => [...pins.values()].map(({pin}) => ({
+    id: pin.id,
+    mine: pin.id === myId,
+    label: pinLabel(pin),
+    named: pinName(pin) !== '',
+    lat: pin.lat,
+    lng: pin.lng,
+    ts: pin.ts,
+    accuracy: pin.accuracy,
+    source: pin.source,
+    battery: pin.battery,
+  })),
+  context: () => {
+    const at = viewerAt();
+    return {
+      origin: at ? {lat: at.lat, lng: at.lng} : null,
+      now: serverNow(),
+      following,
+      notLiveFor: notLiveSince === null ? null : Date.now() - notLiveSince,
+      stale: config.stale * 1000,
+    };
+  },
+  choose: follow,
+  unfollow: stopFollowing,
+  changed: layoutChanged,
+});
+
+const trails = new Trails(map, {windowMs: TRAIL_MS, now: serverNow});
+
+// The map's buttons stay above the people sheet of a phone held upright.
+function layoutChanged() {
+  const r = ui.people.getBoundingClientRect();
+  const atBottom = r.width > window.innerWidth * 0.6 && r.top > window.innerHeight / 2;
+  const inset = atBottom ? Math.max(0, window.innerHeight - r.top) : 0;
+  document.documentElement.style.setProperty('--sheet-inset', `${Math.round(inset)}px`);
+  // An open sheet leaves little map: its buttons make way (pinch zooms, and
+  // the list itself is the way to everyone) until the sheet closes.
+  document.documentElement.classList.toggle('sheet-open', atBottom && people.isOpen);
+}
+if (typeof ResizeObserver === 'function') new ResizeObserver(layoutChanged).observe(ui.people);
+window.addEventListener('resize', layoutChanged);
+
+function setPanelOpen() {
+  people.setOpen(!compactLayout.matches);
+}
+compactLayout.addEventListener('change', setPanelOpen);
+
+ui.optionsToggle.addEventListener('click', () => {
+  const open = !ui.panel.classList.contains('options-open');
+  ui.panel.classList.toggle('options-open', open);
+  ui.optionsToggle.setAttribute('aria-expanded', String(open));
+});
+
+ui.trails.checked = load('localStorage', TRAILS_KEY) === '1';
+ui.trails.addEventListener('change', () => {
+  save('localStorage', TRAILS_KEY, ui.trails.checked ? '1' : '0');
+  trails.setVisible(ui.trails.checked);
+});
 
 // ---------------------------------------------------------------- own state
 
@@ -453,6 +740,12 @@ function setPosition(lat, lng, accuracy) {
     accuracy: typeof accuracy === 'number' && Number.isFinite(accuracy) && accuracy >= 0
       ? Math.round(accuracy * 10) / 10 : null,
   };
+  const own = myId !== null ? pins.get(myId) : null;
+  if (own && !connected) {
+    // Not live: the server cannot be told, but the viewer sees where they are.
+    own.marker.setLatLng([position.lat, position.lng]);
+  }
+  people.invalidate();
   requestSend();
 }
 
@@ -468,8 +761,7 @@ function onFix(pos) {
   setPosition(c.latitude, c.longitude, c.accuracy);
   if (!hadFix) {
     hadFix = true;
-    viewChosen = true;
-    map.setView([c.latitude, c.longitude], FIRST_FIX_ZOOM);
+    arrive();
   }
 }
 
@@ -685,13 +977,14 @@ function onFrame(text) {
       break;
     case 'update':
       if (!connected) return;
-      for (const id of msg.gone || []) removePin(id);
+      for (const id of msg.gone || []) pinGone(id);
       for (const pin of msg.pins || []) upsertPin(pin);
-      showCount();
       refreshAges();
       break;
     case 'snapshot':
-      if (connected) replacePins(msg.pins);
+      if (!connected) return;
+      replacePins(msg.pins);
+      settlePins();
       refreshAges();
       break;
     case 'error':
@@ -704,22 +997,46 @@ function onFrame(text) {
 }
 
 function onWelcome(msg) {
-  myId = typeof msg.id === 'string' ? msg.id : String(msg.id);
   connected = true;
   failures = 0;
   if (link.sockjs) useSockjs = true; // it worked: stay on it for this page's life
   setStatus('connected', `connected \u00b7 ${transportLabel(link)}`);
   sentSeqs.clear();
+  // The map is rebuilt from the welcome, as it is now: the pins that were
+  // kept while the connection was down go, and the own pin has a new id.
+  const oldId = myId;
+  myId = typeof msg.id === 'string' ? msg.id : String(msg.id);
+  if (oldId !== null) trails.rename(oldId, myId);
+  if (oldId !== null && following === oldId) following = myId;
+  notLiveSince = null;
+  document.body.classList.remove('not-live');
   clearPins(); // the own pin's look may change with the new id
   replacePins(msg.pins);
+  settlePins();
   refreshAges();
-  if (!viewChosen && pins.size > 0) fitAll();
+  if (firstWelcome) {
+    firstWelcome = false;
+    arrive();
+  }
   // A new connection knows nothing of us: say who and where we are again,
   // the hello first, so that an approximate location is never sent exactly.
   lastHello = null;
   lastSent = null;
   sendHello();
   requestSend();
+}
+
+// After a welcome or a snapshot replaced the pins: trails and the person
+// followed go with the pins that are no longer there (the own pin comes
+// back with our next move).
+function settlePins() {
+  const ids = new Set(pins.keys());
+  ids.add(myId);
+  trails.keepOnly(ids);
+  if (following !== null && !ids.has(following)) {
+    stopFollowing();
+    toast('The person you followed is no longer on the map');
+  }
 }
 
 // Whether the map still exists: false only on a 404 (never made, or
@@ -753,7 +1070,13 @@ function linkDown(myAttempt, l, hadWelcome, code, reason) {
   connected = false;
   clearTimeout(sendTimer);
   sendTimer = null;
-  clearPins();
+  if (notLiveSince === null && hadWelcome) {
+    // Everyone stays where they were last seen, the viewer too, shown as not live.
+    notLiveSince = Date.now();
+    document.body.classList.add('not-live');
+    refreshAges();
+    people.invalidate();
+  }
   if (code === 1008 && reason === 'map expired') {
     mapGone('expired');
     return;
@@ -770,8 +1093,11 @@ function linkDown(myAttempt, l, hadWelcome, code, reason) {
     if (myCheck !== attempt || closedFor) return;
     if (exists === false) {
       mapGone('missing');
-    } else if (!l.sockjs && forced === null) {
-      openSockjs(); // WebSocket never got as far as a welcome: quietly try SockJS
+    } else if (exists === true && !l.sockjs && forced === null) {
+      // The server answers, but WebSocket never got as far as a welcome: a
+      // network that blocks it. Quietly try SockJS. (A server that cannot be
+      // reached at all, say while it restarts, is no reason to leave WebSocket.)
+      openSockjs();
     } else {
       scheduleReconnect();
     }
@@ -788,7 +1114,11 @@ function mapGone(why) {
   if (link) link.close();
   link = null;
   connected = false;
+  stopFollowing();
   clearPins();
+  trails.keepOnly(new Set());
+  notLiveSince = null;
+  document.body.classList.remove('not-live');
   if (geoWatch !== null) navigator.geolocation.clearWatch(geoWatch);
   geoWatch = null;
   placeByClick = false;
@@ -1043,13 +1373,28 @@ window.livemap = Object.freeze({
     closed: closedFor,
     retrying: retryTimer !== null,
     skew,
+    following,
+    notLive: notLiveSince !== null,
+    peopleOpen: people.isOpen,
+    trails: trails.visible,
+    free: freeArea(),
+    // Where "centre on" puts a pin: the middle of the free part of the map.
+    middle: (() => {
+      const a = fitArea();
+      return {x: (a.left + a.right) / 2, y: (a.top + a.bottom) / 2};
+    })(),
+    centre: [map.getCenter().lat, map.getCenter().lng],
   }),
   pin: (id) => {
     const entry = pins.get(id);
-    return entry ? {...entry.pin, stale: entry.seen !== ''} : null;
+    return entry ? {...entry.pin, stale: entry.stale} : null;
   },
+  // The positions of pin `id` this page received in the trail's window.
+  trail: (id) => trails.points(id),
 });
 
+setPanelOpen();
+trails.setVisible(ui.trails.checked);
 showCount();
 showMapInfo();
 startCompass();
@@ -1058,6 +1403,13 @@ setInterval(() => {
   refreshAges();
   keepAlive();
 }, STALE_CHECK_MS);
+// Every second: "N s ago" in the people list, "not live for N s", the
+// trails' ten minutes.
+setInterval(() => {
+  if (notLiveSince !== null) refreshAges();
+  trails.pruneAll();
+  if (people.isOpen || following !== null) people.render();
+}, TICK_MS);
 document.addEventListener('visibilitychange', () => {
   refreshAges();
   keepAlive();
