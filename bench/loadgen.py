@@ -164,34 +164,105 @@ def proc_rss_kb(pid: int) -> int:
     return 0
 
 
-def core_ticks() -> dict[int, tuple[int, int, int]]:
-    """Per core (busy, softirq, total) jiffies from /proc/stat: busy counts
-    everything but idle and iowait, so other processes show too; softirq is
-    mostly the loopback network work of the process on that core."""
+CoreTicks = dict[int, tuple[int, int, int, int, float]]
+
+
+def core_ticks() -> CoreTicks:
+    """Per core (busy, softirq, total, idle) clock ticks from /proc/stat and
+    the monotonic time they were read at.
+
+    On this kernel (tick-based CPU accounting, no IRQ time accounting, no
+    tick when idle) user, system and softirq are *sampled* by the 250 Hz
+    timer tick, which misses most of a load made of short bursts (a 0.5 ms
+    burst every 10 ms reads as 0.2 % busy instead of 5 %), whereas idle (and
+    iowait) is measured exactly at every idle entry and exit.  So a core's
+    busy time is taken as wall time minus idle; the sampled fields only give
+    shares (softirq).  Busy counts every process on the core, and the kernel
+    work (softirq, timers, wakeups) done there outside any process."""
     out = {}
+    t = time.monotonic()
     with open("/proc/stat", "rb") as f:
         for line in f:
             if line.startswith(b"cpu") and line[3:4].isdigit():
                 name, *vals = line.split()
                 v = [int(x) for x in vals]
                 total = sum(v[:8])
-                out[int(name[3:])] = (total - v[3] - v[4], v[6], total)
+                out[int(name[3:])] = (total - v[3] - v[4], v[6], total, v[3] + v[4], t)
     return out
 
 
-def core_busy(a: dict[int, tuple[int, int, int]], b: dict[int, tuple[int, int, int]]) -> dict[str, float]:
+def core_busy(a: CoreTicks, b: CoreTicks) -> dict[str, float]:
+    """Per core over the interval: busy share of wall time (exact, from idle
+    time), softirq share (sampled), and the sampled busy share for reference."""
     res = {}
+    tck = os.sysconf("SC_CLK_TCK")
     for k in sorted(a):
         if k in b:
             total = max(b[k][2] - a[k][2], 1)
-            res[f"core{k}"] = round((b[k][0] - a[k][0]) / total, 3)
+            wall = max(b[k][4] - a[k][4], 1e-9)
+            res[f"core{k}"] = round(min(1.0, max(0.0, 1.0 - (b[k][3] - a[k][3]) / tck / wall)), 3)
             res[f"core{k}_softirq"] = round((b[k][1] - a[k][1]) / total, 3)
+            res[f"core{k}_sampled"] = round((b[k][0] - a[k][0]) / total, 3)
     return res
 
 
 def self_cpu_seconds() -> float:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime + ru.ru_stime
+
+
+_TCP_EXT = ("DelayedACKs", "TCPPureAcks", "TCPHPAcks", "TCPHPHits", "TCPBacklogCoalesce", "TCPAutoCorking")
+
+
+def kernel_counters(pid: int) -> dict[str, float]:
+    """Cumulative counters that say what the kernel did for the run: per core
+    rescheduling and function-call IPIs (a wakeup of a task on the other
+    core), local timer interrupts, NET_RX and TIMER softirqs; the server's
+    user and system time apart and its context switches; our own context
+    switches; TCP segments and ACKs (machine-wide).  The generators report
+    their rates over the measured window, for diagnosis only."""
+    out: dict[str, float] = {}
+    ncpu = os.cpu_count() or 1
+    with open("/proc/interrupts", "rb") as f:
+        for line in f:
+            parts = line.split()
+            if parts and parts[0] in (b"RES:", b"CAL:", b"LOC:"):
+                for c in range(ncpu):
+                    out[f"irq_{parts[0][:-1].decode().lower()}_core{c}"] = int(parts[1 + c])
+    with open("/proc/softirqs", "rb") as f:
+        for line in f:
+            parts = line.split()
+            if parts and parts[0] in (b"NET_RX:", b"TIMER:"):
+                for c in range(ncpu):
+                    out[f"softirq_{parts[0][:-1].decode().lower()}_core{c}"] = int(parts[1 + c])
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    tck = os.sysconf("SC_CLK_TCK")
+    out["server_user_s"] = int(fields[11]) / tck
+    out["server_system_s"] = int(fields[12]) / tck
+    with open(f"/proc/{pid}/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"voluntary_ctxt_switches:"):
+                out["server_voluntary_switches"] = int(line.split()[1])
+            elif line.startswith(b"nonvoluntary_ctxt_switches:"):
+                out["server_involuntary_switches"] = int(line.split()[1])
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    out["gen_voluntary_switches"] = ru.ru_nvcsw
+    out["gen_involuntary_switches"] = ru.ru_nivcsw
+    for path, want in (("/proc/net/snmp", (b"Tcp:", ("InSegs", "OutSegs"))),
+                       ("/proc/net/netstat", (b"TcpExt:", _TCP_EXT))):
+        with open(path, "rb") as f:
+            rows = [line.split() for line in f if line.startswith(want[0])]
+        if len(rows) >= 2:
+            names = [n.decode() for n in rows[0][1:]]
+            for name, value in zip(names, rows[1][1:]):
+                if name in want[1]:
+                    out[f"tcp_{name}"] = int(value)
+    return out
+
+
+def kernel_rates(a: dict[str, float], b: dict[str, float], seconds: float) -> dict[str, float]:
+    return {k: round((b[k] - a[k]) / seconds, 3 if k.endswith("_s") else 1) for k in a if k in b}
 
 
 class LoadGen:
@@ -786,9 +857,11 @@ class LoadGen:
             w1 = t_move0 + cfg.duration
             self.pump(w0, True, t_move0)
             result["rss_window_start_kb"] = proc_rss_kb(pid)
+            kc0 = kernel_counters(pid)
             cpu_s0, cpu_g0, tw0, k0 = proc_cpu_seconds(pid), self_cpu_seconds(), time.monotonic(), core_ticks()
             self.pump(w1, True, t_move0)
             cpu_s1, cpu_g1, tw1, k1 = proc_cpu_seconds(pid), self_cpu_seconds(), time.monotonic(), core_ticks()
+            kc1 = kernel_counters(pid)
             rss2 = proc_rss_kb(pid)
             scheduled = int((tw1 - t_move0) * cfg.movers * cfg.rate)
             # settle: poll convergence every 100 ms up to `settle` seconds
@@ -822,6 +895,7 @@ class LoadGen:
                 converge_s=None if converge_at is None else round(converge_at, 3),
                 disorder=self.disorder,
                 distinct_payloads=len(self.memo),
+                kernel_per_s=kernel_rates(kc0, kc1, window),
             )
         else:
             cpu_s0, cpu_g0, tw0, k0 = proc_cpu_seconds(pid), self_cpu_seconds(), time.monotonic(), core_ticks()
