@@ -47,6 +47,10 @@ SERVERS = ("livemap", "naive-autobahn", "naive-node")
 GENERATORS = ("python", "node")
 # A run during which other processes used more than this (in cores) is repeated.
 NOISY = 0.25
+# With --livemap-commit: the tree livemap runs from (a `git archive` of that
+# commit, first on its PYTHONPATH) and the commit; else the working tree.
+LIVEMAP_TREE: Path | None = None
+LIVEMAP_COMMIT: str | None = None
 
 
 @dataclass(frozen=True)
@@ -156,9 +160,14 @@ class Server:
 
     def start(self) -> None:
         log = open(self.log_path, "wb")
+        env, cwd = None, REPO
+        if self.name == "livemap" and LIVEMAP_TREE is not None:
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(x for x in (str(LIVEMAP_TREE), env.get("PYTHONPATH")) if x)
+            cwd = LIVEMAP_TREE
         self.proc = subprocess.Popen(
-            server_command(self.name, self.port), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, preexec_fn=_pinned(SERVER_CORE),
+            server_command(self.name, self.port), cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, preexec_fn=_pinned(SERVER_CORE), env=env,
         )
         log.close()
         deadline = time.monotonic() + 30
@@ -452,8 +461,10 @@ def machine_facts() -> list[str]:
         f"- Python {platform.python_version()}, Twisted {twisted.__version__}, Autobahn {autobahn.__version__},"
         f" orjson {orjson.__version__}, numpy {numpy.__version__}",
         f"- Node.js {version(['node', '--version'])}, ws {ws_version}",
-        f"- livemap at commit {version(['git', '-C', str(REPO), 'rev-parse', '--short', 'HEAD'])}"
-        + (" with uncommitted changes in livemap_tx/" if version(['git', '-C', str(REPO), 'status', '--porcelain', 'livemap_tx']) else ""),
+        (f"- livemap at commit {LIVEMAP_COMMIT} (run from a `git archive` of it, not the working tree)"
+         if LIVEMAP_COMMIT else
+         f"- livemap at commit {version(['git', '-C', str(REPO), 'rev-parse', '--short', 'HEAD'])}"
+         + (" with uncommitted changes in livemap_tx/" if version(['git', '-C', str(REPO), 'status', '--porcelain', 'livemap_tx']) else "")),
     ]
 
 
@@ -636,6 +647,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="seconds the whole suite may spend waiting for quiet and repeating noisy runs")
     p.add_argument("--retries", type=int, default=2,
                    help=f"times to repeat a run during which other work used over {NOISY} cores")
+    p.add_argument("--livemap-commit", metavar="REV",
+                   help="run livemap from a `git archive` of this commit instead of the working tree"
+                   " (to measure committed code while others edit, or to compare two commits)")
     p.add_argument("--render", type=Path, metavar="JSON",
                    help="only write the report again from the raw results of an earlier --json")
     args = p.parse_args(argv)
@@ -657,11 +671,21 @@ def main(argv: list[str] | None = None) -> None:
     generators = args.generator or list(GENERATORS)
     if "naive-node" in servers or "node" in generators:
         ensure_node_peer()
+    logdir = Path(tempfile.mkdtemp(prefix="livemap-bench-"))
+    if args.livemap_commit:
+        global LIVEMAP_TREE, LIVEMAP_COMMIT
+        LIVEMAP_COMMIT = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", f"{args.livemap_commit}^{{commit}}"],
+            capture_output=True, text=True, check=True).stdout.strip()
+        LIVEMAP_TREE = logdir / f"livemap-{LIVEMAP_COMMIT}"
+        LIVEMAP_TREE.mkdir()
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", LIVEMAP_COMMIT],
+                                 capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(LIVEMAP_TREE)], input=archive, check=True)
     results: list[dict[str, Any]] = []
     extra = 0.0
     facts = machine_facts()  # before the runs: the commit measured, not the one at the end
     started = time.monotonic()
-    logdir = Path(tempfile.mkdtemp(prefix="livemap-bench-"))
     for name, server, generator in ((n, s, g) for n in names for s in servers for g in generators):
         sys.stderr.write(f"{name} / {server} / {generator} generator ... ")
         sys.stderr.flush()
