@@ -554,8 +554,12 @@ def render(results: list[dict[str, Any]], argv: list[str], elapsed: float,
             if r.get("disorder"):
                 extra.append(f"{r['disorder']} deliveries older than a state already seen")
             if r.get("saturated") in ("generator", "both"):
-                extra.append(f"the generator was busy too; its longest poll batch took {r.get('gen_max_batch_ms')} ms"
-                             " (no ready socket waited longer to be read)")
+                if _gen(r) == "node":
+                    extra.append(f"the generator was busy too; its event loop was late by up to {r.get('gen_max_batch_ms')} ms"
+                                 " (its latencies include that wait)")
+                else:
+                    extra.append(f"the generator was busy too; its longest poll batch took {r.get('gen_max_batch_ms')} ms"
+                                 " (no ready socket waited longer to be read)")
             if r.get("others_cpu", 0) > NOISY:
                 extra.append(f"other work took {r['others_cpu']:.2f} cores during this run even after"
                              f" {r.get('attempts', 1)} attempts: treat its latency with care")
