@@ -83,6 +83,9 @@ class PhoneApps:
         self.devices = devices
         self.admission = admission
         self.tids = TidBook()
+        # Fires once this node holds a map's pins (in a cluster, a report
+        # makes its node serve the map for a while: the backplane's watch).
+        self.map_ready: Callable[[str], defer.Deferred] = lambda name: defer.succeed(None)
 
     def resource(self) -> Any:
         return self.app.resource()
@@ -202,6 +205,7 @@ class PhoneApps:
             device = await self.devices.find(token)
             if fix is None:
                 return _answer(request, 200, b"[]")
+            await self.map_ready(device.map)
             await self.devices.report(device, fix)
             pins = self.devices.hub.pins(device.map)
             assigned = self.tids.assign(device.map, [pin["id"] for pin in pins], device.id,
@@ -227,6 +231,7 @@ class PhoneApps:
                     raise BadReport("the parameters are not a query string") from None
                 token, fix = parse_osmand(params, int(self.devices.clock.seconds() * 1000))
             device = await self.devices.find(token)
+            await self.map_ready(device.map)
             await self.devices.report(device, fix)
             return _answer(request, 200, b"", b"text/plain")
         return self._guarded(request, report)
@@ -249,6 +254,7 @@ class PhoneApps:
             fix = parse_overland(_body(request, MAX_BATCH_BYTES))
             device = await self.devices.find(token)
             if fix is not None:
+                await self.map_ready(device.map)
                 await self.devices.report(device, fix)
             # Exactly this, or the app keeps the batch and sends it again.
             return _answer(request, 200, b'{"result":"ok"}')

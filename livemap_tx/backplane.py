@@ -1,682 +1,104 @@
 """
-The backplane: one map across processes and machines.
+The backplane: one map across processes and machines, each node paying only
+for the maps it serves.
 
-Every node (a livemap process) holds every pin of every map: its own, and
-the other nodes' as remote pins (`Hub.apply_remote`). Nodes talk through a
-`Link`, a small message bus with two implementations: `MemoryLink` (one
-process, for tests) and `RedisLink` (Redis pub/sub on txredisapi).
+A node holds the pins of the maps it *watches*: those with a client on this
+node, plus those a request needs for a moment (a first welcome, the pins
+API, a phone app's report). Watching a map means listening to its channel
+(links.py): there arrive the deltas of the other nodes serving it, its
+devices' fixes, and requests for its state. A map that nobody here needs
+any more for a few seconds is unwatched, and its remote pins dropped.
 
 What travels (JSON objects, one per bus message; `n` is the sender's node id):
 
-- `delta`: `{"t": "delta", "n", "m": MAP, "p": [[VERSION, PIN], ...], "g": [ID, ...]}`,
-  one per map tick with this node's changed pins and departures
-  (`Hub.publisher`), so the bus sees at most one message per map tick.
-- `full`: `{"t": "full", "n", "k": CHUNK, "end": BOOL, "maps": {MAP: [[VERSION, PIN], ...]}}`,
-  every pin of the sender, in chunks; the chunks up to `end` *replace*
-  everything a receiver holds of that sender (pins it no longer has go).
-- `hello`: `{"t": "hello", "n"}`: "I have just (re)joined; send me your
-  state". Broadcast on every (re)connection, or sent to one node whose state
-  a receiver found itself missing; answered by a `full` sent to the asker.
-- `beat`: `{"t": "beat", "n"}`: "I am alive", when the node published
+On the cluster's channel:
+- `hello`: `{"t": "hello", "n", "f": SERVERS}`: "I (re)joined". `f` names
+  the sender's list of Redis servers: nodes with different lists would put
+  maps on different servers, and say so loudly (`health_problem`).
+- `beat`: `{"t": "beat", "n", "f"}`: "I am alive", when the node published
   nothing else for a while.
 - `bye`: `{"t": "bye", "n"}`: the node is stopping; its pins go at once.
 - `map`: `{"t": "map", "n", "m": NAME, "x": EXPIRES_MS or null}`: the sender
-  created a private map (already in the link's store of maps); the others
-  know it at once, and keep serving it while Redis is away.
+  created a private map (already in the link's store of maps).
+
+On a map's channel:
+- `delta`: `{"t": "delta", "n", "m": MAP, "p": [[VERSION, PIN], ...], "g": [ID, ...]}`,
+  one per map tick with the sender's changed pins and departures.
+- `mhello`: `{"t": "mhello", "n", "m": MAP}`: "I now serve MAP: send me your
+  pins of it"; every node watching the map answers with an `mfull`.
+- `mfull`: `{"t": "mfull", "n", "m": MAP, "k": CHUNK, "end": BOOL, "p": [[VERSION, PIN], ...]}`,
+  every pin of the sender on that map, in chunks; the chunks up to `end`
+  *replace* what a receiver holds of the sender on that map. Sent to the
+  asker's own channel, or on the map's channel (when several asked, and
+  to everyone after (re)linking).
+- `dev`, `devgone`: a device's newest fix, a device deleted (devices.py).
+
+A node starts watching a map by listening to its channel, counting the
+nodes that listen (this one included), asking them for their pins and
+loading the map's devices from the store; the map is in sync once every one
+of them answered (or after `map_sync_timeout`). Requests that need the
+map's pins wait for that (`watch`), so a first welcome is whole.
 
 A receiver drops every pin of a node it has heard nothing from for
 `node_ttl` seconds, so a node that dies (or is cut off) leaves no ghost pins.
 Per-pin order holds because one node publishes on one connection and a pin
 has one owner; `version` lets a stale state never win. When a link comes
-back, the node broadcasts its `full` state and a `hello`, so every node
-converges without any client reconnecting.
+back, the node syncs every map it watches again, so every node converges
+without any client reconnecting.
 
-Private maps are not messages but a store: the link keeps each map's
-expiry (`add_map`, `find_map`), which outlives any node; the backplane is
-the `MapStore` of the node's `MapDirectory`. After a reconnection every node
-writes back the maps it knows (`restore_maps`), so a Redis that restarted
-empty gets them again.
+Private maps and devices are not messages but stores: the link keeps each
+map's expiry (`add_map`, `find_map`) and each device (device_store.py),
+which outlive any node; the backplane is the `MapStore` of the node's
+`MapDirectory` and the `DeviceStore` of its `Devices`. After a
+reconnection every node writes back the maps it knows, and, if the store
+lost its data (a new epoch), the devices it knows.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import random
 import secrets
-import socket
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Protocol
-from urllib.parse import unquote, urlsplit
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional
 
 import orjson
-import txredisapi
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from twisted.application import service
-from twisted.application.internet import ClientService
-from twisted.internet import defer, endpoints, task
-from twisted.internet.interfaces import IReactorTime
-from twisted.logger import ILogObserver, Logger
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
-from .device_store import MemoryDeviceKeys, RedisDeviceKeys, fix_value
+from .device_store import fix_value
 from .hub import DEVICES, Hub, Pin
+from .links import (
+    DEFAULT_CLUSTER,
+    Link,
+    LinkReceiver,
+    MemoryBus,
+    MemoryLink,
+    new_node_id,
+)
 from .maps import MapDirectory
+from .redis_link import PROTOCOL_VERSION, RedisAddress, RedisLink, parse_redis_url
 
 if TYPE_CHECKING:
     from .devices import Devices
 
-# Bumped when the messages change shape: nodes of different versions never
-# share a channel.
-PROTOCOL_VERSION = 1
-# Pins per `full` message: keeps each bus message (and each parse on the
+# Pins per `mfull` message: keeps each bus message (and each parse on the
 # receiving reactor) small.
 FULL_CHUNK = 1000
 DEFAULT_NODE_TTL = 6.0
-DEFAULT_CLUSTER = "livemap"
-# Private maps written back per command after a reconnection.
-RESTORE_CHUNK = 1000
-
-
-def score(expires_ms: float) -> str:
-    """A map's expiry as Redis writes a sorted-set score ("inf": never)."""
-    return "inf" if math.isinf(expires_ms) else str(int(expires_ms))
-
-
-def new_node_id() -> str:
-    """Readable in logs and Redis keys, unique even when a pid is reused."""
-    host = socket.gethostname().split(".")[0] or "node"
-    host = "".join(c if c.isalnum() or c == "-" else "-" for c in host)[:32]
-    return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
-
-
-# The link: what a backplane needs from a message bus
-
-
-class LinkReceiver(Protocol):
-    """What a link calls back (the backplane)."""
-
-    def link_up(self) -> None: ...
-
-    def link_down(self, reason: str) -> None: ...
-
-    def message_received(self, message: bytes) -> None: ...
-
-
-class Link(Protocol):
-    """
-    A bus between the nodes of one cluster. Messages from one sender arrive
-    in the order sent; a message published while not `linked` is dropped
-    (the backplane resynchronises when the link comes back).
-    """
-
-    node: str
-    linked: bool
-
-    def start(self, receiver: LinkReceiver) -> None:
-        """Connect, and keep reconnecting until `stop`."""
-
-    def stop(self) -> defer.Deferred:
-        """Disconnect for good (after writing what was published)."""
-
-    def publish(self, message: bytes, to: Optional[str] = None) -> bool:
-        """Send to every node (`to` None, the sender included) or one node."""
-
-    def announce(self, ttl: float) -> None:
-        """Say this node is present for the next `ttl` seconds."""
-
-    def withdraw(self) -> None:
-        """Say this node is gone."""
-
-    def present(self) -> defer.Deferred:
-        """The ids of the nodes present now (a Deferred of a set)."""
-
-    def describe(self) -> str:
-        """Where the link goes, for logs (no secrets)."""
-
-    def add_map(self, name: str, expires_ms: float, *, cap: int,
-                forget_before_ms: float) -> defer.Deferred:
-        """
-        Atomically: forget the maps that expired before `forget_before_ms`,
-        then add map `name` expiring at `expires_ms` (epoch milliseconds,
-        `math.inf`: never) unless `cap` maps are left. Fires "added", "full"
-        or "taken" (a map of that name exists); fails while not linked.
-        """
-
-    def find_map(self, name: str) -> defer.Deferred:
-        """Fires with the map's expiry (epoch ms, `math.inf`: never) or None."""
-
-    def restore_maps(self, maps: list[tuple[str, float]]) -> defer.Deferred:
-        """Add these (name, expires_ms) unless present (after Redis lost them)."""
-
-    def device_keys(self) -> Any:
-        """The store of devices on this link (device_store.py)."""
-
-
-# In memory: one process, for tests
-
-
-class MemoryBus:
-    """
-    A Redis stand-in for one process: broadcast and per-node delivery in
-    order, presence with expiry, the private maps, and an off switch
-    (`stop`/`start`) that behaves like a Redis restart without persistence.
-    """
-
-    def __init__(self, clock: IReactorTime, *, retry: float = 0.05) -> None:
-        self.clock = clock
-        self.retry = retry
-        self.up = True
-        self.links: dict[str, MemoryLink] = {}
-        self.expires: dict[str, float] = {}
-        # Private maps: name -> expiry (epoch ms, inf: never), as the sorted set.
-        self.maps: dict[str, float] = {}
-        # Devices (device_store.MemoryDeviceKeys): token hash -> (record,
-        # forget at ms), token hash -> (version, latest fix), the epoch.
-        self.devices: dict[str, tuple[bytes, float]] = {}
-        self.device_fixes: dict[str, tuple[int, bytes]] = {}
-        self.device_epoch: Optional[str] = None
-        self.published = 0
-
-    def stop(self) -> None:
-        self.up = False
-        self.expires.clear()
-        self.maps.clear()
-        self.devices.clear()
-        self.device_fixes.clear()
-        self.device_epoch = None
-        for link in list(self.links.values()):
-            link._lost("bus stopped")
-
-    def start(self) -> None:
-        self.up = True
-        for link in list(self.links.values()):
-            link._reconnect_later()
-
-    def deliver(self, message: bytes, to: Optional[str]) -> None:
-        self.published += 1
-        targets = self.links.values() if to is None else [self.links[to]] if to in self.links else []
-        for link in list(targets):
-            link._queue(message)
-
-
-class MemoryLink:
-    """A `Link` on a `MemoryBus`."""
-
-    def __init__(self, bus: MemoryBus, node: str) -> None:
-        self.bus = bus
-        self.node = node
-        self.linked = False
-        self.receiver: Optional[LinkReceiver] = None
-        self._inbox: list[bytes] = []
-        self._drain_call: Any = None
-        self._connect_call: Any = None
-
-    def describe(self) -> str:
-        return "memory"
-
-    def start(self, receiver: LinkReceiver) -> None:
-        self.receiver = receiver
-        self.bus.links[self.node] = self
-        self._connect_call = self.bus.clock.callLater(0, self._connect)
-
-    def stop(self) -> defer.Deferred:
-        self.bus.links.pop(self.node, None)
-        for call in (self._connect_call, self._drain_call):
-            if call is not None and call.active():
-                call.cancel()
-        self.linked = False
-        self._inbox = []
-        return defer.succeed(None)
-
-    def publish(self, message: bytes, to: Optional[str] = None) -> bool:
-        if not self.linked:
-            return False
-        self.bus.deliver(message, to)
-        return True
-
-    def announce(self, ttl: float) -> None:
-        if self.linked:
-            self.bus.expires[self.node] = self.bus.clock.seconds() + ttl
-
-    def withdraw(self) -> None:
-        if self.linked:
-            self.bus.expires.pop(self.node, None)
-
-    def present(self) -> defer.Deferred:
-        if not self.linked:
-            return defer.fail(ConnectionError("not linked"))
-        now = self.bus.clock.seconds()
-        for node, expiry in list(self.bus.expires.items()):
-            if expiry <= now:
-                del self.bus.expires[node]
-        return defer.succeed(set(self.bus.expires))
-
-    def add_map(self, name: str, expires_ms: float, *, cap: int,
-                forget_before_ms: float) -> defer.Deferred:
-        if not self.linked:
-            return defer.fail(ConnectionError("not linked"))
-        maps = self.bus.maps
-        for old in [old for old, at in maps.items() if at < forget_before_ms]:
-            del maps[old]
-        if name in maps:
-            outcome = "taken"
-        elif len(maps) >= cap:
-            outcome = "full"
-        else:
-            maps[name] = expires_ms
-            outcome = "added"
-        return self._reply(lambda: outcome)
-
-    def find_map(self, name: str) -> defer.Deferred:
-        return self._reply(lambda: self.bus.maps.get(name))
-
-    def device_keys(self) -> MemoryDeviceKeys:
-        return MemoryDeviceKeys(self)
-
-    def restore_maps(self, maps: list[tuple[str, float]]) -> defer.Deferred:
-        if self.linked:
-            for name, expires_ms in maps:
-                self.bus.maps.setdefault(name, expires_ms)
-        return self._reply(lambda: None)
-
-    def _reply(self, answer: Any) -> defer.Deferred:
-        # In a later turn, as from a socket; a failure if not linked now.
-        if not self.linked:
-            return defer.fail(ConnectionError("not linked"))
-        replied: defer.Deferred = defer.Deferred()
-        self.bus.clock.callLater(0, lambda: replied.callback(answer()))
-        return replied
-
-    def _connect(self) -> None:
-        self._connect_call = None
-        if self.bus.up and self.node in self.bus.links and not self.linked:
-            self.linked = True
-            assert self.receiver is not None
-            self.receiver.link_up()
-
-    def _reconnect_later(self) -> None:
-        if self._connect_call is None or not self._connect_call.active():
-            self._connect_call = self.bus.clock.callLater(self.bus.retry, self._connect)
-
-    def _lost(self, reason: str) -> None:
-        self._inbox = []
-        if self.linked:
-            self.linked = False
-            assert self.receiver is not None
-            self.receiver.link_down(reason)
-
-    def _queue(self, message: bytes) -> None:
-        # One FIFO per receiver, drained in a later turn: like a socket,
-        # never re-entering the sender's call stack.
-        if not self.linked:
-            return
-        self._inbox.append(message)
-        if self._drain_call is None:
-            self._drain_call = self.bus.clock.callLater(0, self._drain)
-
-    def _drain(self) -> None:
-        self._drain_call = None
-        inbox, self._inbox = self._inbox, []
-        for message in inbox:
-            if not self.linked or self.receiver is None:
-                return
-            self.receiver.message_received(message)
-
-
-# Redis, on txredisapi
-
-
-@dataclass(frozen=True)
-class RedisAddress:
-    host: str
-    port: int
-    db: int
-    tls: bool
-    username: Optional[str]
-    password: Optional[str]
-
-    def __str__(self) -> str:
-        """The URL without its secrets, for logs."""
-        auth = "***@" if self.password is not None else ""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{'rediss' if self.tls else 'redis'}://{auth}{host}:{self.port}/{self.db}"
-
-
-def parse_redis_url(url: str) -> RedisAddress:
-    """`redis://[[user]:password@]host[:port][/db]`, or `rediss://` for TLS."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("redis", "rediss"):
-        raise ValueError(f"not a redis:// or rediss:// URL: {url!r}")
-    try:
-        port = parts.port or 6379
-    except ValueError:
-        raise ValueError(f"bad port in {url!r}") from None
-    if not parts.hostname:
-        raise ValueError(f"no host in {url!r}")
-    path = parts.path.strip("/")
-    if path and not path.isdigit():
-        raise ValueError(f"the database must be a number, not {path!r}")
-    return RedisAddress(
-        host=parts.hostname, port=port, db=int(path or 0), tls=parts.scheme == "rediss",
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password is not None else None)
-
-
-@implementer(ILogObserver)
-def _discard(event: dict) -> None:
-    pass
-
-
-class _QuietClientService(ClientService):
-    """ClientService logs every retry; the link logs a loss once instead."""
-
-    _log = Logger(observer=_discard)
-
-
-class _RedisFactory(txredisapi.RedisFactory):
-    """Builds the protocols of one of the link's connections (no pool: one each)."""
-
-    def __init__(self, connection: _RedisConnection, address: RedisAddress,
-                 dbid: Optional[int], reply_timeout: float) -> None:
-        super().__init__(None, dbid, 1, isLazy=True, charset=None, password=address.password,
-                         replyTimeout=reply_timeout, convertNumbers=False,
-                         username=address.username)
-        self.connection = connection
-        self.deferred = None  # nobody waits on a pool
-
-    def buildProtocol(self, addr: Any) -> Any:  # noqa: N802 (Twisted's name)
-        protocol = super().buildProtocol(addr)
-        protocol.whenConnected().addCallback(self.connection._ready)
-        return protocol
-
-    def addConnection(self, conn: Any) -> None:  # noqa: N802 (txredisapi's name)
-        """No pool: the link holds its protocol itself."""
-
-    def connectionError(self, why: str) -> None:  # noqa: N802 (txredisapi's name)
-        # AUTH or SELECT failed: the connection is closed and retried later.
-        self.connection.link._refused(why)
-
-
-class _CommandProtocol(txredisapi.RedisProtocol):
-    def connectionLost(self, why: Failure) -> None:  # noqa: N802
-        super().connectionLost(why)
-        self.factory.connection._lost(self, why)
-
-
-class _SubscriberProtocol(txredisapi.SubscriberProtocol):
-    def messageReceived(self, pattern: Any, channel: bytes, message: bytes) -> None:  # noqa: N802
-        self.factory.connection.link._message(message)
-
-    def connectionLost(self, why: Failure) -> None:  # noqa: N802
-        super().connectionLost(why)
-        self.factory.connection._lost(self, why)
-
-
-class _RedisConnection:
-    """One Redis connection kept open: reconnects with capped exponential back-off."""
-
-    def __init__(self, link: RedisLink, name: str, protocol: type,
-                 endpoint: Any, dbid: Optional[int]) -> None:
-        self.link = link
-        self.name = name
-        self.protocol: Any = None
-        self._unready = 0
-        factory = _RedisFactory(self, link.address, dbid, link.reply_timeout)
-        factory.protocol = protocol
-        self.service = _QuietClientService(endpoint, factory, retryPolicy=self._delay,
-                                           clock=link.clock, prepareConnection=self._prepare)
-
-    def _delay(self, attempt: int) -> float:
-        # A connection that is accepted and then refused (AUTH) counts as a
-        # failure too, or the retries would not back off.
-        attempt = max(attempt, self._unready)
-        delay = min(self.link.max_backoff, 0.25 * 2 ** min(attempt - 1, 16))
-        return delay * random.uniform(0.8, 1.2)
-
-    def _prepare(self, protocol: Any) -> None:
-        self._unready += 1
-
-    def _ready(self, protocol: Any) -> None:
-        self._unready = 0
-        if protocol.connected:
-            self.protocol = protocol
-            self.link._connection_ready(self)
-
-    def _lost(self, protocol: Any, why: Failure) -> None:
-        if protocol is self.protocol:
-            self.protocol = None
-            self.link._connection_lost(self, why)
-
-
-class RedisLink:
-    """
-    A `Link` through Redis: one connection publishes and sets presence keys,
-    another subscribes. Channels and keys (pub/sub is not per database, so
-    the database number is in the channel names):
-
-    - `livemap:v1:{cluster}:{db}:all`: broadcast channel;
-    - `livemap:v1:{cluster}:{db}:to:{node}`: one node's channel;
-    - `livemap:v1:{cluster}:node:{node}`: presence key, expiring after the
-      node TTL unless refreshed (in database `db`);
-    - `livemap:v1:{cluster}:maps`: the private maps, a sorted set of names
-      scored by expiry in epoch milliseconds (`inf`: never), in database `db`.
-    """
-
-    log = Logger()
-
-    def __init__(self, url: str, cluster: str, node: str, reactor: Any, *,
-                 password: Optional[str] = None, reply_timeout: float = 5.0,
-                 max_backoff: float = 5.0, keepalive: float = 2.0) -> None:
-        self.address = parse_redis_url(url)
-        if self.address.password is None and password is not None:
-            self.address = replace(self.address, password=password)
-        self.node = node
-        self.clock: IReactorTime = reactor
-        self.reactor = reactor
-        self.reply_timeout = reply_timeout
-        self.max_backoff = max_backoff
-        self.keepalive = keepalive
-        prefix = f"livemap:v{PROTOCOL_VERSION}:{cluster}"
-        self.channel_prefix = f"{prefix}:{self.address.db}"
-        self.broadcast_channel = f"{self.channel_prefix}:all".encode()
-        self.own_channel = self._channel(node)
-        self.key_prefix = f"{prefix}:node:"
-        self.maps_key = f"{prefix}:maps"
-        self.store_prefix = prefix
-        self.linked = False
-        self.receiver: Optional[LinkReceiver] = None
-        self._stopping = False
-        self._refusal: Optional[str] = None
-        self._keepalive = task.LoopingCall(self._ping)
-        self._keepalive.clock = reactor
-        endpoint = self._endpoint()
-        self.commands = _RedisConnection(self, "commands", _CommandProtocol, endpoint,
-                                         self.address.db or None)
-        self.subscriber = _RedisConnection(self, "subscriber", _SubscriberProtocol,
-                                           endpoint, None)
-
-    def describe(self) -> str:
-        return str(self.address)
-
-    def _channel(self, node: str) -> bytes:
-        return f"{self.channel_prefix}:to:{node}".encode()
-
-    def _endpoint(self) -> Any:
-        address = self.address
-        endpoint: Any = endpoints.HostnameEndpoint(self.reactor, address.host, address.port,
-                                                   timeout=self.reply_timeout)
-        if address.tls:
-            from twisted.internet.ssl import optionsForClientTLS
-            endpoint = endpoints.wrapClientTLS(optionsForClientTLS(address.host), endpoint)
-        return endpoint
-
-    # Link
-
-    def start(self, receiver: LinkReceiver) -> None:
-        self.receiver = receiver
-        self.commands.service.startService()
-        self.subscriber.service.startService()
-        self._keepalive.start(self.keepalive, now=False)
-
-    def stop(self) -> defer.Deferred:
-        self._stopping = True
-        self.linked = False
-        if self._keepalive.running:
-            self._keepalive.stop()
-        return defer.gatherResults([self.commands.service.stopService(),
-                                    self.subscriber.service.stopService()],
-                                   consumeErrors=True).addCallback(lambda _: None)
-
-    def _command(self, connection: _RedisConnection, name: str, *args: Any,
-                 **kwargs: Any) -> bool:
-        """Send one command if connected; never raises (this runs inside hub ticks)."""
-        protocol = connection.protocol
-        if protocol is None:
-            return False
-        try:
-            sent = getattr(protocol, name)(*args, **kwargs)
-        except txredisapi.ConnectionError:
-            return False
-        sent.addErrback(self._failed, name.upper())
-        return True
-
-    def publish(self, message: bytes, to: Optional[str] = None) -> bool:
-        if not self.linked:
-            return False
-        channel = self.broadcast_channel if to is None else self._channel(to)
-        return self._command(self.commands, "publish", channel, message)
-
-    def announce(self, ttl: float) -> None:
-        value = orjson.dumps({"host": socket.gethostname(), "pid": os.getpid()})
-        self._command(self.commands, "set", self.key_prefix + self.node, value,
-                      pexpire=max(1, int(ttl * 1000)))
-
-    def withdraw(self) -> None:
-        self._command(self.commands, "delete", self.key_prefix + self.node)
-
-    def present(self) -> defer.Deferred:
-        return defer.Deferred.fromCoroutine(self._present())
-
-    async def _present(self) -> set[str]:
-        protocol = self.commands.protocol
-        if protocol is None:
-            raise ConnectionError("not connected to Redis")
-        nodes: set[str] = set()
-        cursor = 0
-        pattern = self.key_prefix + "*"
-        while True:
-            cursor, keys = await protocol.scan(cursor, pattern, 1000)
-            cursor = int(cursor)
-            for key in keys:
-                nodes.add(key.decode("utf-8", "replace")[len(self.key_prefix):])
-            if cursor == 0:
-                return nodes
-
-    # Private maps: one sorted set, so that a Lua script can count, prune
-    # and add atomically (the cluster-wide cap), a lookup is one ZSCORE and
-    # restoring is one ZADD per thousand maps.
-
-    _ADD_MAP = b"""
-        redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1])
-        if redis.call('ZSCORE', KEYS[1], ARGV[4]) then return 'taken' end
-        if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 'full' end
-        redis.call('ZADD', KEYS[1], ARGV[3], ARGV[4])
-        return 'added'
-    """
-
-    def _query(self, *args: Any) -> defer.Deferred:
-        """One command's reply, or a failure if not linked (never raises)."""
-        protocol = self.commands.protocol
-        if not self.linked or protocol is None:
-            return defer.fail(ConnectionError("not connected to Redis"))
-        try:
-            return protocol.execute_command(*args)
-        except Exception:
-            return defer.fail()
-
-    def add_map(self, name: str, expires_ms: float, *, cap: int,
-                forget_before_ms: float) -> defer.Deferred:
-        return self._query("EVAL", self._ADD_MAP, 1, self.maps_key, score(forget_before_ms),
-                           str(cap), score(expires_ms), name).addCallback(
-            lambda outcome: outcome.decode() if isinstance(outcome, bytes) else outcome)
-
-    def find_map(self, name: str) -> defer.Deferred:
-        return self._query("ZSCORE", self.maps_key, name).addCallback(
-            lambda found: None if found is None else float(found))
-
-    def device_keys(self) -> RedisDeviceKeys:
-        return RedisDeviceKeys(self, self.store_prefix)
-
-    def restore_maps(self, maps: list[tuple[str, float]]) -> defer.Deferred:
-        if not self.linked:
-            return defer.fail(ConnectionError("not connected to Redis"))
-        sent = []
-        for start in range(0, len(maps), RESTORE_CHUNK):
-            pairs: list[str] = []
-            for name, expires_ms in maps[start:start + RESTORE_CHUNK]:
-                pairs += [score(expires_ms), name]
-            sent.append(self._query("ZADD", self.maps_key, "NX", *pairs))
-        return defer.gatherResults(sent, consumeErrors=True).addCallbacks(
-            lambda _: None, lambda failure: failure.value.subFailure)
-
-    # Connections
-
-    def _failed(self, failure: Failure, command: str) -> None:
-        # The connection's loss is what matters, and it is logged once there.
-        if self.linked:
-            self.log.debug("redis {command} failed: {error}", command=command,
-                           error=failure.getErrorMessage())
-
-    def _refused(self, why: str) -> None:
-        if why != self._refusal:
-            self._refusal = why
-            self.log.error("Redis {address} refused the connection: {why}",
-                           address=str(self.address), why=why)
-
-    def _connection_ready(self, connection: _RedisConnection) -> None:
-        self._refusal = None
-        if self._stopping:
-            return
-        if connection is self.subscriber:
-            protocol = connection.protocol
-            def refused(failure: Failure) -> None:
-                self._failed(failure, "SUBSCRIBE")
-                protocol.transport.abortConnection()
-            d = protocol.subscribe([self.broadcast_channel, self.own_channel])
-            d.addCallbacks(lambda _: self._maybe_up(), refused)
-        else:
-            self._maybe_up()
-
-    def _maybe_up(self) -> None:
-        if (not self.linked and not self._stopping and self.commands.protocol is not None
-                and self.subscriber.protocol is not None):
-            self.linked = True
-            assert self.receiver is not None
-            self.receiver.link_up()
-
-    def _connection_lost(self, connection: _RedisConnection, why: Failure) -> None:
-        # Either connection's loss unlinks: the other one stays up, and when
-        # this one is back, one resync covers whatever was missed.
-        if self.linked and not self._stopping:
-            self.linked = False
-            assert self.receiver is not None
-            self.receiver.link_down(f"{connection.name} connection: {why.getErrorMessage()}")
-
-    def _message(self, message: Any) -> None:
-        if self.linked and self.receiver is not None and isinstance(message, bytes):
-            self.receiver.message_received(message)
-
-    def _ping(self) -> None:
-        # A Redis that hangs (or a half-open TCP connection) answers no PING:
-        # the reply timeout then aborts the connection and we reconnect.
-        for connection in (self.commands, self.subscriber):
-            self._command(connection, "ping")
-
-
-# The backplane: the hub's side of the link
+# How long a map stays watched after the last thing that needed it.
+LINGER = 3.0
+# How long a request's need of a map lasts (until a WebSocket upgrade's
+# client has joined, while an API answer is written; a connected client
+# holds the map by itself); a phone app's report keeps its map for
+# `DEVICE_LEASE`, so that its next report (and OwnTracks' Friends) finds
+# the map in sync.
+REQUEST_LEASE = 2.0
+DEVICE_LEASE = 600.0
 
 
 @dataclass
@@ -688,18 +110,42 @@ class BackplaneStats:
     full_states_sent: int = 0
     nodes_expired: int = 0
     bad_messages: int = 0
+    map_syncs: int = 0
+    maps_unwatched: int = 0
 
 
 def _state_entries(pins: Iterable[Pin]) -> bytes:
     return b",".join(b"[%d,%s]" % (pin.version, pin.json()) for pin in pins)
 
 
+class MapWatch:
+    """A map this node watches: whether it is in sync, who needs it, until when."""
+
+    __slots__ = ("name", "synced", "waiters", "awaiting", "answered", "devices_loaded",
+                 "timer", "lease_until", "linger", "generation")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.synced = False
+        self.waiters: list[defer.Deferred] = []
+        # Nodes that must answer before the map is in sync (None: unknown yet).
+        self.awaiting: Optional[int] = None
+        self.answered: set[str] = set()
+        self.devices_loaded = False
+        self.timer: Optional[IDelayedCall] = None
+        self.lease_until = -math.inf
+        self.linger: Optional[IDelayedCall] = None
+        # Counts syncs: an answer of an older sync never completes a newer one.
+        self.generation = 0
+
+
 class Backplane(service.Service):
     """
-    Shares this node's pins with the other nodes of its cluster and applies
-    theirs to the hub. A twisted Service: start it, and the hub's ticks are
-    published; stop it, and the other nodes drop this node's pins at once.
-    With `share_maps`, it is also the cluster's store of private maps.
+    Shares this node's pins of the maps it serves with the other nodes that
+    serve them, and applies theirs to the hub. A twisted Service: start it,
+    and the hub's ticks are published; stop it, and the other nodes drop
+    this node's pins at once. It is also the cluster's store of private maps
+    (`share_maps`) and devices (`share_devices`).
     """
 
     log = Logger()
@@ -709,7 +155,8 @@ class Backplane(service.Service):
 
     def __init__(self, hub: Hub, link: Link, clock: IReactorTime, *,
                  node_ttl: float = DEFAULT_NODE_TTL, sync_timeout: Optional[float] = None,
-                 reply_delay: float = 0.05, full_chunk: int = FULL_CHUNK) -> None:
+                 map_sync_timeout: Optional[float] = None, reply_delay: float = 0.05,
+                 full_chunk: int = FULL_CHUNK, linger: float = LINGER) -> None:
         self.hub = hub
         self.link = link
         self.clock = clock
@@ -719,44 +166,50 @@ class Backplane(service.Service):
         # others hear from a live node at least every half TTL.
         self.beat_interval = node_ttl / 4
         self.sync_timeout = min(3.0, node_ttl) if sync_timeout is None else sync_timeout
+        self.map_sync_timeout = (min(1.0, self.sync_timeout) if map_sync_timeout is None
+                                 else map_sync_timeout)
         self.reply_delay = reply_delay
         self.full_chunk = full_chunk
+        self.linger = linger
         self.stats = BackplaneStats()
         # When each other node was last heard from (this node's clock).
         self.last_seen: dict[str, float] = {}
-        # Nodes whose `full` state is arriving: what it has named so far.
-        self.replacing: dict[str, set[tuple[str, str]]] = {}
-        # Nodes asked for their state that have not sent it yet.
-        self.asked: set[str] = set()
+        # The maps this node watches.
+        self.watches: dict[str, MapWatch] = {}
+        # (node, map) whose whole state this node holds since it last synced.
+        self.have: set[tuple[str, str]] = set()
+        # (node, map) whose `mfull` is arriving: what it has named so far.
+        self.replacing: dict[tuple[str, str], set[str]] = {}
+        # (node, map) asked for their state that have not sent it yet.
+        self.asked: set[tuple[str, str]] = set()
+        # Another node's list of Redis servers, if it differs from ours.
+        self.mismatch: Optional[str] = None
         self.last_publish = -math.inf
         self.linked_since: Optional[float] = None
         self.down_since: Optional[float] = clock.seconds()
         self.ever_linked = False
-        self._reply_to: set[Optional[str]] = set()
+        # Maps -> nodes (None: everyone) that asked for this node's pins.
+        self._reply_to: dict[str, set[str]] = {}
         self._reply_call: Any = None
         self._synced: Optional[str] = None
         self._sync_waiters: list[defer.Deferred] = []
-        self._sync_pending: Optional[set[str]] = None
-        # Nodes whose whole state arrived since the link last came up.
-        self._full_from: set[str] = set()
         self._sync_call: Any = None
-        # How the other nodes' states came in, while the devices' are loading.
-        self._nodes_synced: Optional[str] = None
-        self._devices_loaded = False
         # The device store's epoch as this node last saw it.
         self._device_epoch: Optional[str] = None
         self._beat = task.LoopingCall(self._guarded, self._heartbeat)
         self._beat.clock = clock
         self._sweep = task.LoopingCall(self._guarded, self.sweep)
         self._sweep.clock = clock
-        self._hello = self._encode({"t": "hello", "n": self.node})
-        self._beat_message = self._encode({"t": "beat", "n": self.node})
+        self._hello = orjson.dumps({"t": "hello", "n": self.node, "f": link.fingerprint})
+        self._beat_message = orjson.dumps({"t": "beat", "n": self.node,
+                                           "f": link.fingerprint})
 
     # Service
 
     def startService(self) -> None:  # noqa: N802 (Twisted's name)
         super().startService()
         self.hub.publisher = self.publish_tick
+        self.hub.watcher = self
         self._sync_call = self.clock.callLater(self.sync_timeout, self._finish_sync,
                                                "timed out")
         self.link.start(self)
@@ -768,7 +221,7 @@ class Backplane(service.Service):
     def stopService(self) -> defer.Deferred:  # noqa: N802
         super().stopService()
         if self.link.linked:
-            self._publish(self._encode({"t": "bye", "n": self.node}))
+            self._publish(orjson.dumps({"t": "bye", "n": self.node}))
             self.link.withdraw()
         return self.abandon()
 
@@ -776,25 +229,172 @@ class Backplane(service.Service):
         """Stop without a goodbye, as a crash would: the others time this node out."""
         if self.hub.publisher == self.publish_tick:
             self.hub.publisher = None
+        if self.hub.watcher is self:
+            self.hub.watcher = None
         for loop in (self._beat, self._sweep):
             if loop.running:
                 loop.stop()
         for call in (self._reply_call, self._sync_call):
             if call is not None and call.active():
                 call.cancel()
+        for watch in list(self.watches.values()):
+            for call in (watch.timer, watch.linger):
+                if call is not None and call.active():
+                    call.cancel()
+            self._map_synced(watch, watch.generation, "stopped")
         self._finish_sync("stopped")
         return self.link.stop()
 
     def when_synced(self) -> defer.Deferred:
         """
-        Fires once this node holds the other nodes' pins after starting (or
-        after `sync_timeout`, Redis or not), so a first welcome is whole.
+        Fires once this node is linked (and knows the device store's epoch),
+        or after `sync_timeout`, Redis or not: the gate of its first client.
         """
         if self._synced is not None:
             return defer.succeed(self._synced)
         waiter: defer.Deferred = defer.Deferred()
         self._sync_waiters.append(waiter)
         return waiter
+
+    # Watching maps
+
+    def watch(self, map_name: str, lease: float = REQUEST_LEASE) -> defer.Deferred:
+        """
+        Serve `map_name` for at least `lease` seconds; fires once this node
+        holds the other nodes' pins of it (or after `map_sync_timeout`).
+        """
+        watch = self._watch(map_name)
+        watch.lease_until = max(watch.lease_until, self.clock.seconds() + lease)
+        self._release_later(watch, lease)
+        if watch.synced:
+            return defer.succeed(None)
+        waiter: defer.Deferred = defer.Deferred()
+        watch.waiters.append(waiter)
+        return waiter
+
+    def map_in_use(self, map_name: str) -> None:
+        """`Hub.watcher`: a map got its first client on this node."""
+        watch = self._watch(map_name)
+        if watch.linger is not None and watch.linger.active():
+            watch.linger.cancel()
+        watch.linger = None
+
+    def map_out_of_use(self, map_name: str) -> None:
+        """`Hub.watcher`: a map's last client on this node left."""
+        watch = self.watches.get(map_name)
+        if watch is not None:
+            self._release_later(watch, 0.0)
+
+    def _watch(self, map_name: str) -> MapWatch:
+        watch = self.watches.get(map_name)
+        if watch is None:
+            watch = self.watches[map_name] = MapWatch(map_name)
+            self._start_sync(watch)
+        return watch
+
+    def _release_later(self, watch: MapWatch, after: float) -> None:
+        delay = after + self.linger
+        if watch.linger is not None and watch.linger.active():
+            if watch.linger.getTime() >= self.clock.seconds() + delay:
+                return
+            watch.linger.cancel()
+        watch.linger = self.clock.callLater(delay, self._maybe_release, watch)
+
+    def _maybe_release(self, watch: MapWatch) -> None:
+        watch.linger = None
+        if self.watches.get(watch.name) is not watch:
+            return
+        map_state = self.hub.maps.get(watch.name)
+        now = self.clock.seconds()
+        if (map_state is not None and map_state.members) or watch.lease_until > now:
+            if watch.lease_until > now:
+                self._release_later(watch, watch.lease_until - now)
+            return
+        self._unwatch(watch)
+
+    def _unwatch(self, watch: MapWatch) -> None:
+        """Nothing here needs the map: stop listening, drop what others hold of it."""
+        del self.watches[watch.name]
+        if watch.timer is not None and watch.timer.active():
+            watch.timer.cancel()
+        self._map_synced(watch, watch.generation, "unwatched")
+        self.link.unwatch_map(watch.name)
+        self.have = {pair for pair in self.have if pair[1] != watch.name}
+        self.asked = {pair for pair in self.asked if pair[1] != watch.name}
+        for pair in [pair for pair in self.replacing if pair[1] == watch.name]:
+            del self.replacing[pair]
+        self.hub.drop_others(watch.name)
+        self.stats.maps_unwatched += 1
+
+    def _start_sync(self, watch: MapWatch) -> None:
+        watch.generation += 1
+        watch.synced = False
+        watch.awaiting = None
+        watch.answered = set()
+        watch.devices_loaded = self.devices is None
+        if watch.timer is not None and watch.timer.active():
+            watch.timer.cancel()
+        generation = watch.generation
+        watch.timer = self.clock.callLater(self.map_sync_timeout, self._map_synced, watch,
+                                           generation, "timed out")
+        self.stats.map_syncs += 1
+        self.link.watch_map(watch.name).addCallbacks(
+            lambda count: self._listening(watch, generation, count),
+            lambda failure: self._map_synced(watch, generation, "not linked"))
+
+    def _listening(self, watch: MapWatch, generation: int, count: int) -> None:
+        if watch.generation != generation or self.watches.get(watch.name) is not watch:
+            return
+        # Our own pins of it to everyone (they may have missed our deltas),
+        # and a request for theirs.
+        self._send_map_full(watch.name, None)
+        self.link.publish_map(watch.name, orjson.dumps(
+            {"t": "mhello", "n": self.node, "m": watch.name}))
+        watch.awaiting = max(0, count - 1)
+        if self.devices is not None:
+            defer.Deferred.fromCoroutine(self._load_devices(watch, generation)).addErrback(
+                self._devices_failed, watch, generation)
+        self._check_synced(watch)
+
+    async def _load_devices(self, watch: MapWatch, generation: int) -> None:
+        assert self.devices is not None
+        values = await self.device_keys.load_fixes(watch.name, self.clock.seconds() * 1000)
+        if watch.generation != generation or self.watches.get(watch.name) is not watch:
+            return
+        entries = []
+        for value in values:
+            try:
+                decoded = orjson.loads(value)
+                [state] = self._states([decoded["e"]])
+                entries.append(state)
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                self.stats.bad_messages += 1
+        self.devices.replace_map(watch.name, entries)
+        watch.devices_loaded = True
+        self._check_synced(watch)
+
+    def _devices_failed(self, failure: Any, watch: MapWatch, generation: int) -> None:
+        self.log.warn("could not load the devices of a map: {error}",
+                      error=failure.getErrorMessage())
+        if watch.generation == generation:
+            watch.devices_loaded = True
+            self._check_synced(watch)
+
+    def _check_synced(self, watch: MapWatch) -> None:
+        if (not watch.synced and watch.devices_loaded and watch.awaiting is not None
+                and len(watch.answered) >= watch.awaiting):
+            self._map_synced(watch, watch.generation, "complete")
+
+    def _map_synced(self, watch: MapWatch, generation: int, how: str) -> None:
+        if watch.generation != generation or watch.synced:
+            return
+        watch.synced = True
+        if watch.timer is not None and watch.timer.active():
+            watch.timer.cancel()
+        watch.timer = None
+        waiters, watch.waiters = watch.waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
 
     # The private maps: this backplane is the directory's MapStore
 
@@ -873,11 +473,11 @@ class Backplane(service.Service):
             return defer.fail(ConnectionError(f"not linked to {self.link.describe()}"))
 
         def removed(existed: bool) -> bool:
-            self._publish(b'{"t":"devgone","n":%s,"m":%s,"i":%s,"k":%s}' % (
+            self.link.publish_map(map_name, b'{"t":"devgone","n":%s,"m":%s,"i":%s,"k":%s}' % (
                 orjson.dumps(self.node), orjson.dumps(map_name), orjson.dumps([pin_id]),
                 orjson.dumps([token_hash])))
             return existed
-        return self.device_keys.remove_device(token_hash).addCallback(removed)
+        return self.device_keys.remove_device(token_hash, map_name).addCallback(removed)
 
     def save_fix(self, token_hash: str, map_name: str, version: int, entry: bytes,
                  now_ms: float, expires_ms: float) -> defer.Deferred:
@@ -887,37 +487,19 @@ class Backplane(service.Service):
 
         def saved(outcome: str) -> str:
             if outcome == "saved":
-                self._publish(b'{"t":"dev","n":%s,"m":%s,"p":[%s]}' % (
+                self.link.publish_map(map_name, b'{"t":"dev","n":%s,"m":%s,"p":[%s]}' % (
                     orjson.dumps(self.node), name, entry))
             return outcome
-        return self.device_keys.save_fix(token_hash, version, fix_value(name, entry),
+        return self.device_keys.save_fix(token_hash, map_name, version, fix_value(name, entry),
                                          now_ms, expires_ms).addCallback(saved)
 
-    async def _sync_devices(self) -> None:
-        """
-        After (re)linking: if the store lost its data (a new epoch), write
-        back what this node knows; then its fixes replace this node's
-        device pins.
-        """
+    async def _check_device_epoch(self) -> None:
+        """If the store lost its data (a new epoch), write back what this node knows."""
         assert self.devices is not None
-        now_ms = self.clock.seconds() * 1000
         epoch = await self.device_keys.epoch(secrets.token_hex(8))
         if self._device_epoch is not None and epoch != self._device_epoch:
             await self._restore_devices()
         self._device_epoch = epoch
-        values = await self.device_keys.load_fixes(now_ms)
-        entries = []
-        for value in values:
-            try:
-                decoded = orjson.loads(value)
-                [state] = self._states([decoded["e"]])
-                entries.append((decoded["m"], state))
-            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-                self.stats.bad_messages += 1
-        self.devices.replace_all(entries)
-        self._devices_loaded = True
-        if self._nodes_synced is not None:
-            self._finish_sync(self._nodes_synced)
 
     async def _restore_devices(self) -> None:
         assert self.devices is not None
@@ -929,18 +511,20 @@ class Backplane(service.Service):
         by_id = {record["i"]: (key, until) for key, record, until in records}
         now_ms = self.clock.seconds() * 1000
         for map_state in list(self.hub.maps.values()):
+            name = orjson.dumps(map_state.name)
             for pin in list(map_state.pins.values()):
                 found = by_id.get(pin.id)
                 if pin.origin == DEVICES and found is not None:
                     entry = b"[%d,%s]" % (pin.version, pin.json())
-                    await self.device_keys.save_fix(
-                        found[0], pin.version, fix_value(orjson.dumps(map_state.name), entry),
-                        now_ms, found[1])
+                    await self.device_keys.save_fix(found[0], map_state.name, pin.version,
+                                                    fix_value(name, entry), now_ms, found[1])
 
     # Health and metrics
 
     def health_problem(self) -> Optional[str]:
-        """None while linked; else what /healthz should say (still 200)."""
+        """None while linked and agreed; else what /healthz should say (still 200)."""
+        if self.mismatch is not None:
+            return self.mismatch
         if self.link.linked:
             return None
         assert self.down_since is not None
@@ -968,20 +552,25 @@ class Backplane(service.Service):
         self.stats.resyncs += 1
         self.asked.clear()
         self.replacing.clear()
-        self._full_from.clear()
+        self.have.clear()
         self.link.announce(self.node_ttl)
-        # Everyone sends us their state; we send everyone ours (what we
-        # published while cut off was lost).
         self._publish(self._hello)
-        self._send_full(None)
         self._restore_maps()
         if self.devices is not None:
-            defer.Deferred.fromCoroutine(self._sync_devices()).addErrback(
-                lambda failure: self.log.warn("could not load the devices' pins: {error}",
-                                              error=failure.getErrorMessage()))
-        if self._synced is None and self._sync_pending is None:
-            self.link.present().addCallbacks(self._wait_for_nodes,
-                                             lambda failure: self._first_sync_done("no peers"))
+            defer.Deferred.fromCoroutine(self._check_device_epoch()).addBoth(
+                self._epoch_checked)
+        else:
+            self._epoch_checked(None)
+
+    def _epoch_checked(self, result: Any) -> None:
+        if isinstance(result, Failure):
+            self.log.warn("could not check the device store: {error}",
+                          error=result.getErrorMessage())
+        # Every map this node serves is synced again: what was published
+        # while cut off was lost, and the store may be new.
+        for watch in list(self.watches.values()):
+            self._start_sync(watch)
+        self._finish_sync("linked")
 
     def link_down(self, reason: str) -> None:
         self.linked_since, self.down_since = None, self.clock.seconds()
@@ -999,30 +588,35 @@ class Backplane(service.Service):
         if origin == self.node:
             return
         self.stats.received += 1
-        known = origin in self.last_seen
         self.last_seen[origin] = self.clock.seconds()
         try:
-            if kind == "delta":
-                if not known:
-                    self._ask(origin)
-                self._apply(origin, decoded["m"], decoded["p"], decoded["g"])
-            elif kind == "full":
-                self._apply_full(origin, decoded)
-            elif kind == "hello":
-                self._reply(origin)
-            elif kind == "beat":
-                if not known:
-                    self._ask(origin)
+            if kind in ("delta", "mfull", "mhello", "dev", "devgone"):
+                map_name = decoded["m"]
+                if not isinstance(map_name, str):
+                    raise ValueError("bad map")
+                if map_name not in self.watches:
+                    return  # a late message of a map this node no longer serves
+                if kind == "delta":
+                    pair = (origin, map_name)
+                    if pair not in self.have:
+                        self._ask(origin, map_name)
+                    self.hub.apply_remote(map_name, origin, self._states(decoded["p"]),
+                                          decoded["g"])
+                elif kind == "mfull":
+                    self._apply_full(origin, map_name, decoded)
+                elif kind == "mhello":
+                    self._reply(origin, map_name)
+                elif kind == "dev":
+                    if self.devices is not None:
+                        self.devices.apply(map_name, self._states(decoded["p"]))
+                elif self.devices is not None:
+                    self.devices.remote_gone(map_name, list(decoded["i"]), list(decoded["k"]))
+            elif kind in ("hello", "beat"):
+                self._check_servers(origin, decoded.get("f"))
             elif kind == "bye":
                 self._forget(origin, "said goodbye")
             elif kind == "map":
                 self._learn_map(decoded)
-            elif kind == "dev":
-                if self.devices is not None:
-                    self.devices.apply(decoded["m"], self._states(decoded["p"]))
-            elif kind == "devgone":
-                if self.devices is not None:
-                    self.devices.remote_gone(decoded["m"], list(decoded["i"]), list(decoded["k"]))
             else:
                 self._bad(message)
         except (KeyError, TypeError, ValueError, AttributeError):
@@ -1032,6 +626,16 @@ class Backplane(service.Service):
             self.stats.bad_messages += 1
             self.log.failure("could not apply a message of node {origin}", origin=origin)
 
+    def _check_servers(self, origin: str, fingerprint: Any) -> None:
+        if fingerprint == self.link.fingerprint:
+            return
+        problem = (f"node {origin} uses another list of Redis servers than this node "
+                   f"({self.link.describe()}): maps would be split between them; give every "
+                   f"node the same --redis list, in the same order")
+        if self.mismatch != problem:
+            self.mismatch = problem
+            self.log.error("{problem}", problem=problem)
+
     # Publishing
 
     def publish_tick(self, map_name: str, pins: list[Pin], gone: list[str]) -> None:
@@ -1039,69 +643,68 @@ class Backplane(service.Service):
         if not self.link.linked:
             self.stats.dropped += 1
             return
-        self._publish(b'{"t":"delta","n":%s,"m":%s,"p":[%s],"g":%s}' % (
+        self._count(self.link.publish_map(map_name, b'{"t":"delta","n":%s,"m":%s,"p":[%s],"g":%s}' % (
             orjson.dumps(self.node), orjson.dumps(map_name), _state_entries(pins),
-            orjson.dumps(gone)))
+            orjson.dumps(gone))))
 
     def _publish(self, message: bytes, to: Optional[str] = None) -> None:
-        if self.link.publish(message, to):
+        self._count(self.link.publish(message, to))
+
+    def _count(self, published: bool) -> None:
+        if published:
             self.stats.published += 1
             self.last_publish = self.clock.seconds()
         else:
             self.stats.dropped += 1
 
-    def _encode(self, message: dict) -> bytes:
-        return orjson.dumps(message)
+    def map_full_messages(self, map_name: str) -> list[bytes]:
+        """This node's pins of one map, in chunks of at most `full_chunk` pins."""
+        map_state = self.hub.maps.get(map_name)
+        local = [] if map_state is None else [
+            pin for pin in map_state.pins.values() if pin.origin is None]
+        chunks = [local[start:start + self.full_chunk]
+                  for start in range(0, len(local), self.full_chunk)] or [[]]
+        head = b'{"t":"mfull","n":%s,"m":%s' % (orjson.dumps(self.node), orjson.dumps(map_name))
+        return [b'%s,"k":%d,"end":%s,"p":[%s]}' % (
+            head, index, b"true" if index == len(chunks) - 1 else b"false",
+            _state_entries(chunk)) for index, chunk in enumerate(chunks)]
 
-    def full_messages(self) -> list[bytes]:
-        """This node's whole state, in chunks of at most `full_chunk` pins."""
-        chunks: list[dict[str, list[Pin]]] = [{}]
-        count = 0
-        for map_name, pin in self.hub.local_pins():
-            if count == self.full_chunk:
-                chunks.append({})
-                count = 0
-            chunks[-1].setdefault(map_name, []).append(pin)
-            count += 1
-        node = orjson.dumps(self.node)
-        messages = []
-        for index, chunk in enumerate(chunks):
-            maps = b",".join(b"%s:[%s]" % (orjson.dumps(name), _state_entries(pins))
-                             for name, pins in chunk.items())
-            end = b"true" if index == len(chunks) - 1 else b"false"
-            messages.append(b'{"t":"full","n":%s,"k":%d,"end":%s,"maps":{%s}}' % (
-                node, index, end, maps))
-        return messages
-
-    def _send_full(self, to: Optional[str]) -> None:
+    def _send_map_full(self, map_name: str, to: Optional[str]) -> None:
         # All chunks in one turn, on one connection: no delta of ours comes
         # between them.
-        for message in self.full_messages():
-            self._publish(message, to)
+        for message in self.map_full_messages(map_name):
+            if to is None:
+                self._count(self.link.publish_map(map_name, message))
+            else:
+                self._publish(message, to)
         self.stats.full_states_sent += 1
 
-    def _reply(self, origin: str) -> None:
+    def _reply(self, origin: str, map_name: str) -> None:
         # Answers are gathered for a moment: when Redis comes back every node
-        # says hello at about the same time.
-        self._reply_to.add(origin)
+        # asks for every map it serves at about the same time.
+        self._reply_to.setdefault(map_name, set()).add(origin)
         if self._reply_call is None or not self._reply_call.active():
             self._reply_call = self.clock.callLater(self.reply_delay, self._send_replies)
 
     def _send_replies(self) -> None:
-        targets, self._reply_to = self._reply_to, set()
+        replies, self._reply_to = self._reply_to, {}
         if not self.link.linked:
             return
-        if len(targets) > 2:
-            self._send_full(None)
-        else:
-            for target in targets:
-                self._send_full(target)
+        for map_name, targets in replies.items():
+            if map_name not in self.watches:
+                continue
+            if len(targets) > 2:
+                self._send_map_full(map_name, None)
+            else:
+                for target in targets:
+                    self._send_map_full(map_name, target)
 
-    def _ask(self, origin: str) -> None:
-        """We hold only part of a node's state (we missed its `full`): ask for it."""
-        if origin not in self.asked and self.link.linked:
-            self.asked.add(origin)
-            self._publish(self._hello, origin)
+    def _ask(self, origin: str, map_name: str) -> None:
+        """We hold only part of a node's pins of a map (we missed its `mfull`): ask for it."""
+        pair = (origin, map_name)
+        if pair not in self.asked and self.link.linked:
+            self.asked.add(pair)
+            self._publish(orjson.dumps({"t": "mhello", "n": self.node, "m": map_name}), origin)
 
     def _guarded(self, job: Any) -> None:
         # A LoopingCall stops for good at its first exception: log and go on.
@@ -1119,13 +722,6 @@ class Backplane(service.Service):
 
     # Applying
 
-    def _apply(self, origin: str, map_name: str, entries: list, gone: Iterable[str]) -> None:
-        states = self._states(entries)
-        seen = self.replacing.get(origin)
-        if seen is not None:
-            seen.update((map_name, state["id"]) for state in states)
-        self.hub.apply_remote(map_name, origin, states, gone)
-
     @staticmethod
     def _states(entries: list) -> list[dict]:
         states = []
@@ -1134,28 +730,29 @@ class Backplane(service.Service):
             states.append(state)
         return states
 
-    def _apply_full(self, origin: str, message: dict) -> None:
+    def _apply_full(self, origin: str, map_name: str, message: dict) -> None:
+        pair = (origin, map_name)
         if message["k"] == 0:
-            self.replacing[origin] = set()
-        for map_name, entries in message["maps"].items():
-            self._apply(origin, map_name, entries, ())
+            self.replacing[pair] = set()
+        states = self._states(message["p"])
+        seen = self.replacing.get(pair)
+        if seen is not None:
+            seen.update(state["id"] for state in states)
+        self.hub.apply_remote(map_name, origin, states, ())
         if message["end"]:
-            self.asked.discard(origin)
-            self._full_from.add(origin)
-            seen = self.replacing.pop(origin, None)
-            if seen is not None:
-                self._drop_unseen(origin, seen)
-            if self._sync_pending is not None:
-                self._sync_pending.discard(origin)
-                if not self._sync_pending:
-                    self._first_sync_done("complete")
-
-    def _drop_unseen(self, origin: str, seen: set[tuple[str, str]]) -> None:
-        for map_state in list(self.hub.maps.values()):
-            stale = [pin_id for pin_id, pin in map_state.pins.items()
-                     if pin.origin == origin and (map_state.name, pin_id) not in seen]
-            if stale:
-                self.hub.apply_remote(map_state.name, origin, (), stale)
+            self.asked.discard(pair)
+            self.have.add(pair)
+            seen = self.replacing.pop(pair, None)
+            map_state = self.hub.maps.get(map_name)
+            if seen is not None and map_state is not None:
+                stale = [pin_id for pin_id, pin in map_state.pins.items()
+                         if pin.origin == origin and pin_id not in seen]
+                if stale:
+                    self.hub.apply_remote(map_name, origin, (), stale)
+            watch = self.watches.get(map_name)
+            if watch is not None and not watch.synced:
+                watch.answered.add(origin)
+                self._check_synced(watch)
 
     def sweep(self) -> None:
         """Drop the pins of nodes not heard from within the node TTL."""
@@ -1167,8 +764,10 @@ class Backplane(service.Service):
 
     def _forget(self, origin: str, why: str) -> None:
         self.last_seen.pop(origin, None)
-        self.replacing.pop(origin, None)
-        self.asked.discard(origin)
+        self.have = {pair for pair in self.have if pair[0] != origin}
+        self.asked = {pair for pair in self.asked if pair[0] != origin}
+        for pair in [pair for pair in self.replacing if pair[0] == origin]:
+            del self.replacing[pair]
         dropped = self.hub.drop_origin(origin)
         self.log.info("node {origin} {why}: dropped its {count} pins", origin=origin, why=why,
                       count=dropped)
@@ -1182,35 +781,14 @@ class Backplane(service.Service):
 
     # The first sync
 
-    def _wait_for_nodes(self, nodes: set[str]) -> None:
-        pending = set(nodes) - {self.node} - self._full_from
-        if self._synced is not None:
-            return
-        if not pending:
-            self._first_sync_done("no other node")
-        else:
-            self._sync_pending = pending
-
-    def _first_sync_done(self, how: str) -> None:
-        """The other nodes' states are in (or will not come): done once the devices' are too."""
-        if self._synced is not None or self._nodes_synced is not None:
-            return
-        self._nodes_synced = how
-        if self._devices_loaded or self.devices is None:
-            self._finish_sync(how)
-
     def _finish_sync(self, how: str) -> None:
         if self._synced is not None:
             return
         self._synced = how
-        self._sync_pending = None
         if self._sync_call is not None and self._sync_call.active():
             self._sync_call.cancel()
         if how != "stopped":
-            self.log.info("node {node}: first sync {how} ({count} pins of {nodes} other nodes)",
-                          node=self.node, how=how, nodes=len(self.last_seen),
-                          count=sum(1 for m in self.hub.maps.values()
-                                    for p in m.pins.values() if p.origin is not None))
+            self.log.info("node {node}: ready ({how})", node=self.node, how=how)
         waiters, self._sync_waiters = self._sync_waiters, []
         for waiter in waiters:
             waiter.callback(how)
@@ -1230,13 +808,21 @@ class BackplaneCollector(Collector):
         yield GaugeMetricFamily("livemap_backplane_nodes",
                                 "Other nodes heard from within the node TTL.",
                                 value=backplane.nodes())
+        yield GaugeMetricFamily("livemap_backplane_maps_watched",
+                                "Maps this node serves and listens to.",
+                                value=len(backplane.watches))
         for name, text, value in (
             ("messages_published", "Messages published to the other nodes.", stats.published),
             ("messages_dropped", "Messages not published because the link was down "
              "(the next resync supersedes them).", stats.dropped),
             ("messages_received", "Messages received from other nodes.", stats.received),
-            ("resyncs", "Times this node (re)linked and exchanged full states.", stats.resyncs),
-            ("full_states_sent", "Full states of this node sent.", stats.full_states_sent),
+            ("resyncs", "Times this node (re)linked and synced its maps again.", stats.resyncs),
+            ("map_syncs", "Times a map's pins were fetched from the nodes serving it.",
+             stats.map_syncs),
+            ("maps_unwatched", "Maps left once nothing here needed them.",
+             stats.maps_unwatched),
+            ("full_states_sent", "This node's pins of a map sent to others.",
+             stats.full_states_sent),
             ("nodes_expired", "Nodes dropped for silence (died or cut off).",
              stats.nodes_expired),
             ("bad_messages", "Malformed messages ignored.", stats.bad_messages),
@@ -1244,16 +830,16 @@ class BackplaneCollector(Collector):
             yield CounterMetricFamily(f"livemap_backplane_{name}", text, value=value)
 
 
-def make_backplane(hub: Hub, reactor: Any, url: str, *, cluster: str = DEFAULT_CLUSTER,
+def make_backplane(hub: Hub, reactor: Any, urls: str, *, cluster: str = DEFAULT_CLUSTER,
                    node_ttl: float = DEFAULT_NODE_TTL, password: Optional[str] = None,
                    node: Optional[str] = None) -> Backplane:
-    """A backplane on Redis at `url` (what `--redis` gives)."""
-    link = RedisLink(url, cluster, node or new_node_id(), reactor, password=password,
+    """A backplane on the Redis server(s) of `urls` (what `--redis` gives)."""
+    link = RedisLink(urls, cluster, node or new_node_id(), reactor, password=password,
                      max_backoff=max(0.5, min(5.0, node_ttl / 2)),
                      keepalive=max(0.5, node_ttl / 4))
     return Backplane(hub, link, reactor, node_ttl=node_ttl)
 
 
-__all__ = ["Backplane", "BackplaneCollector", "BackplaneStats", "Link", "LinkReceiver",
-           "MemoryBus", "MemoryLink", "RedisAddress", "RedisLink", "make_backplane",
-           "new_node_id", "parse_redis_url"]
+__all__ = ["Backplane", "BackplaneCollector", "BackplaneStats", "DEVICE_LEASE", "Link",
+           "LinkReceiver", "MemoryBus", "MemoryLink", "PROTOCOL_VERSION", "REQUEST_LEASE",
+           "RedisAddress", "RedisLink", "make_backplane", "new_node_id", "parse_redis_url"]

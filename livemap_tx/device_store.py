@@ -1,15 +1,18 @@
 """
 The devices of a cluster in Redis (and the same in memory, for tests).
 
-Keys, in the link's database (`{prefix}` is `livemap:v1:{cluster}`):
+Keys, on the link's home server (`{prefix}` is `livemap:v2:{cluster}`, and
+`{map}` the SHA-1 of a map's name, as Lua's redis.sha1hex computes it):
 
 - `{prefix}:devices`: sorted set of token hashes, scored by when the device
   is forgotten (epoch ms): its map's expiry, or 30 days after its last fix;
 - `{prefix}:device`: hash, token hash -> the device's record (JSON: map, pin
   id, name, map expiry);
-- `{prefix}:fixes`: hash, token hash -> its latest fix (JSON `{"m": MAP,
-  "e": [VERSION, PIN]}`), and `{prefix}:fixv` the version alone, compared
-  as a decimal string (a Lua number would round it);
+- `{prefix}:fixes:{map}`: hash, token hash -> the latest fix of each device
+  of the map (JSON `{"m": MAP, "e": [VERSION, PIN]}`), and
+  `{prefix}:fixv:{map}` the version alone, compared as a decimal string (a
+  Lua number would round it): a node that starts serving a map reads the
+  map's fixes and nothing else;
 - `{prefix}:epoch`: a random value set by the first node to find it
   missing: a node that sees a new one knows Redis lost its data and writes
   back what it knows.
@@ -28,20 +31,26 @@ from twisted.internet import defer
 # Forgotten devices pruned per script call (the rest go on the next one).
 PRUNE_BATCH = 1000
 
+# KEYS[1] devices, KEYS[2] device; ARGV[1] now (ms), ARGV[2] the key prefix.
 _PRUNE = """
 local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, %d)
 for _, h in ipairs(gone) do
+  local record = redis.call('HGET', KEYS[2], h)
+  if record then
+    local map = redis.sha1hex(cjson.decode(record)['m'])
+    redis.call('HDEL', ARGV[2] .. ':fixes:' .. map, h)
+    redis.call('HDEL', ARGV[2] .. ':fixv:' .. map, h)
+  end
   redis.call('ZREM', KEYS[1], h)
   redis.call('HDEL', KEYS[2], h)
-  redis.call('HDEL', KEYS[3], h)
-  redis.call('HDEL', KEYS[4], h)
 end
 """ % PRUNE_BATCH
 
+# ARGV[3] cap, ARGV[4] forget at, ARGV[5] token hash, ARGV[6] record.
 ADD_DEVICE = (_PRUNE + """
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 'full' end
-redis.call('ZADD', KEYS[1], ARGV[3], ARGV[4])
-redis.call('HSET', KEYS[2], ARGV[4], ARGV[5])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 'full' end
+redis.call('ZADD', KEYS[1], ARGV[4], ARGV[5])
+redis.call('HSET', KEYS[2], ARGV[5], ARGV[6])
 return 'added'
 """).encode()
 
@@ -51,6 +60,7 @@ if not forget_at or tonumber(forget_at) <= tonumber(ARGV[2]) then return false e
 return redis.call('HGET', KEYS[2], ARGV[1])
 """
 
+# KEYS devices, device, fixes:{map}, fixv:{map}.
 REMOVE_DEVICE = b"""
 local existed = redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('HDEL', KEYS[2], ARGV[1])
@@ -59,15 +69,16 @@ redis.call('HDEL', KEYS[4], ARGV[1])
 return existed
 """
 
+# KEYS devices, fixes:{map}, fixv:{map}; ARGV hash, now, version, value, forget at.
 SAVE_FIX = b"""
 local forget_at = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if not forget_at or tonumber(forget_at) <= tonumber(ARGV[2]) then return 'unknown' end
-local held = redis.call('HGET', KEYS[4], ARGV[1])
+local held = redis.call('HGET', KEYS[3], ARGV[1])
 if held and (#held > #ARGV[3] or (#held == #ARGV[3] and held >= ARGV[3])) then
   return 'older'
 end
-redis.call('HSET', KEYS[4], ARGV[1], ARGV[3])
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[3])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
 redis.call('ZADD', KEYS[1], ARGV[5], ARGV[1])
 return 'saved'
 """
@@ -88,49 +99,57 @@ RESTORE_CHUNK = 500
 
 
 def fix_value(map_name: bytes, entry: bytes) -> bytes:
+    """A stored fix: the map's name (JSON) and `[VERSION, PIN]`."""
     return b'{"m":%s,"e":%s}' % (map_name, entry)
 
 
 class RedisDeviceKeys:
-    """The device store's commands on a RedisLink's command connection."""
+    """The device store's commands on a RedisLink's home server."""
 
     def __init__(self, link: Any, prefix: str) -> None:
         self.link = link
-        self.keys = [f"{prefix}:devices", f"{prefix}:device", f"{prefix}:fixes",
-                     f"{prefix}:fixv"]
+        self.prefix = prefix
+        self.devices_key = f"{prefix}:devices"
+        self.device_key = f"{prefix}:device"
         self.epoch_key = f"{prefix}:epoch"
 
-    def _eval(self, script: bytes, *args: Any) -> defer.Deferred:
-        d = self.link._query("EVAL", script, len(self.keys), *self.keys, *args)
+    def _fix_keys(self, map_name: str) -> list[str]:
+        from .links import map_digest
+        digest = map_digest(map_name)
+        return [f"{self.prefix}:fixes:{digest}", f"{self.prefix}:fixv:{digest}"]
+
+    def _eval(self, script: bytes, keys: list[str], *args: Any) -> defer.Deferred:
+        d = self.link._query("EVAL", script, len(keys), *keys, *args)
         return d.addCallback(lambda out: out.decode() if isinstance(out, bytes) else out)
 
     def add_device(self, token_hash: str, record: bytes, expires_ms: float, *,
                    cap: int, now_ms: float) -> defer.Deferred:
-        return self._eval(ADD_DEVICE, str(int(now_ms)), str(cap), str(int(expires_ms)),
-                          token_hash, record)
+        return self._eval(ADD_DEVICE, [self.devices_key, self.device_key], str(int(now_ms)),
+                          self.prefix, str(cap), str(int(expires_ms)), token_hash, record)
 
     def find_device(self, token_hash: str, now_ms: float) -> defer.Deferred:
-        return self.link._query("EVAL", FIND_DEVICE, 2, self.keys[0], self.keys[1],
+        return self.link._query("EVAL", FIND_DEVICE, 2, self.devices_key, self.device_key,
                                 token_hash, str(int(now_ms)))
 
-    def remove_device(self, token_hash: str) -> defer.Deferred:
-        return self._eval(REMOVE_DEVICE, token_hash).addCallback(lambda n: bool(int(n)))
+    def remove_device(self, token_hash: str, map_name: str) -> defer.Deferred:
+        keys = [self.devices_key, self.device_key, *self._fix_keys(map_name)]
+        return self._eval(REMOVE_DEVICE, keys, token_hash).addCallback(lambda n: bool(int(n)))
 
-    def save_fix(self, token_hash: str, version: int, value: bytes, now_ms: float,
-                 expires_ms: float) -> defer.Deferred:
-        return self._eval(SAVE_FIX, token_hash, str(int(now_ms)), str(version), value,
+    def save_fix(self, token_hash: str, map_name: str, version: int, value: bytes,
+                 now_ms: float, expires_ms: float) -> defer.Deferred:
+        keys = [self.devices_key, *self._fix_keys(map_name)]
+        return self._eval(SAVE_FIX, keys, token_hash, str(int(now_ms)), str(version), value,
                           str(int(expires_ms)))
 
-    async def load_fixes(self, now_ms: float) -> list[bytes]:
-        """Every live device's latest fix (forgotten devices pruned first)."""
-        await self._eval(PRUNE, str(int(now_ms)))
-        protocol = self.link.commands.protocol
-        if protocol is None:
-            raise ConnectionError("not connected to Redis")
+    async def load_fixes(self, map_name: str, now_ms: float) -> list[bytes]:
+        """The latest fix of every live device of a map (forgotten devices pruned first)."""
+        await self._eval(PRUNE, [self.devices_key, self.device_key], str(int(now_ms)),
+                         self.prefix)
+        key = self._fix_keys(map_name)[0]
         values: list[bytes] = []
         cursor = 0
         while True:
-            reply = await self.link._query("HSCAN", self.keys[2], cursor, "COUNT", 1000)
+            reply = await self.link._query("HSCAN", key, cursor, "COUNT", 1000)
             cursor, flat = int(reply[0]), reply[1]
             values.extend(flat[1::2])
             if cursor == 0:
@@ -150,8 +169,8 @@ class RedisDeviceKeys:
             args: list[Any] = []
             for token_hash, record, expires_ms in items[start:start + RESTORE_CHUNK]:
                 args += [token_hash, record, str(int(expires_ms))]
-            sent.append(self.link._query("EVAL", RESTORE_DEVICES, 2, self.keys[0],
-                                         self.keys[1], *args))
+            sent.append(self.link._query("EVAL", RESTORE_DEVICES, 2, self.devices_key,
+                                         self.device_key, *args))
         return defer.gatherResults(sent, consumeErrors=True)
 
 
@@ -166,7 +185,7 @@ class MemoryDeviceKeys:
         return self.link.bus
 
     def _prune(self, now_ms: float) -> None:
-        for key in [k for k, (_, until) in self.bus.devices.items() if until <= now_ms]:
+        for key in [k for k, (_, forget_at) in self.bus.devices.items() if forget_at <= now_ms]:
             del self.bus.devices[key]
             self.bus.device_fixes.pop(key, None)
 
@@ -186,30 +205,31 @@ class MemoryDeviceKeys:
             return None if found is None or found[1] <= now_ms else found[0]
         return self._answer(find)
 
-    def remove_device(self, token_hash: str) -> defer.Deferred:
+    def remove_device(self, token_hash: str, map_name: str) -> defer.Deferred:
         def remove() -> bool:
             self.bus.device_fixes.pop(token_hash, None)
             return self.bus.devices.pop(token_hash, None) is not None
         return self._answer(remove)
 
-    def save_fix(self, token_hash: str, version: int, value: bytes, now_ms: float,
-                 expires_ms: float) -> defer.Deferred:
+    def save_fix(self, token_hash: str, map_name: str, version: int, value: bytes,
+                 now_ms: float, expires_ms: float) -> defer.Deferred:
         def save() -> str:
             found = self.bus.devices.get(token_hash)
             if found is None or found[1] <= now_ms:
                 return "unknown"
             held = self.bus.device_fixes.get(token_hash)
-            if held is not None and held[0] >= version:
+            if held is not None and held[1] >= version:
                 return "older"
-            self.bus.device_fixes[token_hash] = (version, value)
+            self.bus.device_fixes[token_hash] = (map_name, version, value)
             self.bus.devices[token_hash] = (found[0], expires_ms)
             return "saved"
         return self._answer(save)
 
-    async def load_fixes(self, now_ms: float) -> list[bytes]:
+    async def load_fixes(self, map_name: str, now_ms: float) -> list[bytes]:
         def load() -> list[bytes]:
             self._prune(now_ms)
-            return [value for _, value in self.bus.device_fixes.values()]
+            return [value for name, _, value in self.bus.device_fixes.values()
+                    if name == map_name]
         return await self._answer(load)
 
     async def epoch(self, candidate: str) -> str:

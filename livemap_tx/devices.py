@@ -364,23 +364,20 @@ class Devices:
             self.known.pop(key, None)
         self.hub.apply_remote(map_name, DEVICES, (), pin_ids)
 
-    def replace_all(self, entries: list[tuple[str, dict]]) -> None:
+    def replace_map(self, map_name: str, states: list[dict]) -> None:
         """
-        The store's fixes, after this node (re)joined: they replace every
-        device pin this node holds (a device deleted meanwhile loses its pin).
+        The store's fixes of a map, when this node starts serving it (again):
+        they replace the device pins it held (a device deleted meanwhile
+        loses its pin).
         """
-        by_map: dict[str, list[dict]] = {}
-        for map_name, state in entries:
-            by_map.setdefault(map_name, []).append(state)
-        for map_state in list(self.hub.maps.values()):
-            seen = {state["id"] for state in by_map.get(map_state.name, ())}
+        seen = {state["id"] for state in states}
+        map_state = self.hub.maps.get(map_name)
+        if map_state is not None:
             stale = [pin.id for pin in map_state.pins.values()
                      if pin.origin == DEVICES and pin.id not in seen]
             if stale:
-                self.hub.apply_remote(map_state.name, DEVICES, (), stale)
-        for map_name, states in by_map.items():
-            self.apply(map_name, states)
-        self.known.clear()
+                self.hub.apply_remote(map_name, DEVICES, (), stale)
+        self.apply(map_name, states)
 
     def forget_map(self, map_name: str) -> None:
         """The map expired: its devices and their pins go (the store's entries expire too)."""

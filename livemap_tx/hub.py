@@ -55,6 +55,14 @@ class Frame:
         self.cache: dict[object, object] = {}
 
 
+class MapWatcher(Protocol):
+    """What the hub tells a backplane about the maps it serves."""
+
+    def map_in_use(self, map_name: str) -> None: ...
+
+    def map_out_of_use(self, map_name: str) -> None: ...
+
+
 class Subscriber(Protocol):
     """What a transport gives the hub for one connection."""
 
@@ -274,6 +282,8 @@ class MapState:
         self.members[member.id] = member
         self.world.add(member)
         self.hub.stats.connections_opened += 1
+        if len(self.members) == 1 and self.hub.watcher is not None:
+            self.hub.watcher.map_in_use(self.name)
         # The current pins: the world's next update covers whatever of them
         # no tick has sent yet.
         self._send(member, wire.encode_welcome(
@@ -293,6 +303,8 @@ class MapState:
         if pin is not None:
             member.pin = None
             self.remove_pin(pin)
+        if not self.members and self.hub.watcher is not None:
+            self.hub.watcher.map_out_of_use(self.name)
         self._forget_if_empty()
 
     def new_pin(self, pin_id: str) -> Pin:
@@ -366,6 +378,14 @@ class MapState:
     def drop_origin(self, origin: str) -> int:
         """Remove every pin of a node that is gone; returns how many."""
         dropped = [pin for pin in self.pins.values() if pin.origin == origin]
+        for pin in dropped:
+            self.remove_pin(pin)
+        self._forget_if_empty()
+        return len(dropped)
+
+    def drop_others(self) -> int:
+        """Remove every pin this node does not own (it stopped serving the map)."""
+        dropped = [pin for pin in self.pins.values() if pin.origin is not None]
         for pin in dropped:
             self.remove_pin(pin)
         self._forget_if_empty()
@@ -739,6 +759,9 @@ class Hub:
         # Set by a backplane: called once per map tick with this node's
         # changed pins and departed pin ids, to share them with other nodes.
         self.publisher: Optional[Callable[[str, list[Pin], list[str]], None]] = None
+        # Set by a backplane: told when a map gets its first local client and
+        # loses its last, so a node serves only the maps it needs.
+        self.watcher: Optional[MapWatcher] = None
         self.maps: dict[str, MapState] = {}
         self.stats = Stats()
         self._serial = 0
@@ -793,6 +816,11 @@ class Hub:
     def drop_origin(self, origin: str) -> int:
         """A node died or was cut off: its pins leave every map."""
         return sum(m.drop_origin(origin) for m in list(self.maps.values()))
+
+    def drop_others(self, map_name: str) -> int:
+        """This node stopped serving a map: every pin it does not own goes."""
+        map_state = self.maps.get(map_name)
+        return 0 if map_state is None else map_state.drop_others()
 
     def local_pins(self) -> Iterator[tuple[str, Pin]]:
         """This node's own pins, to publish again after a reconnect."""

@@ -34,10 +34,10 @@ from .admission import (
 from .backplane import (
     DEFAULT_CLUSTER,
     DEFAULT_NODE_TTL,
+    DEVICE_LEASE,
     Backplane,
     BackplaneCollector,
     make_backplane,
-    parse_redis_url,
 )
 from .client import DEFAULT_RATE
 from .app_routes import PhoneApps
@@ -47,6 +47,7 @@ from .logfiles import ReopenLogsOnHangup
 from .maps import MAX_TTL, MIN_TTL, MapDirectory
 from .metrics import AdmissionCollector, DeviceCollector, make_registry
 from .pirate import PirateFactory
+from .redis_link import parse_redis_urls
 from .sockjs import SockJSResource
 from .sockjs_endpoint import sockjs_resource
 from .web import OSM_ATTRIBUTION, OSM_TILES, LiveMapSite, make_site
@@ -157,8 +158,10 @@ class Options(usage.Options):
         ["redis", None, None,
          "Link this process to every other one given the same Redis and --cluster, so "
          "they serve one map: redis://[[user]:password@]host[:port][/db], or rediss:// "
-         "for TLS (the password may instead be in $LIVEMAP_REDIS_PASSWORD). Without it "
-         "the process stands alone."],
+         "for TLS (the password may instead be in $LIVEMAP_REDIS_PASSWORD). Several "
+         "comma-separated URLs spread the maps' traffic over several Redis servers "
+         "(every node must list the same ones in the same order). Without it the "
+         "process stands alone."],
         ["cluster", None, DEFAULT_CLUSTER,
          "Name of the group of processes that share maps through --redis."],
         ["node-ttl", None, DEFAULT_NODE_TTL,
@@ -234,7 +237,7 @@ class Options(usage.Options):
             raise usage.UsageError("--tiles must contain {z}, {x} and {y}")
         if self["redis"] is not None:
             try:
-                parse_redis_url(self["redis"])
+                parse_redis_urls(self["redis"])
             except ValueError as error:
                 raise usage.UsageError(f"--redis: {error}") from None
         if self["open-maps"] and self["no-open-maps"]:
@@ -396,6 +399,12 @@ def make_node(reactor: Any, options: Options, *,
         backplane.share_devices(devices)
         # Degraded, not down: /healthz stays 200 while Redis is away.
         site.health_checks["redis"] = backplane.health_problem
+        # A node holds the pins of the maps it serves: a request that needs
+        # a map's pins waits until this node serves it (a phone app's report
+        # keeps it served longer: its next report and OwnTracks' Friends).
+        site.map_ready = backplane.watch
+        if site.apps is not None:
+            site.apps.map_ready = lambda name: backplane.watch(name, DEVICE_LEASE)
     return Node(hub, factory, site, backplane, local_sockjs, directory)
 
 

@@ -256,6 +256,8 @@ class LiveMapSite:
                  stale: float = 600.0, apps: Optional[PhoneApps] = None) -> None:
         self.hub = hub
         self.apps = apps
+        # Fires once this node holds a map's pins (a backplane's `watch`).
+        self.map_ready: Callable[[str], defer.Deferred] = lambda name: defer.succeed(None)
         # name -> check returning None when fine, else what is wrong (the
         # Redis link, say): /healthz then says "degraded", still with 200.
         self.health_checks: dict[str, Callable[[], Optional[str]]] = {}
@@ -285,18 +287,27 @@ class LiveMapSite:
         request.redirect(b"/m/" + wire.DEFAULT_MAP.encode())
         return b""
 
-    def _if_map(self, map_name: str, serve: Callable[[], Any]) -> defer.Deferred:
+    def _if_map(self, map_name: str, serve: Callable[[], Any], *,
+                pins: bool = False) -> defer.Deferred:
         """
         `serve()` if the map exists, else a 404; a 503 if it may be a private
-        map of the cluster that cannot be looked up now. Klein takes the
-        Deferred, and renders the resource (the WebSocket upgrade too) when
-        it fires.
+        map of the cluster that cannot be looked up now. With `pins`, once
+        this node holds the map's pins (`map_ready`: in a cluster, a node
+        serves only the maps it needs), so a first welcome is whole. Klein
+        takes the Deferred, and renders the resource (the WebSocket upgrade
+        too) when it fires.
         """
         def unavailable(failure: Failure) -> IResource:
             failure.trap(DirectoryUnavailable)
             return DIRECTORY_UNAVAILABLE
-        return self.directory.resolve(map_name).addCallbacks(
-            lambda exists: serve() if exists else NO_SUCH_MAP, unavailable)
+
+        def exists(found: bool) -> Any:
+            if not found:
+                return NO_SUCH_MAP
+            if not pins:
+                return serve()
+            return self.map_ready(map_name).addCallback(lambda _: serve())
+        return self.directory.resolve(map_name).addCallbacks(exists, unavailable)
 
     @app.route("/m/<map_name>", methods=["GET", "HEAD"])
     def map_page(self, request: Request, map_name: str) -> defer.Deferred:
@@ -320,14 +331,14 @@ class LiveMapSite:
                 request.setResponseCode(503)
                 return b"map full"
             return self.websocket
-        return self._if_map(map_name, upgrade)
+        return self._if_map(map_name, upgrade, pins=True)
 
     @app.route("/sockjs/<map_name>/", branch=True)
     def sockjs_endpoint(self, request: Request, map_name: str) -> Any:
         if self.sockjs is None:
             return NO_SUCH_MAP
         sockjs = self.sockjs
-        return self._if_map(map_name, lambda: sockjs)
+        return self._if_map(map_name, lambda: sockjs, pins=True)
 
     @app.route("/api/maps", methods=["POST"])
     def create_map(self, request: Request) -> Any:
@@ -387,7 +398,7 @@ class LiveMapSite:
             request.setHeader(b"Content-Type", b"application/json")
             request.setHeader(b"Cache-Control", b"no-store")
             return orjson.dumps({"pins": self.hub.pins(map_name)})
-        return self._if_map(map_name, pins)
+        return self._if_map(map_name, pins, pins=True)
 
     @app.route("/healthz", methods=["GET", "HEAD"])
     def healthz(self, request: Request) -> bytes:

@@ -156,6 +156,45 @@ async def test_link_broadcast_reaches_every_node_in_order_and_targets_one(cluste
             await link.stop()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_maps_channel_reaches_only_the_nodes_that_watch_it(cluster):
+    links = [cluster.link(f"n{i}") for i in range(3)]
+    receivers = [Recorder() for _ in links]
+    for link, receiver in zip(links, receivers):
+        link.start(receiver)
+    try:
+        await eventually(lambda: all(link.linked for link in links), what="linked")
+        assert await links[0].watch_map("busy") == 1
+        assert await links[1].watch_map("busy") == 2  # it counts the watchers
+        assert await links[2].watch_map("other") == 1
+        for number in range(20):
+            assert links[2].publish_map("busy", b"busy %d" % number)
+        assert links[0].publish_map("other", b"for other")
+        expected = [b"busy %d" % number for number in range(20)]
+        await eventually(lambda: receivers[0].messages == receivers[1].messages == expected,
+                         what="delivery to the watchers, in order")
+        await eventually(lambda: receivers[2].messages == [b"for other"], what="other")
+        links[1].unwatch_map("busy")
+        links[2].publish_map("busy", b"after")
+        await eventually(lambda: receivers[0].messages[-1:] == [b"after"], what="after")
+        await task.deferLater(reactor, 0.1)
+        assert receivers[1].messages == expected
+        # After an outage the link listens to what it watched again.
+        cluster.outage()
+        await eventually(lambda: not links[0].linked, what="down")
+        with pytest.raises(ConnectionError):
+            await links[0].watch_map("late")  # remembered all the same
+        cluster.restore()
+        await eventually(lambda: all(link.linked for link in links), what="back")
+        links[2].publish_map("busy", b"busy again")
+        links[2].publish_map("late", b"late")
+        await eventually(lambda: receivers[0].messages[-2:] == [b"busy again", b"late"],
+                         what="watched again")
+    finally:
+        for link in links:
+            await link.stop()
+
+
 async def present_until(link: Any, predicate: Callable[[set], bool]) -> set:
     """Ask for the present nodes until the answer satisfies `predicate` (bounded)."""
     deadline = reactor.seconds() + WAIT
@@ -275,9 +314,10 @@ async def test_redis_link_authenticates_and_reports_a_refusal_once(tmp_path):
         for link in links:
             link.start(Recorder())
         await eventually(lambda: in_url.linked and given.linked, what="authenticated")
-        await eventually(lambda: wrong._refusal is not None, what="refusal")
+        await eventually(lambda: wrong._refusal, what="refusal")
         await task.deferLater(reactor, 0.5)  # a few more refused attempts
-        assert not wrong.linked and "WRONGPASS" in (wrong._refusal or "")
+        assert not wrong.linked
+        assert ["WRONGPASS" in why for why in wrong._refusal.values()] == [True]
     finally:
         for link in links:
             await link.stop()
@@ -356,6 +396,7 @@ async def test_a_node_that_dies_loses_its_pins_everywhere(nodes):
     hub_a.join("m", Watcher()).move(move())
     hub_a.join("other", Watcher()).move(move())
     hub_b.join("m", Watcher()).move(move())
+    hub_b.join("other", Watcher())
     await eventually(lambda: len(hub_b.pins("m")) == 2 and hub_b.pins("other"), what="pins")
     await plane_a.abandon()  # no goodbye: as kill -9
     await eventually(lambda: len(hub_b.pins("m")) == 1 and not hub_b.pins("other"),
@@ -368,6 +409,7 @@ async def test_a_stopping_node_says_goodbye(nodes):
     (hub_a, plane_a), (hub_b, plane_b) = nodes.add("a"), nodes.add("b")
     await defer.gatherResults([plane_a.when_synced(), plane_b.when_synced()])
     hub_a.join("m", Watcher()).move(move())
+    hub_b.join("m", Watcher())
     await eventually(lambda: hub_b.pins("m"), what="pin")
     await plane_a.stopService()
     await eventually(lambda: not hub_b.pins("m"), what="goodbye")
@@ -412,8 +454,9 @@ async def test_a_third_node_joining_late_gets_everything_before_its_first_welcom
     await eventually(lambda: len(hub_b.pins("m")) == 2 and len(hub_a.pins("m")) == 2,
                      what="pins")
     hub_c, plane_c = nodes.add("c")
-    how = await plane_c.when_synced()
-    assert how == "complete"
+    assert await plane_c.when_synced() == "linked"
+    assert hub_c.pins("m") == []  # it serves no map yet
+    await plane_c.watch("m")  # what a first client's upgrade waits for
     newcomer = Watcher()
     hub_c.join("m", newcomer)
     assert len(newcomer.messages[0]["pins"]) == 2
@@ -443,6 +486,8 @@ def test_one_message_per_map_tick_however_many_moves():
     clock, bus, hubs, planes = clocked()
     alice = hubs[0].join("m", Watcher())
     bob = hubs[0].join("m", Watcher())
+    hubs[1].join("m", Watcher())
+    clock.pump([0.05] * 4)
     before = bus.published
     for number in range(100):
         alice.move(move(1, number % 90))
@@ -457,9 +502,10 @@ def test_heartbeats_only_when_quiet_and_silence_expires_a_node():
     clock, bus, hubs, planes = clocked(node_ttl=ttl)
     sent: list[dict] = []
     deliver = bus.deliver
-    bus.deliver = lambda message, to: (  # type: ignore[method-assign]
-        sent.append(orjson.loads(message)), deliver(message, to))[1]
+    bus.deliver = lambda channel, message, sender: (  # type: ignore[method-assign]
+        sent.append(orjson.loads(message)), deliver(channel, message, sender))[1]
     member = hubs[0].join("m", Watcher())
+    hubs[1].join("m", Watcher())
     for _ in range(30):  # 3 s of moves: deltas, and no beat from the mover
         member.move(move())
         clock.advance(0.1)
@@ -476,26 +522,75 @@ def test_heartbeats_only_when_quiet_and_silence_expires_a_node():
     assert last_heard + ttl <= clock.seconds() <= last_heard + ttl + ttl / 6 + 0.05
 
 
-def test_first_sync_waits_for_present_nodes_or_times_out():
+def test_a_map_is_in_sync_once_every_node_serving_it_answered_or_timed_out():
     clock = task.Clock()
     bus = MemoryBus(clock)
     hub_a = Hub(clock)
     plane_a = Backplane(hub_a, MemoryLink(bus, "a"), clock, node_ttl=6, reply_delay=0.05)
     plane_a.startService()
     clock.advance(0)
-    assert plane_a.when_synced().result == "no other node"
+    assert plane_a.when_synced().result == "linked"
     hub_a.join("m", Watcher()).move(move())
     clock.advance(0.2)
-    # A node that is present but never answers (its presence key outlives it).
-    bus.expires["ghost"] = clock.seconds() + 100
+    # A node that listens to the map but never answers (a wedged process).
+    bus.subscribe("ghost", "map:" + __import__("livemap_tx.links").links.map_digest("m"))
     hub_b = Hub(clock)
     plane_b = Backplane(hub_b, MemoryLink(bus, "b"), clock, node_ttl=6, reply_delay=0.05)
     plane_b.startService()
-    synced = plane_b.when_synced()
-    clock.pump([0.05] * 10)
-    assert not synced.called and hub_b.pins("m")  # a's pins are in, the ghost's never come
-    clock.advance(plane_b.sync_timeout)
-    assert synced.result == "timed out"
+    clock.advance(0)
+    ready = plane_b.watch("m")
+    clock.pump([0.05] * 6)
+    assert not ready.called and hub_b.pins("m")  # a's pins are in, the ghost's never come
+    clock.advance(plane_b.map_sync_timeout)
+    assert ready.called
+    # Without the ghost, the answers of every serving node complete the sync.
+    bus.unsubscribe("ghost", "map:" + __import__("livemap_tx.links").links.map_digest("m"))
+    hub_c = Hub(clock)
+    plane_c = Backplane(hub_c, MemoryLink(bus, "c"), clock, node_ttl=6, reply_delay=0.05)
+    plane_c.startService()
+    clock.advance(0)
+    ready = plane_c.watch("m")
+    clock.pump([0.05] * 4)
+    assert ready.called and len(hub_c.pins("m")) == 1
+
+
+def test_a_node_serves_only_the_maps_it_needs_and_lets_go_of_them():
+    clock, bus, hubs, planes = clocked()
+    mover = hubs[0].join("busy", Watcher())
+    mover.move(move())
+    clock.pump([0.05] * 4)
+    assert "busy" not in hubs[1].maps  # node 1 has no client there: it holds nothing
+    received = planes[1].stats.received
+    for number in range(20):
+        mover.move(move(1, number))
+        clock.advance(0.1)
+    assert planes[1].stats.received - received <= 4  # heartbeats only, no deltas
+    viewer = hubs[1].join("busy", Watcher())
+    clock.pump([0.05] * 4)
+    assert set(positions(hubs[1], "busy")) == {mover.id}
+    viewer.leave()
+    clock.advance(planes[1].linger + 0.1)
+    assert "busy" not in planes[1].watches and "busy" not in hubs[1].maps
+    # A request's lease keeps a map served a while, then lets it go too.
+    planes[1].watch("busy", lease=5)
+    clock.pump([0.05] * 4)
+    assert hubs[1].pins("busy")
+    clock.advance(5 + planes[1].linger + 0.1)
+    assert "busy" not in planes[1].watches and "busy" not in hubs[1].maps
+
+
+def test_nodes_with_different_redis_lists_say_so():
+    clock = task.Clock()
+    bus = MemoryBus(clock)
+    planes = []
+    for name, servers in (("a", "one"), ("b", "two")):
+        plane = Backplane(Hub(clock), MemoryLink(bus, name, fingerprint=servers), clock,
+                          node_ttl=2)
+        plane.startService()
+        planes.append(plane)
+    clock.pump([0.05] * 20)  # hellos, and beats (they carry the list too)
+    for plane in planes:
+        assert "another list of Redis servers" in (plane.health_problem() or "")
 
 
 def test_a_full_state_replaces_what_a_node_held_in_chunks():
@@ -504,14 +599,16 @@ def test_a_full_state_replaces_what_a_node_held_in_chunks():
     members = [hubs[0].join(f"map{i % 2}", Watcher()) for i in range(5)]
     for member in members:
         member.move(move())
+    hubs[1].join("map0", Watcher())
+    hubs[1].join("map1", Watcher())
     clock.pump([0.05] * 5)
     assert len(hubs[1].pins("map0")) + len(hubs[1].pins("map1")) == 5
-    assert len(planes[0].full_messages()) == 3
+    assert len(planes[0].map_full_messages("map0")) == 2  # 3 pins, 2 a chunk
     # A ghost of n0 that n1 holds by mistake goes when n0's full state comes.
     hubs[1].apply_remote("map0", "n0", [{"id": "ghost", "version": 1, "lat": 0, "lng": 0,
                                          "heading": None, "accuracy": None, "name": None,
                                          "seq": None, "ts": 0}])
-    planes[0]._send_full(None)
+    planes[0]._send_map_full("map0", None)
     clock.pump([0.05] * 3)
     assert "ghost" not in {pin["id"] for pin in hubs[1].pins("map0")}
     assert len(hubs[1].pins("map0")) + len(hubs[1].pins("map1")) == 5
@@ -521,6 +618,7 @@ def test_a_node_heard_mid_stream_is_asked_for_its_whole_state():
     clock, bus, hubs, planes = clocked()
     first = hubs[0].join("m", Watcher())
     first.move(move())
+    hubs[1].join("m", Watcher())
     clock.pump([0.05] * 4)
     # n1 forgets n0 (as after a long stall) and then hears only a delta.
     planes[1]._forget("n0", "test")
@@ -533,11 +631,15 @@ def test_a_node_heard_mid_stream_is_asked_for_its_whole_state():
 
 def test_malformed_messages_are_counted_and_ignored():
     clock, bus, hubs, planes = clocked()
+    hubs[1].join("m", Watcher())
+    clock.pump([0.05] * 4)
     for junk in (b"not json", b"[]", b'{"t": "delta"}', b'{"t": "what", "n": "x"}',
                  b'{"t": "delta", "n": "x", "m": "m", "p": [[1]], "g": []}'):
-        bus.deliver(junk, None)
+        bus.deliver("all", junk, "x")
+    bus.deliver(next(c for c in bus.channels if c.startswith("map:")),
+                b'{"t": "delta", "n": "x", "m": "m", "p": [[1]], "g": []}', "x")
     clock.advance(0)
-    assert planes[1].stats.bad_messages == 5
+    assert planes[1].stats.bad_messages == 6
     hubs[0].join("m", Watcher()).move(move())
     clock.pump([0.05] * 4)
     assert hubs[1].pins("m")

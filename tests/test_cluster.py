@@ -247,7 +247,7 @@ async def test_a_private_map_expires_on_every_node_and_stays_dead(cluster, redis
     assert await refused(newcomer.ws_url(name))
     assert await status(f"{newcomer.url}/m/{'x' * 24}") == 200
     # One key for every private map; nothing else was left behind.
-    assert redis.command("ZCARD", "livemap:v1:livemap:maps") == "1"
+    assert redis.command("ZCARD", "livemap:v2:livemap:maps") == "1"
     assert redis.command("DBSIZE") == "5"  # three presence keys, the maps, the epoch
 
 

@@ -130,7 +130,7 @@ async def test_a_redis_that_comes_back_empty_gets_the_devices_back(cluster, redi
         await deferLater(0.25)
     await everywhere(nodes, "family", lambda held: held.get(pin_id, {}).get("lat") == 2.0,
                      "the fix after the restart")
-    assert redis.command("ZCARD", "livemap:v1:livemap:devices") == "1"
+    assert redis.command("ZCARD", "livemap:v2:livemap:devices") == "1"
 
 
 @needs_redis

@@ -333,9 +333,9 @@ def test_a_malformed_map_message_is_ignored():
     for junk in (b'{"t":"map","n":"x","m":5,"x":null}',
                  b'{"t":"map","n":"x","m":"%s","x":"soon"}' % private_name("c").encode(),
                  b'{"t":"map","n":"x"}'):
-        cluster.bus.deliver(junk, None)
+        cluster.bus.deliver("all", junk, "x")
     # Well formed, but not a private map's name: never a map of the directory.
-    cluster.bus.deliver(b'{"t":"map","n":"x","m":"public","x":null}', None)
+    cluster.bus.deliver("all", b'{"t":"map","n":"x","m":"public","x":null}', "x")
     cluster.settle()
     assert second.plane.stats.bad_messages == 3
     assert second.directory.private == {}
