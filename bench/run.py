@@ -701,7 +701,7 @@ def main(argv: list[str] | None = None) -> None:
             r["attempts"] = attempt + 1
             spent = time.monotonic() - t0
             extra += spent if attempt else max(0.0, spent - r["run_s"] - 3.0)
-            if r["others_cpu"] <= NOISY or extra >= args.budget:
+            if r["others_cpu"] <= NOISY or extra >= args.budget or attempt == args.retries:
                 break
             sys.stderr.write(f"other work used {r['others_cpu']} cores, again ... ")
         results.append(r)
