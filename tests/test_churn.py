@@ -205,10 +205,14 @@ async def test_a_stalled_reader_and_a_stalled_poller_on_a_busy_map_cost_nobody_a
     await reader.open()
     poller = await sockjs_session(nodes[0].url, "stalled", map_name=busy)
     await poller.poll()  # its welcome
-    # Keep the map busy until node 0 skips both.
+    # Keep the map busy until node 0 skips both. The stalled phone also asks
+    # for snapshots (it still writes, it only stopped reading): its buffers
+    # fill within seconds even on a slow machine.
     for _ in range(200):
         for person in movers:
             world.move(person)
+        for _ in range(10):
+            await reader.send({"type": "view", "bbox": None})
         await deferLater(0.1)
         if await metric(nodes[0], "livemap_paused_connections") == 2:
             break
