@@ -277,6 +277,7 @@ class LiveMapSite:
         self.vendor = {
             "leaflet": StaticFiles(str(web_root / "vendor" / "leaflet" / "dist")),
             "sockjs-client": StaticFiles(str(web_root / "vendor" / "sockjs-client" / "dist")),
+            "uqr": StaticFiles(str(web_root / "vendor" / "uqr" / "dist")),
         }
 
     def resource(self) -> IResource:

@@ -149,7 +149,7 @@ def assert_pinned(vendored: dict[str, dict[str, bytes]], where: str, scratch: Pa
     lock pins; every package has its licence, and so has every package the
     lock installs whose code a vendored bundle carries (its source map says).
     """
-    assert {"leaflet", "sockjs-client"} <= vendored.keys(), sorted(vendored)
+    assert {"leaflet", "sockjs-client", "uqr"} <= vendored.keys(), sorted(vendored)
     pins = lock_pins()
     tarballs = pinned_tarballs(sorted(vendored), scratch)
     for name, files in vendored.items():
@@ -308,6 +308,7 @@ def test_a_wheel_built_from_the_sdist_without_npm_serves_two_browsers_from_a_fre
         for url_path, name in (("/vendor/leaflet/leaflet.js", "livemap_web/vendor/leaflet/dist/leaflet.js"),
                                ("/vendor/sockjs-client/sockjs.min.js",
                                 "livemap_web/vendor/sockjs-client/dist/sockjs.min.js"),
+                               ("/vendor/uqr/index.mjs", "livemap_web/vendor/uqr/dist/index.mjs"),
                                ("/static/app.js", "livemap_web/static/app.js")):
             with urllib.request.urlopen(server.url + url_path, timeout=10) as response:
                 assert response.read() == contents[name], url_path
