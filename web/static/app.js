@@ -5,13 +5,14 @@
 // the plain WebSocket cannot be used. The wire protocol is docs/PROTOCOL.md
 // (shared/PROTOCOL.md): welcome/update/snapshot/error in, hello/move out.
 // The people list is people.js, the trails trails.js, the wording of
-// distances and ages format.js.
+// distances and ages format.js, the "Share from a phone app" dialog share.js.
 
 /* global L */
 
 import {ago, duration, batteryLevel, sourceLabel} from './format.js';
 import {PeoplePanel} from './people.js';
 import {Trails} from './trails.js';
+import {ShareDialog} from './share.js';
 
 const NAME_KEY = 'livemap.name';
 const APPROXIMATE_KEY = 'livemap.approximate';
@@ -1131,6 +1132,7 @@ function mapGone(why) {
     : 'This map does not exist, or it has expired.';
   ui.goneLink.hidden = config.map === 'public';
   ui.gone.hidden = false;
+  share.mapGone();
 }
 
 function scheduleReconnect() {
@@ -1310,6 +1312,31 @@ ui.linkField.addEventListener('keydown', (e) => {
 });
 ui.linkField.addEventListener('copy', () => {
   toast('Link copied: send it to the people you want on this map');
+});
+
+// ---------------------------------------------------------------- phone apps
+
+// "Share from a phone app": a device for this map, named as the viewer is
+// (share.js). The page itself needs nothing of it: the device's pin comes
+// in updates like anyone's.
+const share = new ShareDialog({
+  dialog: $('share-dialog'),
+  opener: $('share-app'),
+  status: $('share-status'),
+  retry: $('share-retry'),
+  apps: $('share-apps'),
+  remove: $('share-delete'),
+  pinName: $('share-pin-name'),
+}, {
+  map: config.map,
+  name: () => ui.name.value.trim(),
+  storage: (() => {
+    try {
+      return window.localStorage;
+    } catch (err) {
+      return null; // blocked: the device is shown while the page is open, not kept
+    }
+  })(),
 });
 
 // ---------------------------------------------------------------- new private map
