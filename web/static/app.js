@@ -1321,7 +1321,7 @@ ui.linkField.addEventListener('copy', () => {
 // in updates like anyone's.
 const share = new ShareDialog({
   dialog: $('share-dialog'),
-  opener: $('share-app'),
+  openers: [$('share-app'), $('share-app-wide')],
   status: $('share-status'),
   retry: $('share-retry'),
   apps: $('share-apps'),

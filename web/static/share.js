@@ -141,7 +141,8 @@ function inSentence(label) {
 
 export class ShareDialog {
   /**
-   * @param {object} elements {dialog, opener, status, retry, apps, remove, pinName}
+   * @param {object} elements {dialog, openers: the buttons that open it, status, retry, apps,
+   *   remove, pinName}
    * @param {object} options {map: the map's name, name(): the name typed in the panel,
    *   storage: window.localStorage (or a stand-in)}
    */
@@ -154,7 +155,13 @@ export class ShareDialog {
     this.busy = false;
     this.qr = null; // uqr's module, once loaded
     this.built = false;
-    elements.opener.addEventListener('click', () => this.open());
+    this.opener = null; // the button that opened the dialog: the focus goes back to it
+    for (const opener of elements.openers) {
+      opener.addEventListener('click', () => {
+        this.opener = opener;
+        this.open();
+      });
+    }
     elements.retry.addEventListener('click', () => this.create());
     elements.remove.addEventListener('click', () => this.remove());
     for (const button of elements.dialog.querySelectorAll('[data-close]')) {
@@ -166,9 +173,8 @@ export class ShareDialog {
     });
     // Escape closes it too (the browser's own `cancel`); focus goes back to the opener.
     elements.dialog.addEventListener('close', () => {
-      if (this.el.opener.isConnected && this.el.opener.getClientRects().length) {
-        this.el.opener.focus();
-      }
+      const opener = this.opener;
+      if (opener && opener.isConnected && opener.getClientRects().length) opener.focus();
     });
   }
 
