@@ -175,6 +175,27 @@ class ViewGroup:
         self.gone: list[str] = []
 
 
+class Cohort:
+    """
+    A share of a big map's whole-world subscribers, with its own tick: the
+    cohorts of a map tick in turn, so each subscriber waits for its own
+    share's send rather than for the whole map's (see MapState._cohorts).
+    """
+
+    __slots__ = ("members", "dirty", "gone", "tick_call", "last_tick", "phase", "alive")
+
+    def __init__(self, phase: float) -> None:
+        self.members: set[Member] = set()
+        self.dirty: set[str] = set()
+        self.gone: dict[str, Pin] = {}
+        self.tick_call: Optional[IDelayedCall] = None
+        # The slot of its last tick (scheduled time).
+        self.last_tick = -math.inf
+        # Its ticks fall at this offset within the cohorts' interval.
+        self.phase = phase
+        self.alive = True
+
+
 class Member:
     """
     One connection's place in a map. Transports call these methods; the
@@ -188,7 +209,7 @@ class Member:
 
     __slots__ = ("id", "map", "subscriber", "view", "pin", "name", "paused_at",
                  "paused_serial", "missed", "missed_gone", "resync", "pending",
-                 "last_version", "active")
+                 "last_version", "active", "cohort")
 
     def __init__(self, member_id: str, map_state: MapState, subscriber: Subscriber) -> None:
         self.id = member_id
@@ -205,8 +226,8 @@ class Member:
         # Ids of pins that changed while paused, and of pins it may have
         # known that left while paused: at most the map's pins now plus its
         # pins at the pause.
-        self.missed: set[str] = set()
-        self.missed_gone: set[str] = set()
+        self.missed: Optional[set[str]] = None
+        self.missed_gone: Optional[set[str]] = None
         # It asked for a new view while paused: it gets a whole snapshot.
         self.resync = False
         # Pins sent to this member (snapshot, catch-up) in a state no tick
@@ -215,6 +236,8 @@ class Member:
         # The version of this member's last pin: a pin made again (after it
         # expired) goes on counting, so no node keeps an old state over it.
         self.last_version = 0
+        # Its share of a big map's world subscribers, if the map has them.
+        self.cohort: Optional[Cohort] = None
 
     def move(self, move: wire.Move) -> None:
         self.map.move(self, move)
@@ -268,6 +291,11 @@ class MapState:
         self.slow: set[Member] = set()
         # Pins of phone apps on this map (they count toward its places).
         self.device_pins = 0
+        # A big map's world subscribers, in shares that tick in turn.
+        self.cohorts: Optional[list[Cohort]] = None
+        # Set while cohorts are made or merged (a send may pause a member,
+        # which would refit them from inside).
+        self._refitting = False
         # Members whose `pending` the next tick must check.
         self.pending_members: set[Member] = set()
         self.tick_call: Optional[IDelayedCall] = None
@@ -280,7 +308,6 @@ class MapState:
             raise MapFull("map full")
         member = Member(self.hub.new_id(), self, subscriber)
         self.members[member.id] = member
-        self.world.add(member)
         self.hub.stats.connections_opened += 1
         if len(self.members) == 1 and self.hub.watcher is not None:
             self.hub.watcher.map_in_use(self.name)
@@ -288,6 +315,10 @@ class MapState:
         # no tick has sent yet.
         self._send(member, wire.encode_welcome(
             member.id, [pin.json() for pin in self.pins.values()]))
+        # Subscribed after its welcome (nothing may come before it), unless
+        # the welcome filled its buffer and its transport paused it.
+        if member.paused_at is None and member.active:
+            self._subscribe(member)
         return member
 
     def leave(self, member: Member) -> None:
@@ -320,13 +351,18 @@ class MapState:
         self.dirty.discard(pin.id)
         self._unindex_pin(pin)
         self.gone.setdefault(pin.id, pin)
+        if self.cohorts is not None:
+            for cohort in self.cohorts:
+                cohort.dirty.discard(pin.id)
+                cohort.gone.setdefault(pin.id, pin)
+                self._schedule_cohort(cohort)
         self._schedule()
 
     def _forget_if_empty(self) -> None:
         # Not while a tick is due: its departures must still reach the
         # other nodes (and a tick never dies half done).
         if (not self.members and not self.pins and not self.gone and not self.dirty
-                and self.tick_call is None):
+                and self.tick_call is None and self.cohorts is None):
             self.hub.forget(self)
 
     def apply_remote(self, origin: str, states: Iterable[dict], gone: Iterable[str]) -> None:
@@ -423,8 +459,7 @@ class MapState:
             # Its buffer is full: the snapshot goes when it drains.
             member.view = bbox
             member.resync = True
-            member.missed = set()
-            member.missed_gone = set()
+            member.missed = member.missed_gone = None
             member.pending = None
             self.pending_members.discard(member)
             return
@@ -479,11 +514,17 @@ class MapState:
     def pause(self, member: Member) -> None:
         if member.paused_at is not None or not member.active:
             return
+        cohort = member.cohort
         self._unsubscribe(member)
         member.paused_at = self.hub.clock.seconds()
         member.paused_serial = self.hub.next_serial()
         member.missed = set()
         member.missed_gone = set()
+        if cohort is not None:
+            # What its cohort has not sent yet, the map's tick may already
+            # have passed: it is missed too.
+            member.missed.update(cohort.dirty)
+            member.missed_gone.update(cohort.gone)
         # `pending` stays: if the member drains before the next tick, that
         # tick must still settle it (else the tick notes it as missed).
         self.slow.add(member)
@@ -496,13 +537,20 @@ class MapState:
         bbox = member.view
         if member.resync:
             member.resync = False
-            member.missed, member.missed_gone = set(), set()
+            member.missed = member.missed_gone = None
             self._subscribe(member)
             self._send_snapshot(member)
             return
-        ids = member.missed | member.missed_gone
-        member.missed, member.missed_gone = set(), set()
+        ids = (member.missed or set()) | (member.missed_gone or set())
+        # Only a paused member keeps these (a few hundred bytes per idle
+        # connection otherwise).
+        member.missed = member.missed_gone = None
         self._subscribe(member)
+        if member.cohort is not None:
+            # Its new cohort sends only what changes after its own last tick;
+            # what changed since the map's last tick it may have sent already.
+            ids |= self.dirty
+            ids.update(self.gone)
         if not ids:
             return
         pins, gone = [], []
@@ -522,12 +570,27 @@ class MapState:
 
     def _mark(self, pin: Pin) -> None:
         self.dirty.add(pin.id)
+        if self.cohorts is not None:
+            for cohort in self.cohorts:
+                cohort.dirty.add(pin.id)
+                self._schedule_cohort(cohort)
         self._schedule()
+
+    @property
+    def interval(self) -> float:
+        """
+        Seconds between this map's ticks. Almost all of a tick's cost is per
+        frame, and a frame costs about the same with one pin or fifty: a
+        map with many clients ticks a little less often, so each frame
+        carries more pins (the latency stays within the protocol's second).
+        """
+        base = self.hub.tick_interval
+        return base * 1.3 if self.hub.big_map <= len(self.members) < self.hub.cohort_min else base
 
     def _schedule(self) -> None:
         if self.tick_call is None:
             clock = self.hub.clock
-            delay = max(0.0, self.last_tick + self.hub.tick_interval - clock.seconds())
+            delay = max(0.0, self.last_tick + self.interval - clock.seconds())
             self.tick_call = clock.callLater(delay, self.tick)
 
     def tick(self) -> None:
@@ -546,7 +609,7 @@ class MapState:
         # A pin that left and came back within the tick is a change, not a
         # departure: no update names a pin twice.
         departed = [pin for pin_id, pin in gone.items() if pin_id not in pins]
-        if self.world:
+        if self.world and self.cohorts is None:
             self._broadcast(self.world, wire.encode_update(
                 [pin.json() for pin in changed], [pin.id for pin in departed]))
         if self.groups:
@@ -639,6 +702,7 @@ class MapState:
             assert member.paused_at is not None
             if not member.resync:
                 missed, missed_gone = member.missed, member.missed_gone
+                assert missed is not None and missed_gone is not None
                 for pin in gone.values():
                     missed.discard(pin.id)
                     # A pin made after the pause was never sent to it.
@@ -646,10 +710,10 @@ class MapState:
                         missed_gone.add(pin.id)
                 missed.update(pin.id for pin in changed)
             if (now - member.paused_at >= timeout
-                    or len(member.missed) + len(member.missed_gone) > limit):
+                    or len(member.missed or ()) + len(member.missed_gone or ()) > limit):
                 self.slow.discard(member)
                 member.resync = True
-                member.missed, member.missed_gone = set(), set()
+                member.missed = member.missed_gone = None
                 stats.slow_closes += 1
                 self.log.info("closing slow client {member} on map {map}",
                               member=member.id, map=log_name(self.name))
@@ -691,12 +755,116 @@ class MapState:
         except Exception:
             self.log.failure("could not close client {member}", member=member.id)
 
+    # Cohorts: a big map's world, sent to in turn
+
+    def _fit_cohorts(self, size: int) -> None:
+        """
+        Split the world (of `size` members) into cohorts when it is big,
+        merge them back when it is small again. One update broadcast to ten thousand clients takes
+        tens of milliseconds, and the last client waits for all of them:
+        cohorts ticking in turn, each every `cohort_interval`, carry more
+        pins per frame (less CPU per pin state) while each client waits only
+        for its own cohort's share of a broadcast.
+        """
+        hub = self.hub
+        if self._refitting:
+            return
+        wanted = size // hub.cohort_size if size >= hub.cohort_min else 0
+        if self.cohorts is None:
+            if wanted >= 2:
+                self._make_cohorts(wanted)
+        elif size < hub.cohort_min // 2:
+            self._dissolve_cohorts()
+        elif wanted >= 2 * len(self.cohorts):
+            # Grown to twice as many cohorts' worth: split again.
+            self._dissolve_cohorts()
+            self._make_cohorts(wanted)
+
+    def _make_cohorts(self, count: int) -> None:
+        self._refitting = True
+        try:
+            self._split(count)
+        finally:
+            self._refitting = False
+
+    def _split(self, count: int) -> None:
+        interval = self.hub.tick_interval * self.hub.cohort_stretch
+        self.cohorts = [Cohort(index * interval / count) for index in range(count)]
+        for index, member in enumerate(self.world):
+            cohort = self.cohorts[index % count]
+            cohort.members.add(member)
+            member.cohort = cohort
+        # What the world has not been sent yet, each cohort sends.
+        for cohort in self.cohorts:
+            cohort.dirty = set(self.dirty)
+            cohort.gone = dict(self.gone)
+            if cohort.dirty or cohort.gone:
+                self._schedule_cohort(cohort)
+
+    def _dissolve_cohorts(self) -> None:
+        cohorts, self.cohorts = self.cohorts, None
+        assert cohorts is not None
+        self._refitting = True
+        try:
+            for cohort in cohorts:
+                if cohort.tick_call is not None and cohort.tick_call.active():
+                    cohort.tick_call.cancel()
+                cohort.tick_call = None
+                # Sent now what each was owed; the world ticks with the map again.
+                self._cohort_tick(cohort)
+                cohort.alive = False
+                for member in cohort.members:
+                    member.cohort = None
+        finally:
+            self._refitting = False
+
+    def _schedule_cohort(self, cohort: Cohort) -> None:
+        if cohort.tick_call is not None:
+            return
+        interval = self.hub.tick_interval * self.hub.cohort_stretch
+        now = self.hub.clock.seconds()
+        # The next of its slots after the last one it used (not after when
+        # that tick ran: a tick runs a little late, and must not push the
+        # next one a whole interval on): the cohorts' sends fall in turn.
+        earliest = max(now, cohort.last_tick + interval)
+        slot = cohort.phase + math.ceil((earliest - cohort.phase) / interval - 1e-9) * interval
+        cohort.last_tick = slot
+        cohort.tick_call = self.hub.clock.callLater(max(0.0, slot - now), self._cohort_tick,
+                                                    cohort)
+
+    def _cohort_tick(self, cohort: Cohort) -> None:
+        cohort.tick_call = None
+        if not cohort.alive:
+            return
+        pins = self.pins
+        changed = [pins[pin_id] for pin_id in cohort.dirty]
+        departed = [pin for pin_id, pin in cohort.gone.items() if pin_id not in pins]
+        cohort.dirty = set()
+        cohort.gone = {}
+        if cohort.members and (changed or departed):
+            self._broadcast(cohort.members, wire.encode_update(
+                [pin.json() for pin in changed], [pin.id for pin in departed]))
+        if self.cohorts is None:
+            self._forget_if_empty()
+
+    def settled(self) -> bool:
+        """No tick of the map or of its cohorts is due: every member was sent everything."""
+        return self.tick_call is None and (
+            self.cohorts is None or all(c.tick_call is None for c in self.cohorts))
+
     # Indexes
 
     def _subscribe(self, member: Member) -> None:
         bbox = member.view
         if bbox is None:
+            # Refit first: what a refit sends (what cohorts owed) must not
+            # reach a member that is only now joining.
+            self._fit_cohorts(len(self.world) + 1)
             self.world.add(member)
+            if self.cohorts is not None:
+                cohort = min(self.cohorts, key=lambda c: len(c.members))
+                cohort.members.add(member)
+                member.cohort = cohort
             return
         group = self.groups.get(bbox)
         if group is None:
@@ -709,6 +877,10 @@ class MapState:
         bbox = member.view
         if bbox is None:
             self.world.discard(member)
+            if member.cohort is not None:
+                member.cohort.members.discard(member)
+                member.cohort = None
+            self._fit_cohorts(len(self.world))
             return
         group = self.groups.get(bbox)
         if group is None:
@@ -744,12 +916,22 @@ class Hub:
     log = Logger()
 
     def __init__(self, clock: IReactorTime, *, tick_interval: float = 0.1,
+                 big_map: int = 800, cohort_min: int = 3000, cohort_size: int = 2500,
+                 cohort_stretch: float = 2.0,
                  slow_timeout: float = 30.0, max_missed: int = 20_000,
                  max_members: int = 50_000, max_maps: int = 10_000,
                  tick_observer: Callable[[float], None] = lambda seconds: None,
                  new_id: Callable[[], str] = lambda: secrets.token_urlsafe(12)) -> None:
         self.clock = clock
         self.tick_interval = tick_interval
+        # A map with at least `big_map` clients ticks 1.3 times less often;
+        # one with at least `cohort_min` world subscribers sends to them in
+        # cohorts of about `cohort_size`, each every `cohort_stretch` ticks
+        # (MapState.interval, MapState._fit_cohorts).
+        self.big_map = big_map
+        self.cohort_min = cohort_min
+        self.cohort_size = cohort_size
+        self.cohort_stretch = cohort_stretch
         self.slow_timeout = slow_timeout
         self.max_missed = max_missed
         self.max_members = max_members
@@ -835,7 +1017,7 @@ class Hub:
         Only once its last tick ran, or its last departures would never be
         published.
         """
-        if self.maps.get(map_state.name) is map_state and map_state.tick_call is None:
+        if self.maps.get(map_state.name) is map_state and map_state.settled():
             del self.maps[map_state.name]
 
     def pins(self, map_name: str) -> list[dict]:

@@ -348,7 +348,7 @@ def test_what_a_paused_member_is_owed_is_bounded_by_the_pins_of_the_map(hub, clo
         clock.advance(1)
         visitor.leave()
         clock.advance(1)
-    assert len(slow.missed) + len(slow.missed_gone) <= len(hub.maps["m"].pins)
+    assert len(slow.missed or ()) + len(slow.missed_gone or ()) <= len(hub.maps["m"].pins)
     slow_view.drain()
     assert set(slow_view.sees()) == {stayer.id}
 
@@ -598,3 +598,88 @@ def test_own_pin_sent_early_then_moved_out_of_the_box_leaves_it(hub, clock):
     view.drain()
     clock.advance(1)
     assert view.sees() == {}
+
+
+# Big maps: a stretched tick, and the world sent to in cohorts
+
+
+def test_a_big_maps_world_is_sent_to_in_cohorts_that_tick_in_turn(clock):
+    hub = Hub(clock, tick_interval=0.1, cohort_min=4, cohort_size=2)
+    views = [hubfakes.join(hub)[1] for _ in range(6)]
+    map_state = hub.maps["m"]
+    assert map_state.cohorts is not None and len(map_state.cohorts) == 2
+    assert sorted(len(c.members) for c in map_state.cohorts) == [3, 3]
+    for _ in range(2):  # twice the cohorts' worth: split again
+        views.append(hubfakes.join(hub)[1])
+    assert len(map_state.cohorts) == 4
+    mover = views[0].member
+    sends: dict[int, list[float]] = {id(c): [] for c in map_state.cohorts}
+    tick = map_state._cohort_tick
+
+    def timed(cohort):
+        sends[id(cohort)].append(round(clock.seconds(), 3))
+        tick(cohort)
+    map_state._cohort_tick = timed
+    seq = 0
+    # Ten seconds of moves, the clock running a little late as a busy reactor does.
+    while clock.seconds() < 10:
+        seq += 1
+        mover.move(move(lat=seq % 80, seq=seq))
+        clock.advance(0.013)
+    clock.advance(1)
+    for times in sends.values():
+        during = [t for t in times if t < 10]
+        gaps = [b - a for a, b in zip(during, during[1:])]
+        # Each cohort every 0.2 s (twice the tick), never skipping a turn.
+        assert 45 <= len(times) <= 52 and max(gaps) < 0.2 + 0.013 + 1e-6, gaps
+    starts = sorted(times[5] % 0.2 for times in sends.values())
+    assert all(b - a > 0.03 for a, b in zip(starts, starts[1:])), starts  # in turn
+    for view in views:
+        assert view.sees()[mover.id]["seq"] == seq
+
+
+def test_cohorts_merge_back_when_the_map_shrinks_and_owe_nothing(clock):
+    hub = Hub(clock, tick_interval=0.1, cohort_min=4, cohort_size=2)
+    members = [hubfakes.join(hub) for _ in range(6)]
+    mover = members[0][0]
+    mover.move(move(seq=1))
+    for member, _ in members[3:]:
+        member.leave()  # 3 left: under half of cohort_min... not yet (3 >= 2)
+    members[2][0].leave()
+    members[1][0].move(move(seq=2))
+    members[1][0].leave()  # 1 left: the cohorts are merged back, sending what they owed
+    map_state = hub.maps["m"]
+    assert map_state.cohorts is None
+    clock.advance(1)
+    assert members[0][1].sees() == {mover.id: members[0][1].sees()[mover.id]}
+    assert members[0][1].sees()[mover.id]["seq"] == 1
+
+
+def test_a_map_with_many_clients_ticks_a_little_less_often(clock):
+    hub = Hub(clock, tick_interval=0.1, big_map=3)
+    small = hub.map("small")
+    for _ in range(3):
+        hubfakes.join(hub, "big")
+    hubfakes.join(hub, "small")
+    assert small.interval == 0.1 and abs(hub.maps["big"].interval - 0.13) < 1e-9
+
+
+def test_a_member_paused_between_the_maps_tick_and_its_cohorts_is_not_left_behind(clock):
+    """The map's tick took a move its cohort had not sent yet when the member paused."""
+    hub = Hub(clock, tick_interval=0.1, cohort_min=4, cohort_size=2)
+    joined = [hubfakes.join(hub, high_water=200) for _ in range(4)]
+    clock.advance(1)
+    mover = joined[0][0]
+    slow, slow_view = next((m, v) for m, v in joined
+                           if m is not mover and m.cohort is not mover.cohort)
+    for member, view in joined:
+        view.take()
+    mover.move(move(seq=1))
+    clock.advance(0)  # the map's tick runs at once; the cohorts' slots are later
+    assert hub.maps["m"].tick_call is None and slow.cohort.dirty
+    slow_view.stall()
+    slow.send(b'{"type":"error","code":"bad_json","message":"' + b"x" * 300 + b'"}')
+    assert slow_view.paused  # its transport paused it, before its cohort sent the move
+    clock.advance(1)
+    slow_view.drain()
+    assert slow_view.sees()[mover.id]["seq"] == 1

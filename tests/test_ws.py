@@ -397,6 +397,13 @@ async def test_connections_carry_the_factory_settings_without_copying_them(serve
     assert protocol.autoPingInterval == 30.0 and protocol.maxMessagePayloadSize == 64 * 1024
     assert "autoPingInterval" not in vars(protocol)
     assert not any(name in vars(protocol) for name in type(protocol).CONFIG_ATTRS)
+    # Nor the opening handshake, nor statistics nobody reads.
+    other = await connect(server.ws_url())
+    other_id = (await other.next("welcome"))["id"]
+    assert server_side(server, other_id).trafficStats is protocol.trafficStats
+    assert protocol.http_headers == {} and protocol.http_request_data is None
+    other.close()
+    await other.wait_closed()
     client.close()
     await client.wait_closed()
 
