@@ -6,7 +6,10 @@ A tick per map (scheduled only while something is dirty) turns the dirty
 pins into one update per distinct view, encodes it once and hands the same
 bytes to every subscriber of that view. A subscriber whose transport is
 congested is skipped and remembers which pins it missed; when it drains it
-gets one catch-up update with their latest states.
+gets one catch-up update with their latest states. A big map ticks a little
+less often and sends to its whole-world subscribers in cohorts that tick in
+turn (`MapState.interval`, `MapState._fit_cohorts`): fewer frames per pin
+state, and no client waits for a whole ten-thousand-client broadcast.
 
 The hub knows nothing of WebSocket, SockJS or Redis: transports give it a
 `Subscriber` and call the methods of the `Member` they get back.
