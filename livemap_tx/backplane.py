@@ -26,6 +26,8 @@ On a map's channel:
   one per map tick with the sender's changed pins and departures.
 - `mhello`: `{"t": "mhello", "n", "m": MAP}`: "I now serve MAP: send me your
   pins of it"; every node watching the map answers with an `mfull`.
+- `ask`: `{"t": "ask", "n", "ms": [MAP, ...]}`, to one node new to the
+  sender (or heard again after it was dropped): an `mhello` for each map.
 - `mfull`: `{"t": "mfull", "n", "m": MAP, "k": CHUNK, "end": BOOL, "p": [[VERSION, PIN], ...]}`,
   every pin of the sender on that map, in chunks; the chunks up to `end`
   *replace* what a receiver holds of the sender on that map. Sent to the
@@ -588,8 +590,14 @@ class Backplane(service.Service):
         if origin == self.node:
             return
         self.stats.received += 1
+        known = origin in self.last_seen
         self.last_seen[origin] = self.clock.seconds()
         try:
+            if not known and kind != "bye" and self.watches:
+                # A node new to us, or heard again after we dropped it (a
+                # long stall): whatever it holds of the maps we serve, we
+                # do not have. Ask, in one message.
+                self._ask_all(origin)
             if kind in ("delta", "mfull", "mhello", "dev", "devgone"):
                 map_name = decoded["m"]
                 if not isinstance(map_name, str):
@@ -613,6 +621,10 @@ class Backplane(service.Service):
                     self.devices.remote_gone(map_name, list(decoded["i"]), list(decoded["k"]))
             elif kind in ("hello", "beat"):
                 self._check_servers(origin, decoded.get("f"))
+            elif kind == "ask":
+                for map_name in decoded["ms"]:
+                    if isinstance(map_name, str) and map_name in self.watches:
+                        self._reply(origin, map_name)
             elif kind == "bye":
                 self._forget(origin, "said goodbye")
             elif kind == "map":
@@ -698,6 +710,13 @@ class Backplane(service.Service):
             else:
                 for target in targets:
                     self._send_map_full(map_name, target)
+
+    def _ask_all(self, origin: str) -> None:
+        """Ask a node for its pins of every map this node serves (it answers for those it serves)."""
+        wanted = [name for name in self.watches if (origin, name) not in self.asked]
+        if wanted and self.link.linked:
+            self.asked.update((origin, name) for name in wanted)
+            self._publish(orjson.dumps({"t": "ask", "n": self.node, "ms": wanted}), origin)
 
     def _ask(self, origin: str, map_name: str) -> None:
         """We hold only part of a node's pins of a map (we missed its `mfull`): ask for it."""

@@ -726,3 +726,17 @@ def test_without_redis_nothing_changes():
     node = make_node(reactor, server_options())
     assert node.backplane is None and node.hub.publisher is None
     assert node.site.health_checks == {}
+
+
+def test_a_node_heard_again_after_it_was_dropped_is_asked_for_every_map_it_serves():
+    """A long stall: the others dropped its pins; its next heartbeat brings them back."""
+    clock, bus, hubs, planes = clocked()
+    sitter = hubs[0].join("b", Watcher())
+    sitter.move(move(3, 4))
+    hubs[1].join("b", Watcher())
+    clock.pump([0.05] * 4)
+    assert set(positions(hubs[1], "b")) == {sitter.id}
+    planes[1]._forget("n0", "test")  # as after n0 was silent for the node TTL
+    assert positions(hubs[1], "b") == {}
+    clock.pump([0.1] * 12)  # n0 sits still: no delta, only heartbeats
+    assert set(positions(hubs[1], "b")) == {sitter.id}
