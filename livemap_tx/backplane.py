@@ -16,7 +16,7 @@ On the cluster's channel:
   the sender's list of Redis servers: nodes with different lists would put
   maps on different servers, and say so loudly (`health_problem`).
 - `beat`: `{"t": "beat", "n", "f"}`: "I am alive", when the node published
-  nothing else for a while.
+  nothing else on this channel for a while.
 - `bye`: `{"t": "bye", "n"}`: the node is stopping; its pins go at once.
 - `map`: `{"t": "map", "n", "m": NAME, "x": EXPIRES_MS or null}`: the sender
   created a private map (already in the link's store of maps).
@@ -164,8 +164,9 @@ class Backplane(service.Service):
         self.clock = clock
         self.node = link.node
         self.node_ttl = node_ttl
-        # A beat goes when nothing else went for a beat interval, so the
-        # others hear from a live node at least every half TTL.
+        # A beat goes when nothing else went on the cluster's channel for a
+        # beat interval, so every other node hears from a live one at least
+        # every half TTL.
         self.beat_interval = node_ttl / 4
         self.sync_timeout = min(3.0, node_ttl) if sync_timeout is None else sync_timeout
         self.map_sync_timeout = (min(1.0, self.sync_timeout) if map_sync_timeout is None
@@ -660,12 +661,17 @@ class Backplane(service.Service):
             orjson.dumps(gone))))
 
     def _publish(self, message: bytes, to: Optional[str] = None) -> None:
-        self._count(self.link.publish(message, to))
+        published = self.link.publish(message, to)
+        self._count(published)
+        if published and to is None:
+            # Only what every node hears stands in for a beat: deltas go to
+            # the nodes serving one map, and a node busy on maps nobody else
+            # serves must still be heard by the others.
+            self.last_publish = self.clock.seconds()
 
     def _count(self, published: bool) -> None:
         if published:
             self.stats.published += 1
-            self.last_publish = self.clock.seconds()
         else:
             self.stats.dropped += 1
 

@@ -500,17 +500,25 @@ def test_one_message_per_map_tick_however_many_moves():
 def test_heartbeats_only_when_quiet_and_silence_expires_a_node():
     ttl = 3.0
     clock, bus, hubs, planes = clocked(node_ttl=ttl)
-    sent: list[dict] = []
+    sent: list[tuple[str, dict]] = []
     deliver = bus.deliver
     bus.deliver = lambda channel, message, sender: (  # type: ignore[method-assign]
-        sent.append(orjson.loads(message)), deliver(channel, message, sender))[1]
+        sent.append((channel, orjson.loads(message))), deliver(channel, message, sender))[1]
     member = hubs[0].join("m", Watcher())
     hubs[1].join("m", Watcher())
-    for _ in range(30):  # 3 s of moves: deltas, and no beat from the mover
+    for _ in range(30):  # 3 s of moves: deltas on the map's channel, beats on the cluster's
         member.move(move())
         clock.advance(0.1)
-    beats = [message["n"] for message in sent if message["t"] == "beat"]
-    assert beats == ["n1"] * len(beats) and 1 <= len(beats) <= 5
+    beats = [message["n"] for _, message in sent if message["t"] == "beat"]
+    assert sorted(set(beats)) == ["n0", "n1"] and len(beats) <= 2 * 5
+    assert {channel for channel, message in sent if message["t"] == "delta"} == {
+        "map:" + __import__("livemap_tx.links").links.map_digest("m")}
+    # Something every node hears (a private map's expiry) stands in for a beat.
+    sent.clear()
+    for _ in range(4):
+        planes[0]._publish(b'{"t":"x","n":"n0"}')
+        clock.advance(ttl / 8)
+    assert [message["n"] for _, message in sent if message["t"] == "beat"] in (["n1"], [])
     before = bus.published
     clock.pump([0.1] * 30)  # 3 s of quiet: a beat every ttl/4 from each node
     assert 6 <= bus.published - before <= 10
@@ -520,6 +528,24 @@ def test_heartbeats_only_when_quiet_and_silence_expires_a_node():
     while hubs[1].pins("m"):
         clock.advance(0.05)
     assert last_heard + ttl <= clock.seconds() <= last_heard + ttl + ttl / 6 + 0.05
+
+
+def test_a_node_busy_on_maps_nobody_else_serves_is_still_heard():
+    """Its still pin on a shared map stays on the others, however long."""
+    ttl = 3.0
+    clock, bus, hubs, planes = clocked(node_ttl=ttl)
+    hubs[0].join("shared", Watcher())
+    still = hubs[1].join("shared", Watcher())
+    still.move(move(5, 5))
+    busy = hubs[1].join("only-n1", Watcher())
+    clock.pump([0.1] * 5)
+    assert still.id in positions(hubs[0], "shared")
+    for step in range(int(4 * ttl / 0.1)):  # four TTLs of moves only n1 serves
+        busy.move(move(1, step % 90))
+        clock.advance(0.1)
+    assert "only-n1" not in planes[0].watches
+    assert still.id in positions(hubs[0], "shared")
+    assert planes[0].stats.nodes_expired == 0
 
 
 def test_a_map_is_in_sync_once_every_node_serving_it_answered_or_timed_out():
