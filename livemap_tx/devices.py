@@ -22,7 +22,7 @@ import hashlib
 import math
 import secrets
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Protocol, Sequence
 
 import orjson
@@ -318,6 +318,10 @@ class Devices:
         self.stats["reports"] += 1
         if fix.ts < (now - self.expire) * 1000:
             return "expired"
+        # A fix from a little ahead (a phone's clock runs fast) counts as of
+        # now: by its own time it would hide the device's next fixes, the
+        # true newer ones, until that time came.
+        fix = replace(fix, ts=min(fix.ts, int(now * 1000)))
         version = fix_version(fix)
         state = self.state(device, fix, now)
         entry = b"[%d,%s]" % (version, orjson.dumps(state))

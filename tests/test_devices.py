@@ -105,8 +105,12 @@ def test_a_fix_in_the_future_is_refused_a_little_is_not(devices, hub, clock):
         run(devices.report(device, fix(clock, ago=-301)))
     assert hub.pins("family") == []
     assert run(devices.report(device, fix(clock, ago=-60))) == "moved"
-    # Shown as of now, not as a time to come.
+    # Shown as of now, not as a time to come...
     assert hub.pins("family")[0]["ts"] == int(clock.seconds() * 1000)
+    # ... and ordered as of now: the next fix, a second later, is newer.
+    clock.advance(1)
+    assert run(devices.report(device, fix(clock, lat=7.0))) == "moved"
+    assert hub.pins("family")[0]["lat"] == 7.0
 
 
 def test_a_fix_older_than_expire_makes_no_pin(devices, hub, clock):
