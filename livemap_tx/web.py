@@ -16,7 +16,7 @@ from klein import Klein
 from prometheus_client import CollectorRegistry
 from prometheus_client.twisted import MetricsResource
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableDescriptor
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.logger import Logger
@@ -105,13 +105,17 @@ class BoundedChannel(HTTPChannel):
     """
     HTTP/1.1 with a deadline for each request's headers: a client that
     dribbles them (slowloris), or keeps an idle connection, is cut off.
-    A body over MAX_BODY (declared, or chunked past it) gets a 413 and the
-    connection is closed without reading the rest.
+    A body over MAX_BODY (declared, or chunked past it) gets a 413 and is
+    never read into memory: the connection is closed after a lingering
+    close, as nginx does.
     """
 
     header_timeout = 20.0
     max_body = MAX_BODY
+    # After a 413, how long what the client still sends is read and dropped.
+    linger = 2.0
     _header_deadline: Optional[IDelayedCall] = None
+    _linger_call: Optional[IDelayedCall] = None
     _body_read = 0
     _refused = False
     log = Logger()
@@ -130,6 +134,11 @@ class BoundedChannel(HTTPChannel):
             return
         super().allHeadersReceived()
 
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        if self._refused:
+            return  # lingering: dropped unread
+        super().dataReceived(data)
+
     def rawDataReceived(self, data: bytes) -> None:  # noqa: N802
         if self._refused:
             return
@@ -141,9 +150,24 @@ class BoundedChannel(HTTPChannel):
 
     def _too_large(self) -> None:
         self._refused = True
+        self._disarm()
+        transport = self.transport
+        if transport is None:
+            return
+        transport.write(_TOO_LARGE)
+        # Closing now, with the client's body still arriving, would make the
+        # kernel answer with a reset, which can destroy the 413 before a
+        # client that writes its whole body first (most HTTP libraries)
+        # reads it. So: send the 413 and a FIN, drop what still comes for a
+        # moment, then close.
+        if IHalfCloseableDescriptor.providedBy(transport):
+            transport.loseWriteConnection()
+        self._linger_call = self.callLater(self.linger, self._end_linger)
+
+    def _end_linger(self) -> None:
+        self._linger_call = None
         if self.transport is not None:
-            self.transport.write(_TOO_LARGE)
-            self.loseConnection()
+            cast(Any, self.transport).abortConnection()
 
     def requestDone(self, request: Request) -> None:  # noqa: N802
         # Armed first: a pipelined request handled inside requestDone disarms it.
@@ -152,6 +176,9 @@ class BoundedChannel(HTTPChannel):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
         self._disarm()
+        if self._linger_call is not None and self._linger_call.active():
+            self._linger_call.cancel()
+        self._linger_call = None
         super().connectionLost(reason)
 
     def _arm(self) -> None:

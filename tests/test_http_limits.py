@@ -194,3 +194,71 @@ async def test_a_request_body_over_the_bound_is_refused_unread(server, chunked):
     reactor.connectTCP("127.0.0.1", server.port, factory)
     await done.addTimeout(10, reactor)
     assert b"".join(received).startswith(b"HTTP/1.1 413")
+
+
+# A client as most HTTP libraries are (http.client, OkHttp, URLSession):
+# it writes its whole request before it reads the answer.
+WRITE_THEN_READ = r"""
+import socket, sys
+port, size, tries = (int(arg) for arg in sys.argv[1:])
+for _ in range(tries):
+    sock = socket.create_connection(("127.0.0.1", port))
+    head = b"POST /apps/overland/x HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % size
+    try:
+        sock.sendall(head + b"x" * size)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    except OSError as error:
+        answer = repr(error).encode()
+    print(answer.split(b"\r\n")[0].decode())
+    sock.close()
+"""
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_writes_its_whole_body_first_still_reads_the_413(server):
+    """Closing with the body still arriving would reset the connection, 413 unread."""
+    import sys
+
+    from twisted.internet.utils import getProcessOutputAndValue
+
+    out, err, code = await getProcessOutputAndValue(
+        sys.executable, ["-c", WRITE_THEN_READ, str(server.port), str(3 * 1024 * 1024), "5"])
+    assert code == 0, err
+    assert out.decode().splitlines() == ["HTTP/1.1 413 Content Too Large"] * 5
+
+
+@pytest_twisted.ensureDeferred
+async def test_after_a_413_a_client_that_keeps_sending_is_cut_off(server, monkeypatch):
+    """The lingering close is bounded: what comes after the 413 is dropped, then the connection."""
+    from livemap_tx.web import BoundedChannel
+
+    monkeypatch.setattr(BoundedChannel, "linger", 0.3)
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.sendall(b"POST /apps/overland/x HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n"
+                 % (10**12))
+    sock.setblocking(False)
+    answer, sent, closed = b"", 0, False
+    for _ in range(100):  # 5 s at most
+        try:
+            while True:  # as much as the connection takes
+                sent += sock.send(b"x" * 65536)
+        except BlockingIOError:
+            pass
+        except OSError:
+            closed = True
+        try:
+            chunk = sock.recv(65536)
+            answer += chunk
+            closed = closed or chunk == b""
+        except BlockingIOError:
+            pass
+        except OSError:
+            closed = True
+        if closed:
+            break
+        await deferLater(0.05)
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 413") and closed
+    assert sent > 1024 * 1024  # it was read (and dropped) while lingering, not buffered
