@@ -16,7 +16,7 @@ from klein import Klein
 from prometheus_client import CollectorRegistry
 from prometheus_client.twisted import MetricsResource
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IHalfCloseableDescriptor
+from twisted.internet.interfaces import IDelayedCall, ITCPTransport
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 from twisted.logger import Logger
@@ -160,7 +160,7 @@ class BoundedChannel(HTTPChannel):
         # client that writes its whole body first (most HTTP libraries)
         # reads it. So: send the 413 and a FIN, drop what still comes for a
         # moment, then close.
-        if IHalfCloseableDescriptor.providedBy(transport):
+        if ITCPTransport.providedBy(transport):
             transport.loseWriteConnection()
         self._linger_call = self.callLater(self.linger, self._end_linger)
 
