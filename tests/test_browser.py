@@ -335,15 +335,16 @@ class WebSocketTap:
     can cut a connection or refuse them all, as a flaky network would.
     """
 
-    def __init__(self, refuse: bool = False) -> None:
+    def __init__(self, refuse: bool = False, refuse_first: int = 0) -> None:
         self.refuse = refuse
+        self.refuse_first = refuse_first
         self.connections: list[dict[str, Any]] = []
 
     def install(self, page: Page) -> None:
         page.route_web_socket(re.compile(r"/ws/"), self._handle)
 
     def _handle(self, route: Any) -> None:
-        if self.refuse:
+        if self.refuse or len(self.connections) < self.refuse_first:
             self.connections.append({"route": route, "server": None, "sent": []})
             route.close(code=1011, reason="blocked by the test")
             return
@@ -475,6 +476,21 @@ def test_forced_websocket_does_not_fall_back(
     viewer.context.close()
 
 
+def test_one_refused_websocket_is_no_reason_to_leave_it(
+        browser: Browser, base_url: str, map_name: str) -> None:
+    """A server back from a restart may refuse the upgrade and answer a moment later."""
+    tap = WebSocketTap(refuse_first=1)
+    viewer = open_viewer(browser, f"{base_url}/m/{map_name}", geolocation=BERLIN,
+                         before_load=tap.install)
+    sockjs_requests: list[str] = []
+    viewer.page.on("request", lambda r: "sockjs" in r.url and sockjs_requests.append(r.url))
+    viewer.own_id()
+    expect(viewer.page.locator("#status")).to_have_text("connected \u00b7 WebSocket")
+    assert len(tap.connections) == 2 and sockjs_requests == []
+    viewer.assert_clean()
+    viewer.context.close()
+
+
 def require_sockjs(base_url: str, map_name: str) -> None:
     try:
         with urllib.request.urlopen(f"{base_url}/sockjs/{map_name}/info", timeout=5) as response:
@@ -509,7 +525,7 @@ def test_blocked_websocket_falls_back_to_sockjs_unnoticed(
     expect(blocked.page.locator("#status")).to_have_text("connected \u00b7 SockJS xhr-streaming")
     expect(direct.page.locator(f'[data-pin-id="{blocked_id}"] .pin-label')).to_have_text(
         "Behind a proxy", timeout=WAIT_MS)
-    assert len(tap.connections) == 1
+    assert len(tap.connections) == 2  # WebSocket is tried twice before SockJS
 
     blocked.context.set_geolocation({"latitude": 52.5210, "longitude": 13.4070})
     direct.wait("(id) => { const p = window.livemap.pin(id);"
@@ -533,7 +549,7 @@ def test_blocked_websocket_falls_back_to_sockjs_unnoticed(
     blocked.problems[:] = [p for p in blocked.problems if not re.search(
         r"/sockjs/.*/xhr_(send|streaming)\b", p)]
     assert blocked.state()["transport"] == "xhr-streaming"
-    assert len(tap.connections) == 1
+    assert len(tap.connections) == 2
     for viewer in (blocked, direct):
         viewer.assert_clean()
         viewer.context.close()

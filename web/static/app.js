@@ -942,6 +942,7 @@ let retryAt = 0;
 let countdownTimer = null;
 let sockjsLoading = null;
 let closedFor = null; // 'expired' or 'missing' once the map is gone: no more reconnecting
+let wsFailedWhileUp = 0; // WebSocket failures before a welcome while the server answered
 
 function setStatus(kind, text) {
   ui.status.className = `status status-${kind}`;
@@ -1000,6 +1001,7 @@ function onFrame(text) {
 function onWelcome(msg) {
   connected = true;
   failures = 0;
+  wsFailedWhileUp = 0;
   if (link.sockjs) useSockjs = true; // it worked: stay on it for this page's life
   setStatus('connected', `connected \u00b7 ${transportLabel(link)}`);
   sentSeqs.clear();
@@ -1096,9 +1098,13 @@ function linkDown(myAttempt, l, hadWelcome, code, reason) {
       mapGone('missing');
     } else if (exists === true && !l.sockjs && forced === null) {
       // The server answers, but WebSocket never got as far as a welcome: a
-      // network that blocks it. Quietly try SockJS. (A server that cannot be
+      // network that blocks it, or a server just back from a restart that
+      // refused the upgrade a moment before it answered this. Unless it
+      // stalled (a proxy), try WebSocket once more; a second such failure
+      // means the network: quietly try SockJS. (A server that cannot be
       // reached at all, say while it restarts, is no reason to leave WebSocket.)
-      openSockjs();
+      if (l.silent || ++wsFailedWhileUp >= 2) openSockjs();
+      else openWebSocket();
     } else {
       scheduleReconnect();
     }
@@ -1185,6 +1191,7 @@ function openWebSocket() {
   const silence = setTimeout(() => {
     if (myAttempt === attempt && !welcomed) {
       console.warn('livemap: no welcome over WebSocket');
+      l.silent = true; // it opened and stalled: no restart looks like that
       ws.close();
       linkDown(myAttempt, l, false);
     }
