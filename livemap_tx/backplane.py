@@ -28,17 +28,18 @@ On a map's channel:
   pins of it"; every node watching the map answers with an `mfull`.
 - `ask`: `{"t": "ask", "n", "ms": [MAP, ...]}`, to one node new to the
   sender (or heard again after it was dropped): an `mhello` for each map.
-- `mfull`: `{"t": "mfull", "n", "m": MAP, "k": CHUNK, "end": BOOL, "p": [[VERSION, PIN], ...]}`,
-  every pin of the sender on that map, in chunks; the chunks up to `end`
-  *replace* what a receiver holds of the sender on that map. Sent to the
-  asker's own channel, or on the map's channel (when several asked, and
-  to everyone after (re)linking).
+- `mfull`: `{"t": "mfull", "n", "m": MAP, "k": CHUNK, "end": BOOL, "r": [NODE, ...],
+  "p": [[VERSION, PIN], ...]}`, every pin of the sender on that map, in
+  chunks; the chunks up to `end` *replace* what a receiver holds of the
+  sender on that map. Sent to the asker's own channel, or on the map's
+  channel (when several asked, and to everyone after (re)linking); `r`
+  names the askers it answers (none: the sender started serving the map).
 - `dev`, `devgone`: a device's newest fix, a device deleted (devices.py).
 
-A node starts watching a map by listening to its channel, counting the
-nodes that listen (this one included), asking them for their pins and
-loading the map's devices from the store; the map is in sync once every one
-of them answered (or after `map_sync_timeout`). Requests that need the
+A node starts watching a map by listening to its channel, asking the
+nodes that listen for their pins (the link says how many the request
+reached) and loading the map's devices from the store; the map is in sync
+once every one of them answered it (or after `map_sync_timeout`). Requests that need the
 map's pins wait for that (`watch`), so a first welcome is whole.
 
 A receiver drops every pin of a node it has heard nothing from for
@@ -61,7 +62,7 @@ from __future__ import annotations
 import math
 import secrets
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence
 
 import orjson
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -264,13 +265,14 @@ class Backplane(service.Service):
     def watch(self, map_name: str, lease: float = REQUEST_LEASE) -> defer.Deferred:
         """
         Serve `map_name` for at least `lease` seconds; fires once this node
-        holds the other nodes' pins of it (or after `map_sync_timeout`).
+        holds the other nodes' pins of it (or after `map_sync_timeout`), with
+        how ("complete", "already", "timed out", ...).
         """
         watch = self._watch(map_name)
         watch.lease_until = max(watch.lease_until, self.clock.seconds() + lease)
         self._release_later(watch, lease)
         if watch.synced:
-            return defer.succeed(None)
+            return defer.succeed("already")
         waiter: defer.Deferred = defer.Deferred()
         watch.waiters.append(waiter)
         return waiter
@@ -342,21 +344,29 @@ class Backplane(service.Service):
                                            generation, "timed out")
         self.stats.map_syncs += 1
         self.link.watch_map(watch.name).addCallbacks(
-            lambda count: self._listening(watch, generation, count),
+            lambda _: self._listening(watch, generation),
             lambda failure: self._map_synced(watch, generation, "not linked"))
 
-    def _listening(self, watch: MapWatch, generation: int, count: int) -> None:
+    def _listening(self, watch: MapWatch, generation: int) -> None:
         if watch.generation != generation or self.watches.get(watch.name) is not watch:
             return
         # Our own pins of it to everyone (they may have missed our deltas),
-        # and a request for theirs.
+        # and a request for theirs, answered by every node it reached: a
+        # node that starts listening later was not asked, and sends its
+        # pins by itself.
         self._send_map_full(watch.name, None)
-        self.link.publish_map(watch.name, orjson.dumps(
-            {"t": "mhello", "n": self.node, "m": watch.name}))
-        watch.awaiting = max(0, count - 1)
+        self.link.ask_map(watch.name, orjson.dumps(
+            {"t": "mhello", "n": self.node, "m": watch.name})).addCallbacks(
+            lambda reached: self._asked(watch, generation, reached),
+            lambda failure: self._map_synced(watch, generation, "not linked"))
         if self.devices is not None:
             defer.Deferred.fromCoroutine(self._load_devices(watch, generation)).addErrback(
                 self._devices_failed, watch, generation)
+
+    def _asked(self, watch: MapWatch, generation: int, reached: int) -> None:
+        if watch.generation != generation or self.watches.get(watch.name) is not watch:
+            return
+        watch.awaiting = max(0, reached - 1)
         self._check_synced(watch)
 
     async def _load_devices(self, watch: MapWatch, generation: int) -> None:
@@ -397,7 +407,7 @@ class Backplane(service.Service):
         watch.timer = None
         waiters, watch.waiters = watch.waiters, []
         for waiter in waiters:
-            waiter.callback(None)
+            waiter.callback(how)
 
     # The private maps: this backplane is the directory's MapStore
 
@@ -675,22 +685,28 @@ class Backplane(service.Service):
         else:
             self.stats.dropped += 1
 
-    def map_full_messages(self, map_name: str) -> list[bytes]:
-        """This node's pins of one map, in chunks of at most `full_chunk` pins."""
+    def map_full_messages(self, map_name: str, answering: Sequence[str] = ()) -> list[bytes]:
+        """
+        This node's pins of one map, in chunks of at most `full_chunk` pins;
+        `answering`: the nodes whose request this answers (`r`).
+        """
         map_state = self.hub.maps.get(map_name)
         local = [] if map_state is None else [
             pin for pin in map_state.pins.values() if pin.origin is None]
         chunks = [local[start:start + self.full_chunk]
                   for start in range(0, len(local), self.full_chunk)] or [[]]
         head = b'{"t":"mfull","n":%s,"m":%s' % (orjson.dumps(self.node), orjson.dumps(map_name))
+        if answering:
+            head += b',"r":%s' % orjson.dumps(list(answering))
         return [b'%s,"k":%d,"end":%s,"p":[%s]}' % (
             head, index, b"true" if index == len(chunks) - 1 else b"false",
             _state_entries(chunk)) for index, chunk in enumerate(chunks)]
 
-    def _send_map_full(self, map_name: str, to: Optional[str]) -> None:
+    def _send_map_full(self, map_name: str, to: Optional[str],
+                       answering: Sequence[str] = ()) -> None:
         # All chunks in one turn, on one connection: no delta of ours comes
         # between them.
-        for message in self.map_full_messages(map_name):
+        for message in self.map_full_messages(map_name, answering):
             if to is None:
                 self._count(self.link.publish_map(map_name, message))
             else:
@@ -712,10 +728,10 @@ class Backplane(service.Service):
             if map_name not in self.watches:
                 continue
             if len(targets) > 2:
-                self._send_map_full(map_name, None)
+                self._send_map_full(map_name, None, sorted(targets))
             else:
                 for target in targets:
-                    self._send_map_full(map_name, target)
+                    self._send_map_full(map_name, target, [target])
 
     def _ask_all(self, origin: str) -> None:
         """Ask a node for its pins of every map this node serves (it answers for those it serves)."""
@@ -775,7 +791,9 @@ class Backplane(service.Service):
                 if stale:
                     self.hub.apply_remote(map_name, origin, (), stale)
             watch = self.watches.get(map_name)
-            if watch is not None and not watch.synced:
+            if watch is not None and not watch.synced and self.node in message.get("r", ()):
+                # An answer to our request (not a node's own state, sent as
+                # it starts serving the map: it was not among those asked).
                 watch.answered.add(origin)
                 self._check_synced(watch)
 

@@ -87,9 +87,13 @@ class Link(Protocol):
         """Send to every node that watches `map_name` (the sender too, if it does)."""
 
     def watch_map(self, map_name: str) -> defer.Deferred:
+        """Listen to a map's channel. Fires once listening; fails while not linked."""
+
+    def ask_map(self, map_name: str, message: bytes) -> defer.Deferred:
         """
-        Listen to a map's channel. Fires, once listening, with how many
-        nodes listen to it (this one included); fails while not linked.
+        Send to every node that watches `map_name`, as `publish_map`; fires
+        with how many nodes it reached (the sender too, if it listens), the
+        nodes that will answer.
         """
 
     def unwatch_map(self, map_name: str) -> None:
@@ -247,7 +251,16 @@ class MemoryLink:
         if not self.linked:
             return defer.fail(ConnectionError("not linked"))
         self.bus.subscribe(self.node, map_channel(map_name))
-        return self._reply(lambda: len(self.bus.channels.get(map_channel(map_name), ())))
+        return self._reply(lambda: None)
+
+    def ask_map(self, map_name: str, message: bytes) -> defer.Deferred:
+        if not self.linked:
+            return defer.fail(ConnectionError("not linked"))
+        channel = map_channel(map_name)
+        # Counted as it is delivered, answered later, as Redis's PUBLISH.
+        reached = len(self.bus.channels.get(channel, ()))
+        self.bus.deliver(channel, message, self.node)
+        return self._reply(lambda: reached)
 
     def unwatch_map(self, map_name: str) -> None:
         self.watched.discard(map_name)

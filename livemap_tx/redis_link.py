@@ -385,11 +385,15 @@ class RedisLink:
             server.channels.add(channel)
             return defer.fail(ConnectionError("not linked to Redis"))
 
-        def count(reply: Any) -> int:
-            # PUBSUB NUMSUB answers [channel, subscribers].
-            return int(reply[1])
-        return server.listen(channel).addCallback(
-            lambda _: server.query("PUBSUB", "NUMSUB", channel)).addCallback(count)
+        return server.listen(channel).addCallback(lambda _: None)
+
+    def ask_map(self, map_name: str, message: bytes) -> defer.Deferred:
+        if not self.linked:
+            return defer.fail(ConnectionError("not linked to Redis"))
+        server, channel = self._map_channel(map_name)
+        # PUBLISH answers how many subscribers got the message; on the
+        # connection of every other command, so in order with the deltas.
+        return server.query("PUBLISH", channel, message).addCallback(int)
 
     def unwatch_map(self, map_name: str) -> None:
         self.watched.discard(map_name)

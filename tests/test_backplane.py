@@ -164,16 +164,19 @@ async def test_a_maps_channel_reaches_only_the_nodes_that_watch_it(cluster):
         link.start(receiver)
     try:
         await eventually(lambda: all(link.linked for link in links), what="linked")
-        assert await links[0].watch_map("busy") == 1
-        assert await links[1].watch_map("busy") == 2  # it counts the watchers
-        assert await links[2].watch_map("other") == 1
+        await links[0].watch_map("busy")
+        await links[1].watch_map("busy")
+        await links[2].watch_map("other")
         for number in range(20):
             assert links[2].publish_map("busy", b"busy %d" % number)
         assert links[0].publish_map("other", b"for other")
-        expected = [b"busy %d" % number for number in range(20)]
+        # A request says how many it reached: the nodes that will answer.
+        assert await links[2].ask_map("busy", b"busy 20") == 2
+        assert await links[0].ask_map("other", b"no") == 1
+        expected = [b"busy %d" % number for number in range(21)]
         await eventually(lambda: receivers[0].messages == receivers[1].messages == expected,
                          what="delivery to the watchers, in order")
-        await eventually(lambda: receivers[2].messages == [b"for other"], what="other")
+        await eventually(lambda: receivers[2].messages == [b"for other", b"no"], what="other")
         links[1].unwatch_map("busy")
         links[2].publish_map("busy", b"after")
         await eventually(lambda: receivers[0].messages[-1:] == [b"after"], what="after")
@@ -546,6 +549,21 @@ def test_a_node_busy_on_maps_nobody_else_serves_is_still_heard():
     assert "only-n1" not in planes[0].watches
     assert still.id in positions(hubs[0], "shared")
     assert planes[0].stats.nodes_expired == 0
+
+
+def test_two_nodes_that_start_serving_a_map_at_once_both_wait_for_the_third():
+    """One's own state, sent as it starts, is no answer for the other: it was not asked."""
+    clock, bus, hubs, planes = clocked(3)
+    pinned = hubs[0].join("m", Watcher())
+    pinned.move(move(5, 5))
+    clock.pump([0.05] * 4)
+    outcomes: dict[int, list] = {1: [], 2: []}
+    for index in (1, 2):  # the second subscribes before the first published its mhello
+        planes[index].watch("m").addCallback(
+            lambda how, index=index: outcomes[index].append(
+                (how, pinned.id in positions(hubs[index]))))
+    clock.pump([0.01] * 30)
+    assert outcomes == {1: [("complete", True)], 2: [("complete", True)]}
 
 
 def test_a_map_is_in_sync_once_every_node_serving_it_answered_or_timed_out():

@@ -414,6 +414,8 @@ class ClusterMachine(RuleBasedStateMachine):
         self.live: set[Handle] = set()
         self.homes: dict[Handle, Node] = {}
         self.seq = 0
+        # Syncs that completed without pins the serving nodes had.
+        self.incomplete: list[tuple] = []
 
     @initialize(count=st.sampled_from([2, 3]))
     def start_nodes(self, count: int) -> None:
@@ -504,7 +506,29 @@ class ClusterMachine(RuleBasedStateMachine):
     def request_needs_map(self, index: int, map_name: str, lease: float) -> None:
         """A request (a first welcome, the pins API, an app's report) makes a node serve a map."""
         node = self._alive()[index % len(self._alive())]
-        node.plane.watch(map_name, lease)
+        # Once in sync, it holds every pin that a node serving the map had
+        # when asked, and still has.
+        held_then = {other: {pin_id for pin_id, pin in other.hub.maps[map_name].pins.items()
+                             if pin.origin is None}
+                     for other in self._alive() if other is not node
+                     and map_name in other.plane.watches and other.plane.watches[map_name].synced
+                     and map_name in other.hub.maps}
+
+        def synced(how: str) -> None:
+            if how != "complete":
+                return
+            mine = node.hub.maps.get(map_name)
+            held = set() if mine is None else set(mine.pins)
+            for other, pin_ids in held_then.items():
+                if other.alive and map_name in other.hub.maps:
+                    missing = pin_ids & set(other.hub.maps[map_name].pins) - held
+                    if missing:
+                        self.incomplete.append((node, other, map_name, missing))
+        node.plane.watch(map_name, lease).addCallback(synced)
+
+    @invariant()
+    def a_map_in_sync_holds_what_the_others_serving_it_had(self) -> None:
+        assert not self.incomplete, self.incomplete
 
     @precondition(lambda self: len(self._alive()) > 1)
     @rule(index=st.integers(0, 2))
