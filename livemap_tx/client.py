@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from . import wire
@@ -24,7 +24,8 @@ class MoveLimiter:
     """
     Token bucket of `rate` moves a second (bursts up to `rate`), plus the
     protocol's rules for the excess: drop it, warn at most once a second,
-    close when it goes on for `close_after` seconds.
+    close when it goes on for `close_after` seconds. (The client applies
+    the newest dropped move once a token is free: `take`, `wait`.)
     """
 
     ACCEPT, DROP, WARN, CLOSE = range(4)
@@ -41,10 +42,27 @@ class MoveLimiter:
         self.last_drop = -1e18
         self.last_warning = -1e18
 
-    def check(self) -> int:
+    def _refill(self) -> float:
         now = self.clock.seconds()
         self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
         self.updated = now
+        return now
+
+    def take(self) -> bool:
+        """Use a token if there is one (no verdict on the excess)."""
+        self._refill()
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+    def wait(self) -> float:
+        """Seconds until a token is free."""
+        self._refill()
+        return max(0.0, (1.0 - self.tokens) / self.rate) + 1e-6
+
+    def check(self) -> int:
+        now = self._refill()
         if self.tokens >= 1.0:
             self.tokens -= 1.0
             return self.ACCEPT
@@ -73,6 +91,12 @@ class Client:
         # own wish if coarser.
         self.server_precision = self.precision = precision
         self.closed = False
+        # The newest move over the limit, applied once the bucket allows:
+        # moves that queued up unread (while this connection was paused, or
+        # in a network's buffer) arrive at once, and the last of them is
+        # where the person is.
+        self._held: Optional[wire.Move] = None
+        self._held_call: Optional[IDelayedCall] = None
         self.member: Member = hub.join(map_name, transport)
 
     @property
@@ -108,17 +132,36 @@ class Client:
     def _move(self, move: wire.Move) -> None:
         verdict = self.limiter.check()
         if verdict == MoveLimiter.ACCEPT:
-            if self.precision > 0:
-                move = self._coarsened(move)
-            self.member.move(move)
+            self._held = None  # older than this one
+            self._apply(move)
             return
         self.hub.stats.reject(wire.RATE_LIMITED)
+        if verdict != MoveLimiter.CLOSE:
+            self._held = move
+            if self._held_call is None:
+                self._held_call = self.hub.clock.callLater(
+                    self.limiter.wait(), self._apply_held)
         if verdict == MoveLimiter.WARN:
             self._send_error(wire.RATE_LIMITED,
                              f"more than {self.limiter.rate:g} moves a second; excess dropped")
         elif verdict == MoveLimiter.CLOSE:
             self._send_error(wire.RATE_LIMITED, "rate limit exceeded for too long")
             self.close(wire.CLOSE_POLICY, "rate limit exceeded")
+
+    def _apply(self, move: wire.Move) -> None:
+        if self.precision > 0:
+            move = self._coarsened(move)
+        self.member.move(move)
+
+    def _apply_held(self) -> None:
+        self._held_call = None
+        if self._held is None or self.closed:
+            return
+        if self.limiter.take():
+            move, self._held = self._held, None
+            self._apply(move)
+        else:
+            self._held_call = self.hub.clock.callLater(self.limiter.wait(), self._apply_held)
 
     def _coarsened(self, move: wire.Move) -> wire.Move:
         lat, lng = coarsen(move.lat, move.lng, self.precision)
@@ -135,7 +178,14 @@ class Client:
     def close(self, code: int, reason: str) -> None:
         if not self.closed:
             self.closed = True
+            self._forget_held()
             self.transport.close(code, reason)
+
+    def _forget_held(self) -> None:
+        self._held = None
+        if self._held_call is not None and self._held_call.active():
+            self._held_call.cancel()
+        self._held_call = None
 
     def pause(self) -> None:
         self.member.pause()
@@ -145,4 +195,5 @@ class Client:
 
     def connection_lost(self) -> None:
         self.closed = True
+        self._forget_held()
         self.member.leave()

@@ -86,6 +86,29 @@ def test_rate_limited_error_at_most_once_a_second_then_1008(client, clock):
     assert out.closed == (1008, "rate limit exceeded")
 
 
+def test_the_newest_move_over_the_limit_is_applied_once_the_limit_allows(client, clock):
+    """Moves that queued up unread arrive at once: the pin ends at the last, not the tenth."""
+    live, out, hub = client
+    for seq in range(1, 16):
+        live.message_received(b'{"type":"move","lat":%d,"lng":2,"seq":%d}' % (seq, seq))
+    assert errors(out) == ["rate_limited"]
+    clock.advance(0)
+    assert hub.pins("m")[0]["seq"] == 10
+    clock.advance(0.11)
+    assert hub.pins("m")[0]["seq"] == 15 and hub.stats.moves_accepted == 11
+    # Within the rate: it took a token, so the bucket still holds the line.
+    for seq in range(16, 30):
+        live.message_received(b'{"type":"move","lat":1,"lng":2,"seq":%d}' % seq)
+    assert hub.stats.moves_accepted == 11  # no token left: each one is held, the newest kept
+    clock.advance(0.11)
+    assert hub.pins("m")[0]["seq"] == 29 and hub.stats.moves_accepted == 12
+    # Closing forgets what was held.
+    live.message_received(b'{"type":"move","lat":1,"lng":2,"seq":30}')
+    live.connection_lost()
+    clock.advance(1)
+    assert hub.stats.moves_accepted == 12 and not clock.getDelayedCalls()
+
+
 @pytest.mark.parametrize("payload, code", [
     (b"{", "bad_json"), (b'{"type":"x"}', "bad_message"),
     (b'{"type":"move","lat":100,"lng":0}', "out_of_range")])
