@@ -71,7 +71,8 @@ from typing import Any, Optional
 
 import orjson
 
-from loadgen import WS_ACCEPT, WS_KEY, core_busy, core_ticks, masked_frame, proc_cpu_seconds, proc_rss_kb
+from loadgen import (WS_ACCEPT, WS_KEY, core_busy, core_ticks, masked_frame, proc_cpu_seconds,
+                     proc_rss_kb, wait_quiet)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -730,16 +731,6 @@ def run_step(code: str, tree: Path, commit: str, n: int, args: argparse.Namespac
 
 
 # -- the report ------------------------------------------------------------------------
-
-
-def wait_quiet(limit_s: float, threshold: float = 0.15) -> float:
-    deadline = time.monotonic() + limit_s
-    while True:
-        a = core_ticks()
-        time.sleep(1.0)
-        load = sum(v for k, v in core_busy(a, core_ticks()).items() if k[4:].isdigit())
-        if load < threshold or time.monotonic() > deadline:
-            return round(load, 3)
 
 
 def row(s: Step) -> dict[str, Any]:

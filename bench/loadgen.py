@@ -206,6 +206,18 @@ def core_busy(a: CoreTicks, b: CoreTicks) -> dict[str, float]:
     return res
 
 
+def wait_quiet(limit_s: float, threshold: float = 0.15) -> float:
+    """Wait until both cores together are less than `threshold` of a core busy
+    for a second, at most `limit_s`; returns the load seen last."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        a = core_ticks()
+        time.sleep(1.0)
+        load = sum(v for k, v in core_busy(a, core_ticks()).items() if k[4:].isdigit())
+        if load < threshold or time.monotonic() > deadline:
+            return round(load, 3)
+
+
 def self_cpu_seconds() -> float:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime + ru.ru_stime

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 # /proc/stat per core, read the same way the generator reads it.
-from loadgen import core_busy, core_ticks
+from loadgen import wait_quiet
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -135,18 +135,6 @@ def _pinned(core: int):  # type: ignore[no-untyped-def]
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
     return setup
-
-
-def wait_quiet(limit_s: float, threshold: float = 0.15) -> float:
-    """Wait until both cores together are less than `threshold` of a core busy
-    for a second, at most `limit_s`; returns the load seen last."""
-    deadline = time.monotonic() + limit_s
-    while True:
-        a = core_ticks()
-        time.sleep(1.0)
-        load = sum(v for k, v in core_busy(a, core_ticks()).items() if k[4:].isdigit())
-        if load < threshold or time.monotonic() > deadline:
-            return round(load, 3)
 
 
 class Server:
