@@ -235,6 +235,18 @@ def server_buffered(protocol) -> int:
     return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
 
 
+def count_calls(obj, method: str) -> list:
+    """Wrap one instance's method; the returned one-item list counts its calls."""
+    calls = [0]
+    original = getattr(obj, method)
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+    setattr(obj, method, counted)
+    return calls
+
+
 async def stall(server, client, client_id: str):
     """
     The client stops reading and its server-side buffer is brought to just
@@ -247,10 +259,20 @@ async def stall(server, client, client_id: str):
     mark = protocol.transport.bufferSize
     snapshot = len(wire.encode_snapshot([pin.json() for pin in
                                          server.hub.maps[protocol.map_name].pins.values()]))
+    handled = count_calls(protocol.client, "message_received")
     for _ in range(1000):
         if server_buffered(protocol) + snapshot > mark:
             break
+        asked = handled[0] + 1
         client.send({"type": "view", "bbox": None})
+        # Measure only once the server has written this answer: on a busy
+        # machine a timer can fire before the server reads the request.
+        for _ in range(1000):
+            if handled[0] >= asked:
+                break
+            await deferLater(0.002)
+        else:
+            raise AssertionError("the server never read the view request")
         await deferLater(0.005)  # the kernel's buffers take the first ones
     else:
         raise AssertionError("the server's buffer never filled")
