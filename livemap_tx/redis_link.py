@@ -27,6 +27,7 @@ import hashlib
 import os
 import random
 import socket
+from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 from urllib.parse import unquote, urlsplit
@@ -48,6 +49,8 @@ from .links import LinkReceiver, map_digest, score
 PROTOCOL_VERSION = 2
 # Private maps written back per command after a reconnection.
 RESTORE_CHUNK = 1000
+# Commands Redis answers with one reply per channel or pattern named.
+_PER_CHANNEL_COMMANDS = frozenset({"SUBSCRIBE", "UNSUBSCRIBE", "PSUBSCRIBE", "PUNSUBSCRIBE"})
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,49 @@ class _CommandProtocol(txredisapi.RedisProtocol):
 
 
 class _SubscriberProtocol(txredisapi.SubscriberProtocol):
+    """
+    Replies are matched to commands by count. txredisapi hands every
+    (un)subscribe acknowledgement to the oldest waiting command, so the
+    second acknowledgement of a SUBSCRIBE of two channels fired the next
+    SUBSCRIBE's Deferred before Redis had read it: a node then asked for a
+    map's pins before it listened to the map, and its first welcome there
+    could miss pins.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Per command sent, in order: [replies it gets, replies seen].
+        self._owed: deque[list[int]] = deque()
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> defer.Deferred:
+        result = super().execute_command(*args, **kwargs)
+        name = args[0].upper() if isinstance(args[0], str) else args[0]
+        # One acknowledgement per channel, each a reply of its own.
+        replies = max(1, len(args) - 1) if name in _PER_CHANNEL_COMMANDS else 1
+        self._owed.append([replies, 0])
+        return result
+
+    def replyReceived(self, reply: Any) -> None:  # noqa: N802 (txredisapi's name)
+        if isinstance(reply, list):
+            if len(reply) >= 3 and reply[-3] == b"message":
+                self.messageReceived(None, *reply[-2:])
+                return
+            if len(reply) >= 4 and reply[-4] == b"pmessage":
+                self.messageReceived(*reply[-3:])
+                return
+        if not self._owed:
+            if isinstance(reply, Exception):
+                self.replyQueue.put(reply)  # connectionLost fails what still waits
+            return
+        owed = self._owed[0]
+        owed[1] += 1
+        if isinstance(reply, Exception) or owed[1] >= owed[0]:
+            self._owed.popleft()  # an error is the command's only reply
+        if owed[1] == 1:
+            # Redis subscribes every channel of the command before it
+            # acknowledges the first one.
+            self.replyQueue.put(reply[-3:] if isinstance(reply, list) else reply)
+
     def messageReceived(self, pattern: Any, channel: bytes, message: bytes) -> None:  # noqa: N802
         self.factory.connection.server.link._message(message)
 

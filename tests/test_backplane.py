@@ -327,6 +327,81 @@ async def test_redis_link_authenticates_and_reports_a_refusal_once(tmp_path):
         server.stop()
 
 
+def test_each_subscription_is_acknowledged_by_its_own_reply():
+    """
+    A SUBSCRIBE of several channels gets one reply per channel: the later
+    ones must not fire the next command's Deferred (txredisapi's pairing did,
+    before Redis had read that command), nor a PING's.
+    """
+    from twisted.internet.testing import StringTransport
+
+    from livemap_tx.redis_link import _SubscriberProtocol
+
+    clock = task.Clock()
+    protocol = _SubscriberProtocol(charset=None)
+    protocol.callLater = clock.callLater  # its parser resumes after a bulk string
+    protocol.makeConnection(StringTransport())
+    protocol.connected = 1
+    pushed: list = []
+    protocol.messageReceived = lambda pattern, channel, message: pushed.append(message)
+    fired: dict[str, Any] = {}
+
+    def record(what: str) -> Callable[[Any], None]:
+        return lambda result: fired.setdefault(what, result)
+
+    def later_commands(_: Any) -> None:
+        # What a backplane does as the link comes up: watch a map at once.
+        protocol.subscribe([b"m"]).addCallback(record("m"))
+        protocol.ping().addCallback(record("ping"))
+    protocol.subscribe([b"all", b"to:me"]).addCallback(later_commands)
+
+    def reply(*items: bytes) -> None:
+        protocol.dataReceived(b"*%d\r\n" % len(items) + b"".join(
+            b":%s\r\n" % item if item.isdigit() else b"$%d\r\n%s\r\n" % (len(item), item)
+            for item in items))
+        while clock.getDelayedCalls():
+            clock.advance(0)
+    reply(b"subscribe", b"all", b"1")
+    reply(b"subscribe", b"to:me", b"2")
+    assert fired == {}
+    reply(b"message", b"all", b"hi")  # pushed messages are no replies
+    assert fired == {} and pushed == [b"hi"]
+    reply(b"subscribe", b"m", b"3")
+    assert fired == {"m": [b"subscribe", b"m", 3]}
+    reply(b"pong", b"")
+    assert fired["ping"] == [b"pong", b""]
+    # An error is a command's only reply, whatever it named.
+    failed: list = []
+    protocol.subscribe([b"x", b"y"]).addErrback(failed.append)
+    protocol.dataReceived(b"-NOPERM no\r\n")
+    protocol.unsubscribe([b"m"]).addCallback(record("un"))
+    reply(b"unsubscribe", b"m", b"2")
+    assert len(failed) == 1 and fired["un"] == [b"unsubscribe", b"m", 2]
+
+
+@pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
+@pytest_twisted.ensureDeferred
+async def test_a_subscription_made_as_the_link_comes_up_is_acknowledged_by_redis(tmp_path):
+    server = RedisServer(tmp_path)
+    server.start()
+    link = RedisLink(server.url, "t", "a", reactor)
+    link.start(Recorder())
+    try:
+        await eventually(lambda: link.linked, what="linked")
+        protocol = link.servers[0].subscriber.protocol
+        acknowledged: list = []
+
+        def then_one_more(_: Any) -> None:
+            protocol.subscribe([b"d"]).addCallback(acknowledged.append)
+        protocol.subscribe([b"a", b"b", b"c"]).addCallback(then_one_more)
+        await eventually(lambda: acknowledged, what="acknowledged")
+        assert acknowledged[0][:2] == [b"subscribe", b"d"]
+        assert server.command("PUBSUB", "NUMSUB", "d") == "d\n1"
+    finally:
+        await link.stop()
+        server.stop()
+
+
 # Hubs joined by backplanes, over either link
 
 
@@ -459,7 +534,7 @@ async def test_a_third_node_joining_late_gets_everything_before_its_first_welcom
     hub_c, plane_c = nodes.add("c")
     assert await plane_c.when_synced() == "linked"
     assert hub_c.pins("m") == []  # it serves no map yet
-    await plane_c.watch("m")  # what a first client's upgrade waits for
+    assert await plane_c.watch("m") == "complete"  # what a first client's upgrade waits for
     newcomer = Watcher()
     hub_c.join("m", newcomer)
     assert len(newcomer.messages[0]["pins"]) == 2
