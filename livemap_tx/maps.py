@@ -138,7 +138,7 @@ class MapDirectory:
             return False
         entry = self.private.get(name)
         if entry is not None:
-            return not entry.expired
+            return not self._gone(entry)
         if name == wire.DEFAULT_MAP:
             return self.public
         return self.open_maps
@@ -154,7 +154,7 @@ class MapDirectory:
         if entry is not None:
             if self.store is not None:
                 self._touch(name, entry)
-            return defer.succeed(not entry.expired)
+            return defer.succeed(not self._gone(entry))
         if (self.store is None or len(name) != PRIVATE_NAME_LENGTH
                 or not wire.is_map_name(name)):
             return defer.succeed(self.exists(name))
@@ -168,7 +168,13 @@ class MapDirectory:
     def is_expired(self, name: str) -> bool:
         """Whether `name` is a private map known to have expired (its tombstone)."""
         entry = self.private.get(name)
-        return entry is not None and entry.expired
+        return entry is not None and self._gone(entry)
+
+    def _gone(self, entry: PrivateMap) -> bool:
+        # By the clock, not only by the expiry's timer: a busy reactor runs
+        # it late, and every node must refuse the map from the same moment.
+        return entry.expired or (entry.expires is not None
+                                 and entry.expires <= self.clock.seconds())
 
     def create(self, ttl: Optional[float] = None) -> PrivateMap:
         """A private map of this node alone (no store)."""

@@ -65,6 +65,20 @@ def test_private_map_expires_and_reports_it():
     assert entry.name not in directory.private  # the tombstone is bounded in time
 
 
+def test_a_map_past_its_expiry_is_refused_before_its_timer_runs():
+    """A busy reactor runs the expiry late; the map is gone from its time on."""
+    clock = Clock()
+    expired: list = []
+    directory = MapDirectory(clock, open_maps=True, on_expire=expired.append)
+    entry = directory.create(ttl=900)
+    clock.rightNow += 900  # the time, without running what is due
+    assert expired == []  # its clients are not closed yet...
+    assert not directory.exists(entry.name) and directory.is_expired(entry.name)
+    assert directory.resolve(entry.name).result is False  # ...but nobody new gets in
+    clock.advance(0)
+    assert expired == [entry.name]
+
+
 def test_directory_is_bounded():
     directory = MapDirectory(Clock(), max_private=2)
     directory.create()
