@@ -529,7 +529,7 @@ def open_store(reactor: Any, options: Options) -> Optional[SqliteStore]:
     try:
         store = SqliteStore.open(data_dir, reactor)
     except StoreError as error:
-        raise SystemExit(f"livemap: {error}") from None
+        raise SystemExit("livemap: " + " ".join(str(error).split())) from None
     log.info("keeping devices and private maps in {path}", path=str(store.path))
     return store
 

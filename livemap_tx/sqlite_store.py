@@ -197,10 +197,12 @@ class SqliteStore:
                     f"one knows up to {SCHEMA_VERSION}): run that version, or move the "
                     f"file away to start empty")
             if existed:
-                problems = [row[0] for row in db.execute("PRAGMA quick_check(3)")]
+                problems = [line.strip() for row in db.execute("PRAGMA quick_check(3)")
+                            for line in str(row[0]).splitlines() if line.strip()]
                 if problems != ["ok"]:
-                    raise StoreError(f"{path} is damaged ({'; '.join(problems)}): restore "
-                                     f"a backup, or move the file away to start empty")
+                    found = "; ".join(problems[:3])[:300]
+                    raise StoreError(f"{path} is damaged ({found}): restore a backup, or "
+                                     f"move the file away to start empty")
             tables = {row[0] for row in db.execute(
                 "SELECT name FROM sqlite_master WHERE type = 'table'")}
             if version == 0 and tables:
