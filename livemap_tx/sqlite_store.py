@@ -21,13 +21,14 @@ As in Redis, only token hashes are kept, never tokens.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import sqlite3
 import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, TypeVar
+from typing import Any, BinaryIO, Callable, Mapping, Optional, TypeVar
 
 import orjson
 from twisted.application import service
@@ -106,6 +107,7 @@ class SqliteStore:
         self.reactor = reactor
         self.pool = pool
         self.db: Optional[sqlite3.Connection] = None
+        self.lock_file: Optional[BinaryIO] = None
 
     @classmethod
     def open(cls, data_dir: Path, reactor: Any) -> SqliteStore:
@@ -181,11 +183,31 @@ class SqliteStore:
             raise StoreError(f"cannot open {self.path}: {error}; check that the data "
                              f"directory is writable") from None
         try:
+            self._lock()
             self._check(db, existed)
         except BaseException:
             db.close()
+            self._unlock()
             raise
         self.db = db
+
+    def _lock(self) -> None:
+        # Two processes on one file would each answer from their own memory.
+        # flock, which SQLite's own (POSIX) locks do not touch; the kernel
+        # drops it when the process ends, however it ends.
+        try:
+            self.lock_file = open(self.path, "rb")  # noqa: SIM115 (held until close)
+            fcntl.flock(self.lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreError(f"{self.path} is in use by another livemap process: give each "
+                             f"process its own --data-dir") from None
+        except OSError as error:
+            raise StoreError(f"cannot open {self.path}: {error.strerror or error}") from None
+
+    def _unlock(self) -> None:
+        if self.lock_file is not None:
+            self.lock_file.close()
+            self.lock_file = None
 
     def _check(self, db: sqlite3.Connection, existed: bool) -> None:
         path = self.path
@@ -303,6 +325,7 @@ class SqliteStore:
                 self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
                 self.db.close()
                 self.db = None
+            self._unlock()
         return self.run(close).addBoth(self._stopped)
 
     def _stopped(self, result: Any) -> Any:

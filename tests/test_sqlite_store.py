@@ -9,6 +9,8 @@ from __future__ import annotations
 import itertools
 import os
 import sqlite3
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -61,6 +63,7 @@ def opened(tmp_path: Path) -> Any:
             if store.db is not None:
                 store.wait(store.db.close)
                 store.db = None
+            store.wait(store._unlock)
             store.pool.stop()
 
 
@@ -222,6 +225,19 @@ def test_a_read_only_data_directory_is_refused(tmp_path):
     data.mkdir(mode=0o500)
     refused(data, "data")
     assert list(data.iterdir()) == []
+
+
+def test_a_data_directory_in_use_by_another_process_is_refused(tmp_path, opened):
+    data = tmp_path / "data"
+    opened(data)
+    code = ("import sys; from twisted.internet import reactor; "
+            "from livemap_tx.sqlite_store import SqliteStore, StoreError\n"
+            "try:\n    SqliteStore.open(sys.argv[1], reactor)\n"
+            "except StoreError as error:\n    print(error); sys.exit(3)")
+    result = subprocess.run([sys.executable, "-c", code, str(data)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 3, result.stderr
+    assert "in use by another livemap process" in result.stdout
 
 
 def test_the_default_data_directory_follows_systemd_then_xdg_then_home():
