@@ -524,7 +524,8 @@ class Backplane(service.Service):
         self.log.info("node {node}: the device store is new; writing back {count} devices",
                       node=self.node, count=len(records))
         await self.device_keys.restore(
-            (key, orjson.dumps(record), until) for key, record, until in records)
+            ((key, orjson.dumps(record), until) for key, record, until in records),
+            self.devices.deleted_records())
         by_id = {record["i"]: (key, until) for key, record, until in records}
         now_ms = self.clock.seconds() * 1000
         for map_state in list(self.hub.maps.values()):

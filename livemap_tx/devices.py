@@ -247,10 +247,10 @@ class Devices:
         # Devices this node has met, by token hash (bounded, like the maps).
         self.known: dict[str, Device] = {}
         self.max_known = max_devices
-        # Devices deleted (through any node), by token hash: their pin id and
-        # until when they are remembered (their records are gone by then);
-        # bounded like `known`.
-        self.deleted: dict[str, tuple[str, float]] = {}
+        # Devices deleted (through any node), by token hash: their pin id,
+        # map and until when they are remembered (their records are gone by
+        # then); bounded like `known`.
+        self.deleted: dict[str, tuple[str, str, float]] = {}
         self.deleted_pins: set[str] = set()
         # Creations per client address: (tokens, last update).
         self.creators: dict[str, tuple[float, float]] = {}
@@ -327,12 +327,12 @@ class Devices:
             await self.store.remove_device(device.token_hash, device.map, device.id)
         except Exception:
             raise Unavailable("the cluster's device store (Redis) cannot be reached now") from None
-        self.forget_deleted(device.token_hash, device.id)
+        self.forget_deleted(device.token_hash, device.id, device.map)
         self.hub.apply_remote(device.map, DEVICES, (), [device.id])
         self.stats["deleted"] += 1
         self.log.info("device {device} deleted", device=device.id)
 
-    def forget_deleted(self, key: str, pin_id: str) -> None:
+    def forget_deleted(self, key: str, pin_id: str, map_name: str) -> None:
         """
         A deleted device: dropped from what this node knows, and remembered
         as deleted, so that this node never writes it back to a store that
@@ -340,12 +340,12 @@ class Devices:
         """
         self.known.pop(key, None)
         self.deleted.pop(key, None)
-        self.deleted[key] = (pin_id, self.clock.seconds() + DEVICE_IDLE)
+        self.deleted[key] = (pin_id, map_name, self.clock.seconds() + DEVICE_IDLE)
         self.deleted_pins.add(pin_id)
         now = self.clock.seconds()
         while self.deleted:
             oldest = next(iter(self.deleted))
-            gone_pin, until = self.deleted[oldest]
+            gone_pin, _, until = self.deleted[oldest]
             if len(self.deleted) <= self.max_known and until > now:
                 break
             del self.deleted[oldest]
@@ -415,7 +415,7 @@ class Devices:
     def remote_gone(self, map_name: str, pin_ids: list[str], token_hashes: list[str]) -> None:
         """Devices deleted through another node (told to every node of the cluster)."""
         for key, pin_id in zip(token_hashes, pin_ids):
-            self.forget_deleted(key, pin_id)
+            self.forget_deleted(key, pin_id, map_name)
         if map_name in self.hub.maps:
             self.hub.apply_remote(map_name, DEVICES, (), pin_ids)
 
@@ -444,6 +444,12 @@ class Devices:
             pins = [pin.id for pin in map_state.pins.values() if pin.origin == DEVICES]
             if pins:
                 self.hub.apply_remote(map_name, DEVICES, (), pins)
+
+    def deleted_records(self) -> list[tuple[str, str, float]]:
+        """The deletions this node remembers (hash, map, until ms), to write back with them."""
+        now = self.clock.seconds()
+        return [(key, map_name, until * 1000)
+                for key, (_, map_name, until) in self.deleted.items() if until > now]
 
     def known_records(self) -> list[tuple[str, dict, float]]:
         """What this node knows, to write back to a store that lost it."""

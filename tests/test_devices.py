@@ -303,9 +303,9 @@ def test_a_device_deleted_elsewhere_is_never_written_back_nor_shown_again(hub, m
 def test_deleted_devices_are_remembered_for_a_bounded_number_and_time(hub, maps, clock):
     devices = Devices(hub, maps, clock, max_devices=3)
     for n in range(5):
-        devices.forget_deleted(f"h{n}", f"p{n}")
+        devices.forget_deleted(f"h{n}", f"p{n}", "family")
     assert list(devices.deleted) == ["h2", "h3", "h4"]
     assert devices.deleted_pins == {"p2", "p3", "p4"}
     clock.advance(DEVICE_IDLE + 1)
-    devices.forget_deleted("h5", "p5")
+    devices.forget_deleted("h5", "p5", "family")
     assert list(devices.deleted) == ["h5"] and devices.deleted_pins == {"p5"}

@@ -9,13 +9,24 @@ tests' own redis-server.
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import orjson
+import pytest
 import pytest_twisted
 import treq
+from twisted.internet import defer, reactor
 
-from conftest import TwistdServer, deferLater
-from redis_server import needs_redis
+from conftest import TwistdServer, deferLater, eventually
+from livemap_tx.backplane import Backplane
+from livemap_tx.device_store import fix_value
+from livemap_tx.devices import Devices, UnknownDevice
+from livemap_tx.hub import Hub
+from livemap_tx.links import MemoryBus, MemoryLink
+from livemap_tx.maps import MapDirectory
+from livemap_tx.redis_link import RedisLink
+from redis_server import REDIS_SERVER, RedisServer, needs_redis
 from test_cluster import cluster, redis  # noqa: F401 (fixtures)
 
 WAIT = 15.0
@@ -131,3 +142,107 @@ async def test_a_device_deleted_on_one_node_is_refused_by_every_node_at_once_and
         assert await every_endpoint(node, doomed["token"], ["Kept"]) == REFUSED
         assert await every_endpoint(node, other["token"], ["Kept"]) == REFUSED
     assert redis.command("ZCARD", "livemap:v2:livemap:devices") == "1"
+
+
+# Deletions written back with the devices (device_store.py), over the
+# in-memory bus and a real Redis: a node cut off while a device was deleted
+# writes it back to a Redis that came back empty; a node that remembers the
+# deletion writes that back too, and in either order the device stays gone.
+
+
+@pytest.fixture(params=["memory", "redis"])
+def new_link(request: Any, tmp_path: Path) -> Iterator[Callable[[str], Any]]:
+    if request.param == "memory":
+        bus = MemoryBus(reactor)
+        yield lambda node: MemoryLink(bus, node)
+        return
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server; "
+                    "CI installs it)")
+    server = RedisServer(tmp_path)
+    server.start()
+    yield lambda node: RedisLink(server.url, "test", node, reactor, max_backoff=0.3)
+    server.stop()
+
+
+class Quiet:
+    def link_up(self) -> None: pass
+
+    def link_down(self, reason: str) -> None: pass
+
+    def message_received(self, message: bytes) -> None: pass
+
+
+def device_record(pin_id: str) -> bytes:
+    return orjson.dumps({"m": "family", "i": pin_id, "n": None, "x": None})
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_written_back_deletion_beats_a_written_back_device_in_either_order(new_link):
+    link = new_link("n1")
+    link.start(Quiet())
+    try:
+        await eventually(lambda: link.linked, what="linked")
+        keys = link.device_keys()
+        now_ms = time.time() * 1000
+        until = now_ms + 3_600_000
+        fix = fix_value(b'"family"', b'[5,{"id":"p1"}]')
+        # The cut-off node first, then one that remembers the deletion.
+        await keys.restore([("doomed1", device_record("p1"), until),
+                            ("kept", device_record("p2"), until)])
+        assert await keys.save_fix("doomed1", "family", 5, fix, now_ms, until) == "saved"
+        await keys.restore([], [("doomed1", "family", until)])
+        # The other way round.
+        await keys.restore([], [("doomed2", "family", until)])
+        await keys.restore([("doomed2", device_record("p3"), until)])
+        for gone in ("doomed1", "doomed2"):
+            assert await keys.find_device(gone, now_ms) is None, gone
+            assert await keys.save_fix(gone, "family", 6, fix, now_ms, until) == "unknown"
+        assert await keys.find_device("kept", now_ms) == device_record("p2")
+        assert await keys.load_fixes("family", now_ms) == []  # doomed1's fix went too
+        # Remembered for its time only (then its record would be gone anyway).
+        await keys.load_fixes("family", until + 1)
+        await keys.restore([("doomed2", device_record("p3"), until + 10_000)])
+        assert await keys.find_device("doomed2", until + 2) == device_record("p3")
+    finally:
+        await link.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_node_writes_back_the_deletions_it_heard_of():
+    bus = MemoryBus(reactor)
+    nodes = []
+    for name in ("a", "b"):
+        hub = Hub(reactor, tick_interval=0.05)
+        directory = MapDirectory(reactor)
+        devices = Devices(hub, directory, reactor)
+        plane = Backplane(hub, MemoryLink(bus, name), reactor, node_ttl=2.0)
+        plane.share_maps(directory)
+        plane.share_devices(devices)
+        plane.startService()
+        nodes.append((hub, devices, plane))
+    try:
+        await defer.gatherResults([plane.when_synced() for _, _, plane in nodes])
+        (_, devices_a, _), (_, devices_b, plane_b) = nodes
+        token, doomed = await devices_a.create("elsewhere", None, "10.0.0.1")
+        kept_token, kept = await devices_a.create("family", None, "10.0.0.1")
+        await devices_b.find(token)
+        await devices_b.find(kept_token)
+        await devices_a.delete(token)
+        # b does not serve the map, and hears it all the same.
+        await eventually(lambda: doomed.token_hash in devices_b.deleted, what="told")
+        assert doomed.token_hash not in devices_b.known
+        bus.stop()
+        bus.start()
+        await eventually(lambda: kept.token_hash in bus.devices, what="written back")
+        await eventually(lambda: doomed.token_hash in bus.device_gone, what="deletion too")
+        assert doomed.token_hash not in bus.devices
+        with pytest.raises(UnknownDevice):
+            await devices_b.find(token)
+        assert (await devices_b.find(kept_token)).id == kept.id
+    finally:
+        for hub, _, plane in nodes:
+            await plane.stopService()
+            for map_state in list(hub.maps.values()):
+                if map_state.tick_call is not None and map_state.tick_call.active():
+                    map_state.tick_call.cancel()
