@@ -9,7 +9,8 @@ store makes durable what memory promises, and a request that creates or
 deletes something is answered only once its write is committed. There is
 one connection, owned by one thread of its own: opening, checking, reading
 at start-up and every later statement run there, never on the reactor's
-thread. The file is in WAL mode: a commit appends to the log; devices and
+thread, and writes asked for together share one commit. The file is in
+WAL mode: a commit appends to the log; devices and
 maps are synced to the disk before their answer (synchronous=FULL), a
 position survives a crash of the process (synchronous=NORMAL).
 
@@ -35,6 +36,7 @@ from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from .devices import Devices, LocalDevices
@@ -108,6 +110,9 @@ class SqliteStore:
         self.pool = pool
         self.db: Optional[sqlite3.Connection] = None
         self.lock_file: Optional[BinaryIO] = None
+        self._queue: list[tuple[bool, list, defer.Deferred]] = []
+        self._flushing = False
+        self._idle: list[defer.Deferred] = []
 
     @classmethod
     def open(cls, data_dir: Path, reactor: Any) -> SqliteStore:
@@ -151,12 +156,74 @@ class SqliteStore:
         """Run `work` on the store's thread; the Deferred fires on the reactor's."""
         return deferToThreadPool(self.reactor, self.pool, work, *args)
 
-    def _write(self, synchronous: str, statements: list[tuple[str, tuple]]) -> None:
+    # Group commit: the writes asked for while one transaction runs go in
+    # the next one, so a busy node pays one thread hop and one commit (one
+    # sync to the disk) per batch rather than per write. Each write is a
+    # savepoint of its own: one that fails fails alone.
+
+    def _submit(self, durable: bool, statements: list[tuple[str, tuple]]) -> defer.Deferred:
+        """Fires once `statements` are committed (synced to the disk if `durable`)."""
+        done: defer.Deferred = defer.Deferred()
+        self._queue.append((durable, statements, done))
+        if not self._flushing:
+            self._flush()
+        return done
+
+    def _flush(self) -> None:
+        batch, self._queue = self._queue, []
+        self._flushing = True
+        self.run(self._write, [(durable, statements) for durable, statements, _ in batch]
+                 ).addBoth(self._written, batch)
+
+    def _written(self, result: Any, batch: list[tuple[bool, list, defer.Deferred]]) -> None:
+        for n, (_, _, done) in enumerate(batch):
+            if isinstance(result, Failure):
+                done.errback(result)
+            elif result[n] is not None:
+                done.errback(result[n])
+            else:
+                done.callback(None)
+        self._flushing = False
+        if self._queue:
+            self._flush()
+        elif self._idle:
+            waiting, self._idle = self._idle, []
+            for waiter in waiting:
+                waiter.callback(None)
+
+    def _write(self, batch: list[tuple[bool, list[tuple[str, tuple]]]]
+               ) -> list[Optional[Exception]]:
         db = self._db()
-        db.execute(f"PRAGMA synchronous={synchronous}")
-        with db:  # one transaction: committed here, rolled back on an error
-            for sql, args in statements:
-                db.execute(sql, args)
+        durable = any(durable for durable, _ in batch)
+        db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+        outcomes: list[Optional[Exception]] = []
+        db.execute("BEGIN")
+        try:
+            for _, statements in batch:
+                db.execute("SAVEPOINT one_write")
+                try:
+                    for sql, args in statements:
+                        db.execute(sql, args)
+                except sqlite3.Error as error:
+                    db.execute("ROLLBACK TO one_write")
+                    outcomes.append(error)
+                else:
+                    outcomes.append(None)
+                db.execute("RELEASE one_write")
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return outcomes
+
+    def drained(self) -> defer.Deferred:
+        """Fires once every write asked for so far is committed (or failed)."""
+        if not self._flushing and not self._queue:
+            return defer.succeed(None)
+        waiter: defer.Deferred = defer.Deferred()
+        self._idle.append(waiter)
+        return waiter
 
     def _db(self) -> sqlite3.Connection:
         if self.db is None:
@@ -285,35 +352,35 @@ class SqliteStore:
     # Writes: each fires once committed
 
     def add_map(self, name: str, expires_ms: Optional[int]) -> defer.Deferred:
-        return self.run(self._write, "FULL", [(
+        return self._submit(True, [(
             "INSERT OR REPLACE INTO private_maps (name, expires_ms) VALUES (?, ?)",
             (name, expires_ms))])
 
     def add_device(self, token_hash: str, record: dict, forget_at_ms: float) -> defer.Deferred:
-        return self.run(self._write, "FULL", [(
+        return self._submit(True, [(
             "INSERT OR REPLACE INTO devices (token_hash, map, record, forget_at_ms)"
             " VALUES (?, ?, ?, ?)",
             (token_hash, record["m"], orjson.dumps(record), int(forget_at_ms)))])
 
     def remove_device(self, token_hash: str) -> defer.Deferred:
-        return self.run(self._write, "FULL", [(
+        return self._submit(True, [(
             "DELETE FROM devices WHERE token_hash = ?", (token_hash,))])
 
     def save_fix(self, token_hash: str, version: int, entry: bytes,
                  forget_at_ms: float) -> defer.Deferred:
-        return self.run(self._write, "NORMAL", [(
+        return self._submit(False, [(
             "UPDATE devices SET version = ?, entry = ?, forget_at_ms = ?"
             " WHERE token_hash = ? AND (version IS NULL OR version < ?)",
             (version, entry, int(forget_at_ms), token_hash, version))])
 
     def forget_map(self, map_name: str) -> defer.Deferred:
         """The map expired: its devices go (the map's row stays, as its tombstone)."""
-        return self.run(self._write, "NORMAL", [(
+        return self._submit(False, [(
             "DELETE FROM devices WHERE map = ?", (map_name,))])
 
     def prune(self, now_ms: float) -> defer.Deferred:
         """Forget devices and expired maps' tombstones whose time is over."""
-        return self.run(self._write, "NORMAL", [
+        return self._submit(False, [
             ("DELETE FROM devices WHERE forget_at_ms <= ?", (int(now_ms),)),
             ("DELETE FROM private_maps WHERE expires_ms <= ?",
              (int(now_ms - TOMBSTONE * 1000),))])
@@ -326,7 +393,7 @@ class SqliteStore:
                 self.db.close()
                 self.db = None
             self._unlock()
-        return self.run(close).addBoth(self._stopped)
+        return self.drained().addCallback(lambda _: self.run(close)).addBoth(self._stopped)
 
     def _stopped(self, result: Any) -> Any:
         self.pool.stop()

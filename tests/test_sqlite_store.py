@@ -140,6 +140,35 @@ async def test_what_is_over_is_forgotten_on_reading_and_pruning(opened):
     assert store.wait(store.read, now_ms).devices == []
 
 
+@pytest_twisted.ensureDeferred
+async def test_writes_asked_together_share_a_commit_and_fail_alone(opened):
+    store = opened()
+    jobs = []
+    run = store.run
+
+    def counted(work: Any, *args: Any) -> defer.Deferred:
+        jobs.append(work)
+        return run(work, *args)
+    store.run = counted  # type: ignore[method-assign]
+    writes = [store.add_device(f"h{n}", record("family", f"p{n}"), NOW * 1000 + 1e6)
+              for n in range(100)]
+    bad = store._submit(False, [("INSERT INTO no_such_table VALUES (1)", ())])
+    writes += [store.save_fix(f"h{n}", 1, entry(1, f"p{n}", 1.0, 5), NOW * 1000 + 1e6)
+               for n in range(100)]
+    await defer.gatherResults(writes)
+    with pytest.raises(sqlite3.OperationalError):
+        await bad
+    # The first write went alone; everything asked meanwhile, in one more.
+    assert len(jobs) == 2
+    contents = store.wait(store.read, NOW * 1000)
+    assert len(contents.devices) == 100 and {d.version for d in contents.devices} == {1}
+    # Closing waits for what was asked before.
+    last = store.remove_device("h0")
+    await store.close()
+    assert last.called
+    assert not store.pool.started
+
+
 def file_bytes(path: Path) -> dict[str, bytes]:
     return {child.name: child.read_bytes() for child in sorted(path.iterdir())}
 
