@@ -10,9 +10,9 @@ deletes something is answered only once its write is committed. There is
 one connection, owned by one thread of its own: opening, checking, reading
 at start-up and every later statement run there, never on the reactor's
 thread, and writes asked for together share one commit. The file is in
-WAL mode: a commit appends to the log; devices and
-maps are synced to the disk before their answer (synchronous=FULL), a
-position survives a crash of the process (synchronous=NORMAL).
+WAL mode: a commit appends to the log; devices and maps are synced to the
+disk before their answer (synchronous=FULL), a position survives a crash
+of the process (synchronous=NORMAL).
 
 A file that is not a livemap store, is damaged, or was written by a newer
 livemap (`PRAGMA user_version`) is never written to: `StoreError` says so.
