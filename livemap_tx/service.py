@@ -396,9 +396,9 @@ def make_node(reactor: Any, options: Options, *,
     disk = None if store is None else DiskDevices(store)
     devices = Devices(hub, directory, reactor, rate=options["rate"],
                       precision=options["precision"], expire=options["expire"], store=disk)
-    if store is not None and disk is not None:
-        restore_store(store.wait(store.read, reactor.seconds() * 1000), directory, devices,
-                      disk, reactor.seconds())
+    if store is not None and disk is not None and store.contents is not None:
+        restore_store(store.contents, directory, devices, disk, reactor.seconds())
+        store.contents = None
     factory = LiveMapFactory(hub, reactor, rate=options["rate"], precision=options["precision"],
                              ping_interval=options["ping"], ping_timeout=options["ping"],
                              handshake_timeout=options["handshake-timeout"],

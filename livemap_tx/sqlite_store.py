@@ -99,6 +99,15 @@ def _daemon_thread(*args: Any, **kwargs: Any) -> threading.Thread:
     return threading.Thread(*args, daemon=True, **kwargs)
 
 
+def _store_pool() -> ThreadPool:
+    pool = ThreadPool(minthreads=1, maxthreads=1, name="livemap-store")
+    # A daemon: a process that stops without stopping the store (it failed
+    # to start) must not wait for it. A normal stop closes the store first
+    # (StoreService); an exit mid-write is a crash, which SQLite rolls back.
+    pool.threadFactory = _daemon_thread  # type: ignore[assignment]
+    return pool
+
+
 class SqliteStore:
     """One SQLite file and the one thread that uses it."""
 
@@ -109,6 +118,8 @@ class SqliteStore:
         self.reactor = reactor
         self.pool = pool
         self.db: Optional[sqlite3.Connection] = None
+        # What the file held at start-up (`open`), until restored.
+        self.contents: Optional[Contents] = None
         self.lock_file: Optional[BinaryIO] = None
         self._queue: list[tuple[bool, list, defer.Deferred]] = []
         self._flushing = False
@@ -117,23 +128,43 @@ class SqliteStore:
     @classmethod
     def open(cls, data_dir: Path, reactor: Any) -> SqliteStore:
         """
-        Open (or create) the store in `data_dir`, on its own thread, and
-        wait for it: for start-up, before the reactor runs. Raises StoreError.
+        Open (or create) the store in `data_dir`, check it and read what it
+        holds (`contents`), on a thread of its own, and wait for it: for
+        start-up, before the reactor runs. Raises StoreError. The thread
+        and the connection end before this returns (twistd may fork into
+        the background next, which neither survives); `start` makes new
+        ones, only the file's lock is kept.
         """
-        pool = ThreadPool(minthreads=1, maxthreads=1, name="livemap-store")
-        # A daemon: a process that stops without stopping the store (it
-        # failed to start) must not wait for it. A normal stop closes the
-        # store first (StoreService); an exit mid-write is a crash, which
-        # SQLite rolls back.
-        pool.threadFactory = _daemon_thread  # type: ignore[assignment]
-        pool.start()
-        store = cls(Path(data_dir).absolute() / FILE_NAME, reactor, pool)
+        store = cls(Path(data_dir).absolute() / FILE_NAME, reactor, _store_pool())
+        store.pool.start()
         try:
             store.wait(store._open)
+            store.contents = store.wait(store.read, reactor.seconds() * 1000)
+            store.wait(store._disconnect)
         except BaseException:
-            pool.stop()
+            store.wait(store._unlock)
             raise
+        finally:
+            store.pool.stop()
         return store
+
+    def start(self) -> None:
+        """The store's thread and connection, for the running process."""
+        self.pool = _store_pool()
+        self.pool.start()
+        # The first job of the thread: every write comes after it.
+        self.run(self._connect).addErrback(
+            lambda failure: self.log.error("cannot open {path}: {error}", path=str(self.path),
+                                           error=failure.getErrorMessage()))
+
+    def _connect(self) -> None:
+        self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+
+    def _disconnect(self) -> None:
+        if self.db is not None:
+            self.db.close()
+            self.db = None
 
     # Running on the store's thread
 
@@ -468,7 +499,7 @@ class DiskDevices(LocalDevices):
 
 def restore(contents: Contents, directory: MapDirectory, devices: Devices,
             disk: DiskDevices, now: float) -> None:
-    """What the store held, back in memory and on the map (at start-up)."""
+    """What the store held (`SqliteStore.contents`), back in memory and on the map."""
     for name, expires_ms in contents.maps:
         directory.learn(name, None if expires_ms is None else expires_ms / 1000)
     by_map: dict[str, list[dict]] = defaultdict(list)
@@ -502,6 +533,7 @@ class StoreService(service.Service):
 
     def startService(self) -> None:  # noqa: N802 (Twisted's name)
         super().startService()
+        self.store.start()
         self.call = self.reactor.callLater(self.prune_every, self._prune)
 
     def _prune(self) -> None:

@@ -56,6 +56,7 @@ def opened(tmp_path: Path) -> Any:
     def open_store(where: Path = tmp_path / "data") -> SqliteStore:
         store = SqliteStore.open(where, reactor)
         stores.append(store)
+        store.start()
         return store
     yield open_store
     for store in stores:
@@ -63,8 +64,8 @@ def opened(tmp_path: Path) -> Any:
             if store.db is not None:
                 store.wait(store.db.close)
                 store.db = None
-            store.wait(store._unlock)
             store.pool.stop()
+        store._unlock()
 
 
 def record(map_name: str, pin_id: str, expires_ms: Any = None) -> dict:

@@ -13,6 +13,7 @@ import signal
 import sqlite3
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
@@ -23,11 +24,13 @@ import treq
 from conftest import TwistdServer, deferLater, free_port, start_twistd, twistd_command
 
 TOKENS = 4
+# A node that stopped answering fails the test rather than hanging it.
+REQUEST_TIMEOUT = 30
 
 
 async def make_device(node: TwistdServer, map_name: str, name: str) -> dict:
     response = await treq.post(f"{node.url}/api/maps/{map_name}/devices",
-                               data=orjson.dumps({"name": name}))
+                               data=orjson.dumps({"name": name}), timeout=REQUEST_TIMEOUT)
     body = orjson.loads(await response.content())
     assert response.code == 201, body
     return body
@@ -35,7 +38,8 @@ async def make_device(node: TwistdServer, map_name: str, name: str) -> dict:
 
 async def owntracks(node: TwistdServer, token: str, lat: float, tst: float) -> int:
     response = await treq.post(f"{node.url}/apps/owntracks/{token}", data=orjson.dumps(
-        {"_type": "location", "lat": lat, "lon": 13.4, "tst": int(tst), "tid": "AD"}))
+        {"_type": "location", "lat": lat, "lon": 13.4, "tst": int(tst), "tid": "AD"}),
+        timeout=REQUEST_TIMEOUT)
     await response.content()
     return response.code
 
@@ -43,13 +47,13 @@ async def owntracks(node: TwistdServer, token: str, lat: float, tst: float) -> i
 async def osmand(node: TwistdServer, token: str, lat: float, ts: float) -> int:
     response = await treq.get(f"{node.url}/apps/osmand",
                               params={"id": token, "lat": str(lat), "lon": "2.35",
-                                      "timestamp": str(int(ts))})
+                                      "timestamp": str(int(ts))}, timeout=REQUEST_TIMEOUT)
     await response.content()
     return response.code
 
 
 async def pins(node: TwistdServer, map_name: str) -> dict[str, dict]:
-    response = await treq.get(f"{node.url}/api/maps/{map_name}/pins")
+    response = await treq.get(f"{node.url}/api/maps/{map_name}/pins", timeout=REQUEST_TIMEOUT)
     assert response.code == 200, response.code
     return {pin["id"]: pin for pin in orjson.loads(await response.content())["pins"]}
 
@@ -225,3 +229,79 @@ def test_a_data_directory_that_cannot_be_written_stops_the_node_with_one_line(tm
         locked.mkdir(mode=0o500)
         refused_with_one_line(run_node(tmp_path, locked), "locked")
         assert list(locked.iterdir()) == []
+
+
+@dataclass
+class Daemon:
+    url: str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def daemon(tmp_path: Path, data: Path, port: int) -> int:
+    """`twistd livemap` in the background (it forks after reading the store): its pid."""
+    pidfile = tmp_path / "twistd.pid"
+    python_and_twistd = twistd_command()[:2]
+    subprocess.run([*python_and_twistd,
+                    "--pidfile", str(pidfile), "--logfile", str(tmp_path / "daemon.log"),
+                    "livemap", "--port", f"tcp:{port}:interface=127.0.0.1", "--pirate", "none",
+                    "--data-dir", str(data)], check=True, timeout=60, cwd=tmp_path)
+    deadline = time.monotonic() + 20
+    while not pidfile.exists() or not pidfile.read_text().strip():
+        assert time.monotonic() < deadline, (tmp_path / "daemon.log").read_text()
+        time.sleep(0.05)
+    return int(pidfile.read_text())
+
+
+def stop_daemon(pid: int) -> None:
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            raise AssertionError("the daemon did not stop on SIGTERM")
+        time.sleep(0.05)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_daemonized_node_keeps_its_devices_too(tmp_path):
+    """twistd without -n forks after the store was read: the store works in the child."""
+    data = tmp_path / "data"
+    port = free_port()
+    pid = daemon(tmp_path, data, port)
+    node = Daemon(f"http://127.0.0.1:{port}", tmp_path / "daemon.log")
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if (await treq.get(f"{node.url}/healthz")).code == 200:
+                    break
+            except Exception:
+                assert time.monotonic() < deadline, node.log()
+            await deferLater(0.1)
+        device = await make_device(node, "family", "Ada")
+        assert await owntracks(node, device["token"], 1.5, time.time()) == 200
+    finally:
+        stop_daemon(pid)
+    pid = daemon(tmp_path, data, port)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                held = await pins(node, "family")
+                break
+            except Exception:
+                assert time.monotonic() < deadline, node.log()
+                await deferLater(0.1)
+        assert held[device["id"]]["lat"] == 1.5
+        assert await owntracks(node, device["token"], 2.5, time.time() + 1) == 200
+        assert (await pins(node, "family"))[device["id"]]["lat"] == 2.5
+    finally:
+        stop_daemon(pid)
+    assert "Traceback" not in node.log(), node.log()
