@@ -11,9 +11,13 @@ the reports are spread over nodes and however late a queued fix arrives.
 The pin has no connection: it stays until `--expire` after its last fix,
 until the device is deleted or its map expires.
 
-Where devices are kept is a `DeviceStore`: `LocalDevices` (one process), or
-the backplane (Redis, shared by every node of a cluster). Only a token's
-SHA-256 is kept anywhere: a store, a log or a dump never holds a token.
+Where devices are kept is a `DeviceStore`: `LocalDevices` (one process; on
+disk too with sqlite_store's `DiskDevices`), or the backplane (Redis,
+shared by every node of a cluster). A cluster's store is asked on every
+request, since another node may have deleted the device; and every node
+remembers deletions (`deleted`), so it never writes a deleted device back
+nor shows a late fix of it. Only a token's SHA-256 is kept anywhere: a
+store, a log or a dump never holds a token.
 """
 
 from __future__ import annotations

@@ -8,7 +8,9 @@ every node (the backplane's Redis): creating one writes it there before the
 API answers, so any node can find it from that moment, and its expiry time
 is the store's, so every node expires it at the same time, whichever node
 made it and whether that node still lives. Each node keeps the maps it knows
-in memory (bounded), so it still serves them while Redis is away.
+in memory (bounded), so it still serves them while Redis is away. A single
+node without Redis is the whole truth in memory, and writes each private
+map to its disk (`persist`, sqlite_store.py) before giving its link.
 """
 
 from __future__ import annotations
