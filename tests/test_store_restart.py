@@ -305,3 +305,31 @@ async def test_a_daemonized_node_keeps_its_devices_too(tmp_path):
     finally:
         stop_daemon(pid)
     assert "Traceback" not in node.log(), node.log()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_backup_taken_while_the_node_runs_restores_its_devices(tmp_path):
+    """docs/deployment.md's online backup: taken while serving, started from elsewhere."""
+    data = tmp_path / "data"
+    node = start_twistd(tmp_path, "--pirate", "none", "--data-dir", str(data))
+    try:
+        device = await make_device(node, "family", "Ada")
+        assert await owntracks(node, device["token"], 3.5, time.time()) == 200
+        copy = tmp_path / "copy"
+        copy.mkdir()
+        source = sqlite3.connect(data / "livemap.sqlite3")
+        target = sqlite3.connect(copy / "livemap.sqlite3")
+        with target:
+            source.backup(target)
+        source.close()
+        target.close()
+        # The node carries on after the backup.
+        assert await owntracks(node, device["token"], 4.5, time.time() + 1) == 200
+    finally:
+        node.stop()
+    node = start_twistd(tmp_path, "--pirate", "none", "--data-dir", str(copy))
+    try:
+        assert (await pins(node, "family"))[device["id"]]["lat"] == 3.5
+        assert await owntracks(node, device["token"], 5.5, time.time() + 2) == 200
+    finally:
+        node.stop()
