@@ -20,6 +20,8 @@ On the cluster's channel:
 - `bye`: `{"t": "bye", "n"}`: the node is stopping; its pins go at once.
 - `map`: `{"t": "map", "n", "m": NAME, "x": EXPIRES_MS or null}`: the sender
   created a private map (already in the link's store of maps).
+- `devgone`: `{"t": "devgone", "n", "m": MAP, "i": [PIN ID], "k": [TOKEN HASH]}`:
+  a device deleted (already gone from the store): every node refuses it.
 
 On a map's channel:
 - `delta`: `{"t": "delta", "n", "m": MAP, "p": [[VERSION, PIN], ...], "g": [ID, ...]}`,
@@ -34,7 +36,7 @@ On a map's channel:
   sender on that map. Sent to the asker's own channel, or on the map's
   channel (when several asked, and to everyone after (re)linking); `r`
   names the askers it answers (none: the sender started serving the map).
-- `dev`, `devgone`: a device's newest fix, a device deleted (devices.py).
+- `dev`: a device's newest fix (devices.py).
 
 A node starts watching a map by listening to its channel, asking the
 nodes that listen for their pins (the link says how many the request
@@ -486,7 +488,9 @@ class Backplane(service.Service):
             return defer.fail(ConnectionError(f"not linked to {self.link.describe()}"))
 
         def removed(existed: bool) -> bool:
-            self.link.publish_map(map_name, b'{"t":"devgone","n":%s,"m":%s,"i":%s,"k":%s}' % (
+            # To every node, not only those serving the map: each forgets
+            # the token at once, and never writes it back to the store.
+            self._publish(b'{"t":"devgone","n":%s,"m":%s,"i":%s,"k":%s}' % (
                 orjson.dumps(self.node), orjson.dumps(map_name), orjson.dumps([pin_id]),
                 orjson.dumps([token_hash])))
             return existed
@@ -520,7 +524,8 @@ class Backplane(service.Service):
         self.log.info("node {node}: the device store is new; writing back {count} devices",
                       node=self.node, count=len(records))
         await self.device_keys.restore(
-            (key, orjson.dumps(record), until) for key, record, until in records)
+            ((key, orjson.dumps(record), until) for key, record, until in records),
+            self.devices.deleted_records())
         by_id = {record["i"]: (key, until) for key, record, until in records}
         now_ms = self.clock.seconds() * 1000
         for map_state in list(self.hub.maps.values()):
@@ -609,7 +614,11 @@ class Backplane(service.Service):
                 # long stall): whatever it holds of the maps we serve, we
                 # do not have. Ask, in one message.
                 self._ask_all(origin)
-            if kind in ("delta", "mfull", "mhello", "dev", "devgone"):
+            if kind == "devgone":
+                if self.devices is not None and isinstance(decoded["m"], str):
+                    self.devices.remote_gone(decoded["m"], list(decoded["i"]),
+                                             list(decoded["k"]))
+            elif kind in ("delta", "mfull", "mhello", "dev"):
                 map_name = decoded["m"]
                 if not isinstance(map_name, str):
                     raise ValueError("bad map")
@@ -625,11 +634,8 @@ class Backplane(service.Service):
                     self._apply_full(origin, map_name, decoded)
                 elif kind == "mhello":
                     self._reply(origin, map_name)
-                elif kind == "dev":
-                    if self.devices is not None:
-                        self.devices.apply(map_name, self._states(decoded["p"]))
                 elif self.devices is not None:
-                    self.devices.remote_gone(map_name, list(decoded["i"]), list(decoded["k"]))
+                    self.devices.apply(map_name, self._states(decoded["p"]))
             elif kind in ("hello", "beat"):
                 self._check_servers(origin, decoded.get("f"))
             elif kind == "ask":

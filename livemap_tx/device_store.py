@@ -15,7 +15,11 @@ Keys, on the link's home server (`{prefix}` is `livemap:v2:{cluster}`, and
   map's fixes and nothing else;
 - `{prefix}:epoch`: a random value set by the first node to find it
   missing: a node that sees a new one knows Redis lost its data and writes
-  back what it knows.
+  back what it knows;
+- `{prefix}:gone`: sorted set of the token hashes of deleted devices,
+  scored by when they may be forgotten, written back with the devices by
+  the nodes that remember the deletions: a device named there is never
+  written back (and is deleted again if a node wrote it back first).
 
 Every change is one Lua script, so that a device deleted on one node can
 never be brought back by a fix saved on another. Only token hashes are
@@ -44,6 +48,7 @@ for _, h in ipairs(gone) do
   redis.call('ZREM', KEYS[1], h)
   redis.call('HDEL', KEYS[2], h)
 end
+redis.call('ZREMRANGEBYSCORE', ARGV[2] .. ':gone', '-inf', ARGV[1])
 """ % PRUNE_BATCH
 
 # ARGV[3] cap, ARGV[4] forget at, ARGV[5] token hash, ARGV[6] record.
@@ -85,12 +90,26 @@ return 'saved'
 
 PRUNE = (_PRUNE + "return 0\n").encode()
 
+# KEYS devices, device, gone.
 RESTORE_DEVICES = b"""
 for i = 1, #ARGV, 3 do
-  if not redis.call('ZSCORE', KEYS[1], ARGV[i]) then
+  if not redis.call('ZSCORE', KEYS[1], ARGV[i]) and not redis.call('ZSCORE', KEYS[3], ARGV[i]) then
     redis.call('ZADD', KEYS[1], ARGV[i + 2], ARGV[i])
     redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
   end
+end
+return 0
+"""
+
+# KEYS devices, device, gone; ARGV[1] the key prefix, then (hash, map's
+# SHA-1, forget at) triples: deleted devices, deleted again.
+RESTORE_GONE = b"""
+for i = 2, #ARGV, 3 do
+  redis.call('ZADD', KEYS[3], ARGV[i + 2], ARGV[i])
+  redis.call('ZREM', KEYS[1], ARGV[i])
+  redis.call('HDEL', KEYS[2], ARGV[i])
+  redis.call('HDEL', ARGV[1] .. ':fixes:' .. ARGV[i + 1], ARGV[i])
+  redis.call('HDEL', ARGV[1] .. ':fixv:' .. ARGV[i + 1], ARGV[i])
 end
 return 0
 """
@@ -112,6 +131,7 @@ class RedisDeviceKeys:
         self.devices_key = f"{prefix}:devices"
         self.device_key = f"{prefix}:device"
         self.epoch_key = f"{prefix}:epoch"
+        self.gone_key = f"{prefix}:gone"
 
     def _fix_keys(self, map_name: str) -> list[str]:
         from .links import map_digest
@@ -161,16 +181,27 @@ class RedisDeviceKeys:
         found = await self.link._query("GET", self.epoch_key)
         return found.decode() if isinstance(found, bytes) else str(found)
 
-    def restore(self, records: Iterable[tuple[str, bytes, float]]) -> defer.Deferred:
-        """Write back devices unless present (after Redis lost them)."""
-        items = list(records)
+    def restore(self, records: Iterable[tuple[str, bytes, float]],
+                gone: Iterable[tuple[str, str, float]] = ()) -> defer.Deferred:
+        """
+        Write back devices unless present or deleted (after Redis lost
+        them), and the deletions this node remembers (hash, map, until ms).
+        """
+        from .links import map_digest
+        keys = [self.devices_key, self.device_key, self.gone_key]
         sent = []
+        deleted = list(gone)
+        for start in range(0, len(deleted), RESTORE_CHUNK):
+            args: list[Any] = [self.prefix]
+            for token_hash, map_name, until_ms in deleted[start:start + RESTORE_CHUNK]:
+                args += [token_hash, map_digest(map_name), str(int(until_ms))]
+            sent.append(self.link._query("EVAL", RESTORE_GONE, 3, *keys, *args))
+        items = list(records)
         for start in range(0, len(items), RESTORE_CHUNK):
-            args: list[Any] = []
+            args = []
             for token_hash, record, expires_ms in items[start:start + RESTORE_CHUNK]:
                 args += [token_hash, record, str(int(expires_ms))]
-            sent.append(self.link._query("EVAL", RESTORE_DEVICES, 2, self.devices_key,
-                                         self.device_key, *args))
+            sent.append(self.link._query("EVAL", RESTORE_DEVICES, 3, *keys, *args))
         return defer.gatherResults(sent, consumeErrors=True)
 
 
@@ -188,6 +219,8 @@ class MemoryDeviceKeys:
         for key in [k for k, (_, forget_at) in self.bus.devices.items() if forget_at <= now_ms]:
             del self.bus.devices[key]
             self.bus.device_fixes.pop(key, None)
+        for key in [k for k, until in self.bus.device_gone.items() if until <= now_ms]:
+            del self.bus.device_gone[key]
 
     def add_device(self, token_hash: str, record: bytes, expires_ms: float, *,
                    cap: int, now_ms: float) -> defer.Deferred:
@@ -239,12 +272,18 @@ class MemoryDeviceKeys:
             return self.bus.device_epoch
         return await self._answer(epoch)
 
-    def restore(self, records: Iterable[tuple[str, bytes, float]]) -> defer.Deferred:
-        items = list(records)
+    def restore(self, records: Iterable[tuple[str, bytes, float]],
+                gone: Iterable[tuple[str, str, float]] = ()) -> defer.Deferred:
+        items, deleted = list(records), list(gone)
 
         def restore() -> None:
+            for token_hash, _, until_ms in deleted:
+                self.bus.device_gone[token_hash] = until_ms
+                self.bus.devices.pop(token_hash, None)
+                self.bus.device_fixes.pop(token_hash, None)
             for token_hash, record, expires_ms in items:
-                self.bus.devices.setdefault(token_hash, (record, expires_ms))
+                if token_hash not in self.bus.device_gone:
+                    self.bus.devices.setdefault(token_hash, (record, expires_ms))
         return self._answer(restore)
 
     def _answer(self, compute: Any) -> defer.Deferred:

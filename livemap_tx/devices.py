@@ -11,9 +11,13 @@ the reports are spread over nodes and however late a queued fix arrives.
 The pin has no connection: it stays until `--expire` after its last fix,
 until the device is deleted or its map expires.
 
-Where devices are kept is a `DeviceStore`: `LocalDevices` (one process), or
-the backplane (Redis, shared by every node of a cluster). Only a token's
-SHA-256 is kept anywhere: a store, a log or a dump never holds a token.
+Where devices are kept is a `DeviceStore`: `LocalDevices` (one process; on
+disk too with sqlite_store's `DiskDevices`), or the backplane (Redis,
+shared by every node of a cluster). A cluster's store is asked on every
+request, since another node may have deleted the device; and every node
+remembers deletions (`deleted`), so it never writes a deleted device back
+nor shows a late fix of it. Only a token's SHA-256 is kept anywhere: a
+store, a log or a dump never holds a token.
 """
 
 from __future__ import annotations
@@ -168,19 +172,37 @@ class DeviceStore(Protocol):
 
 
 class LocalDevices:
-    """The store of one process: dictionaries."""
+    """The store of one process: dictionaries (the same answers, at once, in `add` etc.)."""
 
     def __init__(self) -> None:
         self.records: dict[str, tuple[dict, float]] = {}
         self.versions: dict[str, int] = {}
 
-    def add_device(self, token_hash: str, record: dict, expires_ms: float, *,
-                   cap: int, now_ms: float) -> defer.Deferred:
+    def add(self, token_hash: str, record: dict, expires_ms: float, *,
+            cap: int, now_ms: float) -> str:
         self._prune(now_ms)
         if len(self.records) >= cap:
-            return defer.succeed("full")
+            return "full"
         self.records[token_hash] = (record, expires_ms)
-        return defer.succeed("added")
+        return "added"
+
+    def remove(self, token_hash: str) -> bool:
+        self.versions.pop(token_hash, None)
+        return self.records.pop(token_hash, None) is not None
+
+    def save(self, token_hash: str, version: int, now_ms: float, expires_ms: float) -> str:
+        found = self.records.get(token_hash)
+        if found is None or found[1] <= now_ms:
+            return "unknown"
+        if version <= self.versions.get(token_hash, -1):
+            return "older"
+        self.versions[token_hash] = version
+        self.records[token_hash] = (found[0], expires_ms)
+        return "saved"
+
+    def add_device(self, token_hash: str, record: dict, expires_ms: float, *,
+                   cap: int, now_ms: float) -> defer.Deferred:
+        return defer.succeed(self.add(token_hash, record, expires_ms, cap=cap, now_ms=now_ms))
 
     def find_device(self, token_hash: str, now_ms: float) -> defer.Deferred:
         found = self.records.get(token_hash)
@@ -189,19 +211,11 @@ class LocalDevices:
         return defer.succeed(found[0])
 
     def remove_device(self, token_hash: str, map_name: str, pin_id: str) -> defer.Deferred:
-        self.versions.pop(token_hash, None)
-        return defer.succeed(self.records.pop(token_hash, None) is not None)
+        return defer.succeed(self.remove(token_hash))
 
     def save_fix(self, token_hash: str, map_name: str, version: int, entry: bytes,
                  now_ms: float, expires_ms: float) -> defer.Deferred:
-        found = self.records.get(token_hash)
-        if found is None or found[1] <= now_ms:
-            return defer.succeed("unknown")
-        if version <= self.versions.get(token_hash, -1):
-            return defer.succeed("older")
-        self.versions[token_hash] = version
-        self.records[token_hash] = (found[0], expires_ms)
-        return defer.succeed("saved")
+        return defer.succeed(self.save(token_hash, version, now_ms, expires_ms))
 
     def forget_map(self, map_name: str) -> None:
         for key in [key for key, (record, _) in self.records.items() if record["m"] == map_name]:
@@ -230,11 +244,18 @@ class Devices:
         self.precision = precision
         self.expire = expire
         self.max_devices = max_devices
-        self.local = LocalDevices()
+        # The store of this process alone (memory, or memory and disk), or a
+        # cluster's, shared with other nodes (the backplane sets `store`).
+        self.local = store if isinstance(store, LocalDevices) else LocalDevices()
         self.store: DeviceStore = store or self.local
         # Devices this node has met, by token hash (bounded, like the maps).
         self.known: dict[str, Device] = {}
         self.max_known = max_devices
+        # Devices deleted (through any node), by token hash: their pin id,
+        # map and until when they are remembered (their records are gone by
+        # then); bounded like `known`.
+        self.deleted: dict[str, tuple[str, str, float]] = {}
+        self.deleted_pins: set[str] = set()
         # Creations per client address: (tokens, last update).
         self.creators: dict[str, tuple[float, float]] = {}
         self.stats = {"created": 0, "deleted": 0, "reports": 0, "refused": 0}
@@ -271,23 +292,35 @@ class Devices:
         return token, device
 
     async def find(self, token: str) -> Device:
-        """The device of a token, or UnknownDevice."""
+        """
+        The device of a token, or UnknownDevice. A cluster's store is asked
+        every time (another node may have deleted the device a moment ago);
+        only this process's own store is answered from what it has met.
+        """
         if not looks_like_token(token):
             raise UnknownDevice("unknown device")
         key = token_hash(token)
-        device = self.known.get(key)
+        if key in self.deleted:
+            raise UnknownDevice("unknown device")
+        held = self.known.get(key)
         now = self.clock.seconds()
-        if device is not None and (device.expires is None or device.expires > now):
-            return device
+        if (held is not None and self.store is self.local
+                and (held.expires is None or held.expires > now)):
+            return held
         try:
             record = await self.store.find_device(key, now * 1000)
         except Exception:
             raise Unavailable("the cluster's device store (Redis) cannot be reached now") from None
-        if record is None:
+        if record is None or key in self.deleted:
             self.known.pop(key, None)
             raise UnknownDevice("unknown device")
         device = Device.from_record(key, record)
         if not await self._map_lives(device.map):
+            raise UnknownDevice("unknown device")
+        held = self.known.get(key)
+        if held is not None and held.record() == device.record():
+            device = held  # it keeps its rate limit
+        if key in self.deleted:  # deleted while the store was asked
             raise UnknownDevice("unknown device")
         return self._remember(device)
 
@@ -298,10 +331,29 @@ class Devices:
             await self.store.remove_device(device.token_hash, device.map, device.id)
         except Exception:
             raise Unavailable("the cluster's device store (Redis) cannot be reached now") from None
-        self.known.pop(device.token_hash, None)
+        self.forget_deleted(device.token_hash, device.id, device.map)
         self.hub.apply_remote(device.map, DEVICES, (), [device.id])
         self.stats["deleted"] += 1
         self.log.info("device {device} deleted", device=device.id)
+
+    def forget_deleted(self, key: str, pin_id: str, map_name: str) -> None:
+        """
+        A deleted device: dropped from what this node knows, and remembered
+        as deleted, so that this node never writes it back to a store that
+        lost its data, nor shows a fix of it that arrives late.
+        """
+        self.known.pop(key, None)
+        self.deleted.pop(key, None)
+        self.deleted[key] = (pin_id, map_name, self.clock.seconds() + DEVICE_IDLE)
+        self.deleted_pins.add(pin_id)
+        now = self.clock.seconds()
+        while self.deleted:
+            oldest = next(iter(self.deleted))
+            gone_pin, _, until = self.deleted[oldest]
+            if len(self.deleted) <= self.max_known and until > now:
+                break
+            del self.deleted[oldest]
+            self.deleted_pins.discard(gone_pin)
 
     # Reports
 
@@ -357,16 +409,19 @@ class Devices:
         """
         now = self.clock.seconds()
         bound = (now - self.expire) * 1000
-        fresh = [state for state in states if state["ts"] >= bound]
+        fresh = [state for state in states
+                 if state["ts"] >= bound and state["id"] not in self.deleted_pins]
         if (fresh or gone) and not self.maps.is_expired(map_name):
             self.hub.apply_remote(map_name, DEVICES, fresh, gone)
 
     # The cluster's side (the backplane calls these)
 
     def remote_gone(self, map_name: str, pin_ids: list[str], token_hashes: list[str]) -> None:
-        for key in token_hashes:
-            self.known.pop(key, None)
-        self.hub.apply_remote(map_name, DEVICES, (), pin_ids)
+        """Devices deleted through another node (told to every node of the cluster)."""
+        for key, pin_id in zip(token_hashes, pin_ids):
+            self.forget_deleted(key, pin_id, map_name)
+        if map_name in self.hub.maps:
+            self.hub.apply_remote(map_name, DEVICES, (), pin_ids)
 
     def replace_map(self, map_name: str, states: list[dict]) -> None:
         """
@@ -393,6 +448,12 @@ class Devices:
             pins = [pin.id for pin in map_state.pins.values() if pin.origin == DEVICES]
             if pins:
                 self.hub.apply_remote(map_name, DEVICES, (), pins)
+
+    def deleted_records(self) -> list[tuple[str, str, float]]:
+        """The deletions this node remembers (hash, map, until ms), to write back with them."""
+        now = self.clock.seconds()
+        return [(key, map_name, until * 1000)
+                for key, (_, map_name, until) in self.deleted.items() if until > now]
 
     def known_records(self) -> list[tuple[str, dict, float]]:
         """What this node knows, to write back to a store that lost it."""

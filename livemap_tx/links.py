@@ -165,6 +165,8 @@ class MemoryBus:
         self.devices: dict[str, tuple[bytes, float]] = {}
         self.device_fixes: dict[str, tuple[str, int, bytes]] = {}
         self.device_epoch: Optional[str] = None
+        # Deleted devices written back by the nodes: token hash -> until (ms).
+        self.device_gone: dict[str, float] = {}
         self.published = 0
 
     def stop(self) -> None:
@@ -174,6 +176,7 @@ class MemoryBus:
         self.devices.clear()
         self.device_fixes.clear()
         self.device_epoch = None
+        self.device_gone.clear()
         self.channels.clear()
         for link in list(self.links.values()):
             link._lost("bus stopped")

@@ -8,7 +8,9 @@ every node (the backplane's Redis): creating one writes it there before the
 API answers, so any node can find it from that moment, and its expiry time
 is the store's, so every node expires it at the same time, whichever node
 made it and whether that node still lives. Each node keeps the maps it knows
-in memory (bounded), so it still serves them while Redis is away.
+in memory (bounded), so it still serves them while Redis is away. A single
+node without Redis is the whole truth in memory, and writes each private
+map to its disk (`persist`, sqlite_store.py) before giving its link.
 """
 
 from __future__ import annotations
@@ -116,7 +118,9 @@ class MapDirectory:
                  max_private: int = DEFAULT_MAX_PRIVATE, min_ttl: float = MIN_TTL,
                  on_expire: Callable[[str], None] = lambda name: None,
                  in_use: Callable[[str], bool] = lambda name: False,
-                 store: Optional[MapStore] = None, max_lookups: int = MAX_LOOKUPS) -> None:
+                 store: Optional[MapStore] = None, max_lookups: int = MAX_LOOKUPS,
+                 persist: Optional[Callable[[str, Optional[int]], defer.Deferred]] = None
+                 ) -> None:
         self.clock = clock
         self.open_maps = open_maps
         self.public = public
@@ -128,6 +132,9 @@ class MapDirectory:
         self.in_use = in_use
         self.store = store
         self.max_lookups = max_lookups
+        # Without a store: writes a new private map (name, expiry in ms or
+        # None) to this node's disk; its link is given once that is done.
+        self.persist = persist
         # Least recently used first (with a store; without one, creation order).
         self.private: dict[str, PrivateMap] = {}
         self._lookups: dict[str, list[defer.Deferred]] = {}
@@ -181,7 +188,9 @@ class MapDirectory:
         if len(self.private) >= self.max_private:
             raise DirectoryFull("too many private maps")
         name = secrets.token_urlsafe(NAME_BYTES)
-        entry = PrivateMap(name, None if ttl is None else self.clock.seconds() + ttl)
+        # Whole milliseconds: what a store keeps, so a restart changes nothing.
+        entry = PrivateMap(name, None if ttl is None
+                           else round((self.clock.seconds() + ttl) * 1000) / 1000)
         if ttl is not None:
             entry.call = self.clock.callLater(ttl, self._expire, name)
         self.private[name] = entry
@@ -197,12 +206,35 @@ class MapDirectory:
         """
         if self.store is None:
             try:
-                return defer.succeed(self.create(ttl))
+                entry = self.create(ttl)
             except DirectoryFull:
                 return defer.fail()
+            if self.persist is None:
+                return defer.succeed(entry)
+            return shielded(self._persist(entry))
         # Shielded: a client that leaves mid-way does not cancel the Redis
         # command; the map is made (and remembered here) all the same.
         return shielded(defer.Deferred.fromCoroutine(self._create_shared(ttl)))
+
+    def _persist(self, entry: PrivateMap) -> defer.Deferred:
+        assert self.persist is not None
+
+        def failed(failure: Failure) -> None:
+            # Not on disk: not given, so gone here too.
+            self.log.warn("could not save a private map: {error}",
+                          error=failure.getErrorMessage() or failure.type.__name__)
+            if self.private.get(entry.name) is entry:
+                del self.private[entry.name]
+            if entry.call is not None and entry.call.active():
+                entry.call.cancel()
+            raise DirectoryUnavailable("this server cannot save a private map now; "
+                                       "try again shortly")
+        expires_ms = None if entry.expires is None else round(entry.expires * 1000)
+        try:
+            written = self.persist(entry.name, expires_ms)
+        except Exception:
+            written = defer.fail()
+        return written.addCallbacks(lambda _: entry, failed)
 
     async def _create_shared(self, ttl: Optional[float]) -> PrivateMap:
         assert self.store is not None

@@ -49,6 +49,8 @@ from .metrics import AdmissionCollector, DeviceCollector, make_registry
 from .pirate import PirateFactory
 from .redis_link import parse_redis_urls
 from .sockjs import SockJSResource
+from .sqlite_store import DiskDevices, SqliteStore, StoreError, StoreService, default_data_dir
+from .sqlite_store import restore as restore_store
 from .sockjs_endpoint import sockjs_resource
 from .web import OSM_ATTRIBUTION, OSM_TILES, LiveMapSite, make_site
 from .workers import (
@@ -129,6 +131,18 @@ def _workers(value: str) -> int:
 _workers.coerceDoc = "A whole number; more than 1 needs --redis."  # type: ignore[attr-defined]
 
 
+STORES = ("sqlite", "memory")
+
+
+def _store(value: str) -> str:
+    if value not in STORES:
+        raise usage.UsageError(f"--store must be one of {', '.join(STORES)}, not {value!r}")
+    return value
+
+
+_store.coerceDoc = "sqlite or memory."  # type: ignore[attr-defined]
+
+
 class Options(usage.Options):
     """twistd livemap [options]"""
 
@@ -162,6 +176,14 @@ class Options(usage.Options):
          "comma-separated URLs spread the maps' traffic over several Redis servers "
          "(every node must list the same ones in the same order). Without it the "
          "process stands alone."],
+        ["store", None, "sqlite",
+         "Where a node without --redis keeps its devices, private maps and devices' last "
+         "positions: sqlite (a file in --data-dir, kept across restarts) or memory "
+         "(forgotten at exit). With --redis, Redis is the store.", _store],
+        ["data-dir", None, None,
+         "Directory of the sqlite store (created if missing). Default: $STATE_DIRECTORY "
+         "(systemd's StateDirectory=), else $XDG_STATE_HOME/livemap, else "
+         "~/.local/state/livemap."],
         ["cluster", None, DEFAULT_CLUSTER,
          "Name of the group of processes that share maps through --redis."],
         ["node-ttl", None, DEFAULT_NODE_TTL,
@@ -335,15 +357,19 @@ class Node:
     backplane: Optional[Backplane]
     sockjs: SockJSResource
     directory: MapDirectory
+    # The store of a node without --redis (None: memory only).
+    store: Optional[SqliteStore] = None
 
 
 def make_node(reactor: Any, options: Options, *,
               route_sockjs: Optional[Callable[[IResource], IResource]] = None,
-              trusted: Sequence[Network] = ()) -> Node:
+              trusted: Sequence[Network] = (), store: Optional[SqliteStore] = None) -> Node:
     """
     The hub, WebSocket factory and site of one node, wired together, with a
     backplane if `--redis` is given (not started: it is a Service).
-    `trusted` adds proxies whose X-Forwarded-For is believed.
+    `trusted` adds proxies whose X-Forwarded-For is believed; with `store`
+    (no --redis), devices and private maps are kept in it, and what it
+    holds is back at once.
     """
     hub = Hub(reactor, tick_interval=options["tick"], slow_timeout=options["slow-timeout"],
               max_members=options["max-pins-per-map"], max_maps=options["max-maps"])
@@ -365,9 +391,14 @@ def make_node(reactor: Any, options: Options, *,
         devices.forget_map(name)
     directory = MapDirectory(
         reactor, open_maps=not options["no-open-maps"], public=not options["no-public"],
-        min_ttl=options.get("min-ttl", MIN_TTL), in_use=in_use, on_expire=expired)
+        min_ttl=options.get("min-ttl", MIN_TTL), in_use=in_use, on_expire=expired,
+        persist=None if store is None else store.add_map)
+    disk = None if store is None else DiskDevices(store)
     devices = Devices(hub, directory, reactor, rate=options["rate"],
-                      precision=options["precision"], expire=options["expire"])
+                      precision=options["precision"], expire=options["expire"], store=disk)
+    if store is not None and disk is not None and store.contents is not None:
+        restore_store(store.contents, directory, devices, disk, reactor.seconds())
+        store.contents = None
     factory = LiveMapFactory(hub, reactor, rate=options["rate"], precision=options["precision"],
                              ping_interval=options["ping"], ping_timeout=options["ping"],
                              handshake_timeout=options["handshake-timeout"],
@@ -405,7 +436,7 @@ def make_node(reactor: Any, options: Options, *,
         site.map_ready = backplane.watch
         if site.apps is not None:
             site.apps.map_ready = lambda name: backplane.watch(name, DEVICE_LEASE)
-    return Node(hub, factory, site, backplane, local_sockjs, directory)
+    return Node(hub, factory, site, backplane, local_sockjs, directory, store)
 
 
 def make_server(reactor: Any, options: Options) -> tuple[Hub, LiveMapFactory, LiveMapSite]:
@@ -441,7 +472,10 @@ def _serve_node(reactor: Any, top: service.MultiService, node: Node, options: Op
                 listeners: Callable[[Any, Optional[Callable[[], defer.Deferred]]], None]) -> None:
     # Order matters for stopping (MultiService stops children in reverse):
     # clients hear 1001 first, then the listeners close, and the backplane
-    # says goodbye last, after the departures of those clients went out.
+    # says goodbye last, after the departures of those clients went out;
+    # the store closes after every write that was asked of it.
+    if node.store is not None:
+        StoreService(node.store, reactor).setServiceParent(top)
     if node.backplane is not None:
         node.backplane.setServiceParent(top)
     gate = node.backplane.when_synced if node.backplane is not None else None
@@ -484,6 +518,22 @@ def make_worker_service(reactor: Any, options: Options, spec: WorkerSpec) -> ser
     return top
 
 
+def open_store(reactor: Any, options: Options) -> Optional[SqliteStore]:
+    """
+    The sqlite store of a node without --redis, open and checked; a store
+    that cannot be used ends the process with one line saying why.
+    """
+    if options.get("redis") or options.get("store", "sqlite") != "sqlite":
+        return None
+    data_dir = options.get("data-dir") or default_data_dir()
+    try:
+        store = SqliteStore.open(data_dir, reactor)
+    except StoreError as error:
+        raise SystemExit("livemap: " + " ".join(str(error).split())) from None
+    log.info("keeping devices and private maps in {path}", path=str(store.path))
+    return store
+
+
 def makeService(options: Options) -> service.MultiService:  # noqa: N802 (twistd's name)
     from twisted.internet import reactor
     log.info("livemap {version} starting", version=livemap_version())
@@ -493,7 +543,7 @@ def makeService(options: Options) -> service.MultiService:  # noqa: N802 (twistd
         Supervisor(reactor, with_backlog(options["port"]), options["workers"],
                    {**options, "workers": 1}).setServiceParent(top)
     else:
-        node = make_node(reactor, options)
+        node = make_node(reactor, options, store=open_store(reactor, options))
 
         def listeners(site: Any, gate: Optional[Callable[[], defer.Deferred]]) -> None:
             http = strports.service(with_backlog(options["port"]), site)

@@ -6,12 +6,14 @@ or that block (the browser tests drive Playwright synchronously).
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -27,6 +29,13 @@ from livemap_tx.web import make_site
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
+
+# A node without --redis keeps a store in its data directory: no test may
+# use the machine's default one. start_twistd gives each node its own; any
+# other `twistd livemap` a test starts gets this session's.
+os.environ.pop("STATE_DIRECTORY", None)
+os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="livemap-tests-state-")
+atexit.register(shutil.rmtree, os.environ["XDG_STATE_HOME"], True)
 
 
 @dataclass
@@ -136,8 +145,13 @@ def twistd_command(*args: str, pre: Sequence[str] = ()) -> list[str]:
 
 def start_twistd(tmp_path: Path, *args: str, port: Optional[int] = None,
                  pre: Sequence[str] = ()) -> TwistdServer:
-    """Start `twistd -n livemap` and wait until /healthz answers."""
+    """
+    Start `twistd -n livemap` and wait until /healthz answers; its store
+    (without --redis) in `tmp_path` unless `--data-dir` is given.
+    """
     port = port or free_port()
+    if "--data-dir" not in args:
+        args = (*args, "--data-dir", str(tmp_path / f"data-{port}"))
     log_path = tmp_path / f"twistd-{port}.log"
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(

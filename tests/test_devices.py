@@ -17,6 +17,7 @@ from livemap_tx.devices import (
     DeviceError,
     Fix,
     Full,
+    LocalDevices,
     NoSuchMap,
     TooFast,
     UnknownDevice,
@@ -228,3 +229,83 @@ def test_equal_times_are_ordered_by_content_the_same_everywhere(clock):
     assert fix_version(first) != fix_version(second)
     assert fix_version(first) // 65536 == first.ts
     assert fix_version(fix(clock, lat=1.0)) == fix_version(first)
+
+
+class SharedStore:
+    """A cluster's store as one node sees it: other nodes change it too (`truth`)."""
+
+    def __init__(self) -> None:
+        self.truth = LocalDevices()
+        self.finds = 0
+
+    def add_device(self, *args: Any, **kwargs: Any) -> defer.Deferred:
+        return self.truth.add_device(*args, **kwargs)
+
+    def find_device(self, token_hash: str, now_ms: float) -> defer.Deferred:
+        self.finds += 1
+        return self.truth.find_device(token_hash, now_ms)
+
+    def remove_device(self, *args: Any) -> defer.Deferred:
+        return self.truth.remove_device(*args)
+
+    def save_fix(self, *args: Any) -> defer.Deferred:
+        return self.truth.save_fix(*args)
+
+
+def test_in_a_cluster_every_request_asks_the_store_and_keeps_its_rate_limit(hub, maps, clock):
+    shared = SharedStore()
+    devices = Devices(hub, maps, clock, rate=1.0, store=shared)
+    token, device = run(devices.create("family", None, "10.0.0.1"))
+    found = run(devices.find(token))
+    assert found is device and shared.finds == 1  # the same device: the same limit
+    run(devices.report(found, fix(clock)))
+    with pytest.raises(TooFast):
+        run(devices.report(run(devices.find(token)), fix(clock, lat=1.0)))
+    assert shared.finds == 2
+    # Another node deletes it: the next request here is refused, whatever
+    # it holds (no fix to save, or one too old to show).
+    shared.truth.remove(device.token_hash)
+    with pytest.raises(UnknownDevice):
+        run(devices.find(token))
+    assert device.token_hash not in devices.known
+
+
+def test_a_device_deleted_elsewhere_is_never_written_back_nor_shown_again(hub, maps, clock):
+    shared = SharedStore()
+    devices = Devices(hub, maps, clock, store=shared)
+    viewer, view = hubfakes.join(hub, "family")
+    token, device = run(devices.create("family", None, "10.0.0.1"))
+    kept_token, kept = run(devices.create("family", None, "10.0.0.1"))
+    state = devices.state(device, fix(clock), clock.seconds())
+    devices.apply("family", [dict(state, version=1)])
+    clock.advance(0.1)
+    assert set(view.sees()) == {device.id}
+    # Told by the node that deleted it (even for a map this node does not serve).
+    devices.remote_gone("family", [device.id], [device.token_hash])
+    devices.remote_gone("elsewhere", ["p9"], ["h9"])
+    assert "elsewhere" not in hub.maps
+    clock.advance(0.1)
+    assert view.sees() == {}
+    assert [key for key, _, _ in devices.known_records()] == [kept.token_hash]
+    # A fix of it that comes late (from a node that had not heard) shows nothing.
+    devices.apply("family", [dict(state, version=2)])
+    clock.advance(0.1)
+    assert view.sees() == {}
+    # And should a store bring it back (a node cut off then restored it), it
+    # stays refused here.
+    shared.truth.add(device.token_hash, device.record(), clock.seconds() * 1000 + 1e6,
+                     cap=10, now_ms=clock.seconds() * 1000)
+    with pytest.raises(UnknownDevice):
+        run(devices.find(token))
+    assert run(devices.find(kept_token)) is kept
+
+
+def test_deleted_devices_are_remembered_for_a_bounded_number_and_time(hub, maps, clock):
+    devices = Devices(hub, maps, clock, max_devices=3)
+    for n in range(5):
+        devices.forget_deleted(f"h{n}", f"p{n}", "family")
+    assert list(devices.deleted) == ["h2", "h3", "h4"]
+    assert devices.deleted_pins == {"p2", "p3", "p4"}
+    clock.advance(DEVICE_IDLE + 1)
+    devices.forget_deleted("h5", "p5", "family")
+    assert list(devices.deleted) == ["h5"] and devices.deleted_pins == {"p5"}
