@@ -11,6 +11,7 @@ import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional, cast
+from urllib.parse import unquote_to_bytes
 
 import orjson
 from klein import Klein
@@ -75,6 +76,33 @@ def script_json(value: object) -> bytes:
 _MAP_IN_PATH = re.compile(rb"^(/(?:m|ws|sockjs|api/maps)/)(?!public(?:/|$))[^/?]+")
 # Paths that carry a device's token: its only credential.
 _TOKEN_IN_PATH = re.compile(rb"^(/(?:api/devices|apps/owntracks|apps/overland)/)[^/?]+")
+# And anything shaped like a secret, wherever it is (tokens are 32 characters
+# of this alphabet, private map names 24): what a mistyped URL, or one
+# spelled in a way no route takes, may carry.
+_SECRET_SHAPED = re.compile(rb"[A-Za-z0-9_-]{20,}")
+
+
+def loggable_path(raw: bytes) -> bytes:
+    """
+    The path of a request as the access log may show it: decoded and
+    normalised at least as far as routing does (percent-escapes, repeated
+    slashes, dot segments), then every map name but `public`, every token
+    and anything shaped like one replaced with `*`. However a request spells
+    a token, routed or not, the log never holds it. No query string.
+    """
+    path = unquote_to_bytes(raw.split(b"?", 1)[0])
+    segments: list[bytes] = []
+    for segment in path.split(b"/"):
+        if segment in (b"", b"."):
+            continue
+        if segment == b"..":
+            if segments:
+                segments.pop()
+            continue
+        segments.append(segment)
+    normal = b"/" + b"/".join(segments) + (b"/" if path.endswith(b"/") and segments else b"")
+    normal = _TOKEN_IN_PATH.sub(rb"\1*", _MAP_IN_PATH.sub(rb"\1*", normal))
+    return _SECRET_SHAPED.sub(b"*", normal)
 
 
 def _log_escape(value: bytes) -> str:
@@ -84,11 +112,11 @@ def _log_escape(value: bytes) -> str:
 def private_log_formatter(timestamp: str, request: Any) -> str:
     """
     The combined log format without what would leak where people are:
-    query strings, map names other than `public`, and referrers (map links).
+    query strings, map names other than `public`, tokens (loggable_path),
+    and referrers (map links).
     """
     address = request.getClientAddress()
-    path = request.uri.split(b"?", 1)[0]
-    path = _TOKEN_IN_PATH.sub(rb"\1*", _MAP_IN_PATH.sub(rb"\1*", path))
+    path = loggable_path(request.uri)
     return '"%s" - - %s "%s %s %s" %d %s "-" "%s"' % (
         _log_escape(getattr(address, "host", "-").encode()), timestamp,
         _log_escape(request.method), _log_escape(path), _log_escape(request.clientproto),
