@@ -48,6 +48,7 @@ from .maps import MAX_TTL, MIN_TTL, MapDirectory
 from .metrics import AdmissionCollector, DeviceCollector, make_registry
 from .pirate import PirateFactory
 from .redis_link import parse_redis_urls
+from .token_misses import MissCollector
 from .sockjs import SockJSResource
 from .sockjs_endpoint import sockjs_resource
 from .web import (
@@ -398,6 +399,8 @@ def make_node(reactor: Any, options: Options, *,
                        sockjs=sockjs, directory=directory, stale=options["stale"],
                        apps=PhoneApps(devices, admission))
     registry.register(DeviceCollector(devices))
+    if site.apps is not None:
+        registry.register(MissCollector(site.apps.misses))
     backplane = None
     if options.get("redis"):
         # The password may come from the environment rather than the URL:
