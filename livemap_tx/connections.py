@@ -88,8 +88,10 @@ class ConnectionTable:
                               sockets=max_sockets)
                 admission.max_connections = live
         self.open = 0
-        # Connections waiting for their client, the longest waiting first.
-        self.waiting: dict[Sheddable, None] = {}
+        # Connections waiting for their client, the longest waiting first
+        # (with the address they count under), in all and by address.
+        self.waiting: dict[Sheddable, Optional[str]] = {}
+        self.waiting_from: dict[str, dict[Sheddable, None]] = {}
         # Dropped to make room, and not closed yet.
         self.dropping = 0
         self.shed = 0
@@ -97,17 +99,20 @@ class ConnectionTable:
     def admit(self, channel: Sheddable, peer: str) -> bool:
         """
         Count a new connection from `peer` (a trusted proxy's are not counted
-        per address: its clients' live connections are). False: refused,
-        answered with a 429, closing.
+        per address: its clients' live connections are). At the address's
+        limit, its own connection that has waited longest makes room; if
+        none waits, the new one is refused with a 429 (False).
         """
         transport = channel.transport
         if not self.admission._trusted(peer):
             try:
                 self.admission.open_connection(transport, peer)
             except Refused:
-                transport.write(_REFUSED)
-                transport.loseConnection()
-                return False
+                if not self._make_room(peer):
+                    transport.write(_REFUSED)
+                    transport.loseConnection()
+                    return False
+                self.admission.open_connection(transport, peer)
         self.open += 1
         self._watch_close(transport)
         if self.max_sockets is not None and self.open - self.dropping > self.max_sockets:
@@ -131,39 +136,53 @@ class ConnectionTable:
         if getattr(transport, "_livemap_closed", False):
             return
         transport._livemap_closed = True
+        vars(transport).pop("connectionLost", None)  # no cycle through the wrapper
         self.open -= 1
         if getattr(transport, "_livemap_dropped", False):
             self.dropping -= 1
         self.admission.close_connection(transport)
 
-    def _make_room(self) -> None:
-        for channel in self.waiting:
+    def _make_room(self, address: Optional[str] = None) -> bool:
+        """Close the connection (of `address`, if given) that waited longest; False if none."""
+        waiting = self.waiting if address is None else self.waiting_from.get(address, {})
+        for channel in waiting:
             break
         else:
-            return  # every connection is live or being answered: the reserve is for them
-        del self.waiting[channel]
+            return False  # all live or being answered: the budget's reserve is for them
+        self.answering(channel)
         transport = channel.transport
         if transport is None:
-            return
+            return False
         transport._livemap_dropped = True
         self.dropping += 1
         self.shed += 1
         _close_now(transport)
+        return True
 
     def file_opened(self) -> None:
-        """A request body went to a temporary file: one more descriptor."""
+        """
+        A request body went to a temporary file: one more descriptor (room
+        is made at the next connection, not in the middle of a read).
+        """
         self.open += 1
-        if self.max_sockets is not None and self.open - self.dropping > self.max_sockets:
-            self._make_room()
 
     def file_closed(self) -> None:
         self.open -= 1
 
     def waiting_for_client(self, channel: Sheddable) -> None:
         """`channel` waits for its client from now on (a new idle spell)."""
-        self.waiting.pop(channel, None)
-        self.waiting[channel] = None
+        self.answering(channel)
+        address = self.admission.sockets.get(channel.transport)
+        self.waiting[channel] = address
+        if address is not None:
+            self.waiting_from.setdefault(address, {})[channel] = None
 
     def answering(self, channel: Sheddable) -> None:
         """`channel` has its whole request (or is gone): not to be dropped."""
-        self.waiting.pop(channel, None)
+        address = self.waiting.pop(channel, None)
+        if address is not None:
+            mine = self.waiting_from.get(address)
+            if mine is not None:
+                mine.pop(channel, None)
+                if not mine:
+                    del self.waiting_from[address]

@@ -88,7 +88,8 @@ def loggable_path(raw: bytes) -> bytes:
     normalised at least as far as routing does (percent-escapes, repeated
     slashes, dot segments), then every map name but `public`, every token
     and anything shaped like one replaced with `*`. However a request spells
-    a token, routed or not, the log never holds it. No query string.
+    a token, routed or not, the log never holds it (a SockJS session id
+    excepted). No query string.
     """
     path = unquote_to_bytes(raw.split(b"?", 1)[0])
     segments: list[bytes] = []
@@ -102,7 +103,12 @@ def loggable_path(raw: bytes) -> bytes:
         segments.append(segment)
     normal = b"/" + b"/".join(segments) + (b"/" if path.endswith(b"/") and segments else b"")
     normal = _TOKEN_IN_PATH.sub(rb"\1*", _MAP_IN_PATH.sub(rb"\1*", normal))
-    return _SECRET_SHAPED.sub(b"*", normal)
+    parts = normal.split(b"/")
+    # A SockJS session's id stays (its map does not): --log-sockjs-requests
+    # is there to follow sessions through a balancer.
+    keep = 4 if parts[1:2] == [b"sockjs"] else -1
+    return b"/".join(part if index == keep else _SECRET_SHAPED.sub(b"*", part)
+                     for index, part in enumerate(parts))
 
 
 def _log_escape(value: bytes) -> str:

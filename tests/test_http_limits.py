@@ -401,16 +401,27 @@ def test_every_connection_counts_against_the_per_address_limit():
 
 @pytest_twisted.ensureDeferred
 async def test_plain_http_connections_count_against_the_address_limit(server):
+    """At the limit an address's idle connection makes room (its /healthz gets in); else 429."""
     server.factory.admission.max_per_ip = 3
-    held = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(3)]
+    live = [await connect(server.ws_url()) for _ in range(2)]
+    idle = socket.create_connection(("127.0.0.1", server.port))
     await eventually(lambda: server.factory.admission.per_ip.get("127.0.0.1") == 3, "counted")
-    response = await treq.get(f"{server.url}/healthz")  # a fourth
+    response = await treq.get(f"{server.url}/healthz", persistent=False)  # a fourth
+    assert (await response.content()) == b"ok"
+    assert await wait_closed(idle)  # it made room
+    idle.close()
+    live.append(await connect(server.ws_url()))
+    with pytest.raises(Exception, match="429"):
+        await connect(server.ws_url())  # the upgrade's own connection is refused
+    response = await treq.get(f"{server.url}/healthz", persistent=False)
     assert response.code == 429 and response.headers.getRawHeaders("retry-after") == ["10"]
     await response.content()
-    for sock in held:
-        sock.close()
+    for client in live:
+        client.close()
+        await client.wait_closed()
     await eventually(lambda: not server.factory.admission.per_ip, "all released")
-    response = await treq.get(f"{server.url}/healthz")
+    assert server.factory.admission.total == 0
+    response = await treq.get(f"{server.url}/healthz", persistent=False)
     assert (await response.content()) == b"ok"
 
 
