@@ -2,13 +2,17 @@
 The page itself at the edge of the rate limit: a real `twistd livemap
 --rate 2` and the real page in Chromium, its position and heading changing
 much faster than the rate for a minute. The page sends at its own pace
-(about `rate` a second, with the network's and the browser's jitter); the
-server must never close it (docs/protocol.md, "Move rate").
+(about `rate` a second); between it and the server, the test delays each
+of its messages by a random time of up to JITTER seconds (keeping their
+order), as a congested mobile network does. The server must never close it
+(docs/protocol.md, "Move rate").
 """
 
 from __future__ import annotations
 
 import json
+import random
+import re
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -16,11 +20,47 @@ from typing import Any, Iterator
 import pytest
 
 from conftest import TwistdServer, start_twistd
-from test_browser import BERLIN, open_viewer, set_compass
+from test_browser import BERLIN, open_viewer
 from test_browser import browser, map_name  # noqa: F401 (fixtures)
 from playwright.sync_api import Browser
 
 RUN_SECONDS = 60.0
+JITTER = 0.6
+
+
+class JitteryLink:
+    """
+    Stands between the page's WebSocket and the server (Playwright's
+    route_web_socket): each message from the page is held for a random
+    0 to JITTER s, in order, and released by `pump` (the test calls it).
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.random = random.Random(seed)
+        self.held: list[tuple[float, Any]] = []
+        self.servers: list[Any] = []
+        self.forwarded = 0
+
+    def install(self, page: Any) -> None:
+        page.route_web_socket(re.compile(r"/ws/"), self._handle)
+
+    def _handle(self, route: Any) -> None:
+        server = route.connect_to_server()
+        self.servers.append(server)
+
+        def from_page(message: Any) -> None:
+            due = time.monotonic() + self.random.uniform(0, JITTER)
+            if self.held:
+                due = max(due, self.held[-1][0])
+            self.held.append((due, message))
+        route.on_message(from_page)
+
+    def pump(self) -> None:
+        now = time.monotonic()
+        while self.held and self.held[0][0] <= now:
+            _, message = self.held.pop(0)
+            self.servers[-1].send(message)
+            self.forwarded += 1
 
 
 @pytest.fixture
@@ -51,19 +91,35 @@ def test_the_page_at_rate_2_is_never_closed_in_a_minute(
             ws.on("close", lambda _: record.update(closed=True))
         page.on("websocket", opened)
 
+    link = JitteryLink(seed=23)
+
+    def prepare(page: Any) -> None:
+        watch(page)
+        link.install(page)
     viewer = open_viewer(browser, f"{slow_rate_server.url}/m/{map_name}", geolocation=BERLIN,
-                         name="Edge", before_load=watch)
-    viewer.own_id()
+                         name="Edge", before_load=prepare)
+    viewer.page.wait_for_function("() => window.livemap")
+    while not link.servers:
+        viewer.page.wait_for_timeout(20)
+    # The compass turns 37 degrees every 50 ms, by the page's own timer (it
+    # goes on while the test sleeps): the page always has a move to send.
+    viewer.page.evaluate("""() => { let heading = 0; setInterval(() => {
+        heading = (heading + 37) % 360;
+        window.dispatchEvent(new DeviceOrientationEvent('deviceorientationabsolute',
+            {alpha: (360 - heading) % 360, beta: 0, gamma: 0, absolute: true}));
+    }, 50); }""")
     started = time.monotonic()
     step = 0
     while time.monotonic() - started < RUN_SECONDS:
         step += 1
-        viewer.context.set_geolocation({"latitude": BERLIN["latitude"] + 0.0001 * step,
-                                        "longitude": BERLIN["longitude"], "accuracy": 12})
-        set_compass(viewer.page, (step * 37) % 360)
-        viewer.page.wait_for_timeout(100)  # ten changes a second: five times the rate
+        if step % 5 == 0:
+            viewer.context.set_geolocation({"latitude": BERLIN["latitude"] + 0.0001 * step,
+                                            "longitude": BERLIN["longitude"], "accuracy": 12})
+        viewer.page.wait_for_timeout(20)
+        link.pump()
     moves = sum(record["sent"] for record in sockets)
     assert [record["closed"] for record in sockets] == [False], sockets
+    assert len(link.servers) == 1
     # It did send at the edge: about two a second for the whole minute.
     assert moves >= RUN_SECONDS * 1.5, moves
     assert "rate limit exceeded" not in slow_rate_server.log()
