@@ -181,6 +181,7 @@ class PhoneApps:
         """DELETE /api/devices/{token}."""
         async def delete() -> bytes:
             try:
+                await self.misses.find(request, token)  # a scanner's misses count here too
                 await self.devices.delete(token)
             except DeviceError as error:
                 return _error(request, error.status, error.reason)

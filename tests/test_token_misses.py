@@ -101,6 +101,16 @@ def test_the_addresses_counted_are_bounded(clock, devices):
     assert len(limiter.addresses) == 100
 
 
+@pytest_twisted.ensureDeferred
+async def test_deleting_by_unknown_tokens_is_limited_too(server):
+    codes = []
+    for _ in range(MISS_BURST + 3):
+        answer = await treq.delete(f"{server.url}/api/devices/{new_token()}", persistent=False)
+        await answer.content()
+        codes.append(answer.code)
+    assert codes == [404] * MISS_BURST + [429] * 3
+
+
 # The real server: a scanner and a venue behind one NAT address.
 UNKNOWN = 10_000
 PHONES = 1_000
