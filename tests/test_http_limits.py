@@ -517,3 +517,35 @@ def test_620_body_dribblers_under_600_descriptors_leave_healthz_answering(tmp_pa
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_large_body_takes_a_descriptor_only_once_it_is_large_and_it_is_counted():
+    hub, factory, site = make_server(reactor, server_options())
+    built = make_site(site.resource(), reactor, admission=factory.admission, max_sockets=1000)
+    listener = reactor.listenTCP(0, built, interface="127.0.0.1")
+    port = listener.getHost().port
+    table = built.connections
+    try:
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(upload_head(b"/apps/overland/x", 300_000) + b"x" * 50_000)
+        await eventually(lambda: table.open == 1, "the connection counted")
+        await deferLater(0.2)
+        assert table.open == 1  # declared large, but only 50 KB in: in memory
+        sock.sendall(b"x" * 100_000)
+        await eventually(lambda: table.open == 2, "the temporary file counted")
+        sock.sendall(b"x" * 150_000)
+        sock.setblocking(False)  # this test shares its thread with the server
+
+        def answer() -> bytes:
+            try:
+                return sock.recv(65536)
+            except BlockingIOError:
+                return b""
+        # Not an Overland batch: 400.
+        assert (await eventually(answer, "the answer")).startswith(b"HTTP/1.1 400")
+        await eventually(lambda: table.open == 1, "the file closed once answered")
+        sock.close()
+        await eventually(lambda: table.open == 0, "the connection closed")
+    finally:
+        await listener.stopListening()
