@@ -166,7 +166,8 @@ class SpooledBody(tempfile.SpooledTemporaryFile):
         self.counted = False
 
     def rollover(self) -> None:
-        if not self._rolled and self.table is not None and not self.counted:  # type: ignore[attr-defined]
+        rolled = getattr(self, "_rolled", False)  # tempfile's own flag
+        if not rolled and self.table is not None and not self.counted:
             self.counted = True
             self.table.file_opened()
         super().rollover()

@@ -360,7 +360,8 @@ async def test_an_honest_large_overland_batch_over_a_slow_link_is_taken(server):
     device = orjson.loads(await made.content())
     token = device["apps"]["overland"]["token"]
     now = int(time.time())
-    points = [{"type": "Feature", "geometry": {"type": "Point", "coordinates": [13.0 + i / 1e4, 52.5]},
+    points = [{"type": "Feature",
+               "geometry": {"type": "Point", "coordinates": [13.0 + i / 1e4, 52.5]},
                "properties": {"timestamp": time.strftime(
                    "%Y-%m-%dT%H:%M:%SZ", time.gmtime(now - 300 + i)),
                    "horizontal_accuracy": 30, "altitude": 0, "speed": 4,
@@ -372,9 +373,9 @@ async def test_an_honest_large_overland_batch_over_a_slow_link_is_taken(server):
     chunk = 1000  # a packet every quarter second: 4 KB/s
     took = len(body) / chunk * 0.25
     assert took > BODY_TIMEOUT  # longer than any fixed deadline for a whole body would allow
-    sender, _, _ = await dribble(server.port, upload_head(
-        f"/apps/overland/{token}".encode(), len(body)) .replace(b"Host: a\r\n", b"Host: a\r\nConnection: close\r\n"),
-        body, chunk, 0.25, took + 30)
+    head = upload_head(f"/apps/overland/{token}".encode(), len(body)).replace(
+        b"Host: a\r\n", b"Host: a\r\nConnection: close\r\n")
+    sender, _, _ = await dribble(server.port, head, body, chunk, 0.25, took + 30)
     assert sender.answer.startswith(b"HTTP/1.1 200") and b'{"result":"ok"}' in sender.answer
     pins = server.hub.pins("slowlink")
     assert [pin["lng"] for pin in pins] == [13.0 + 399 / 1e4]

@@ -122,7 +122,8 @@ def test_no_spelling_of_a_device_request_puts_its_token_in_a_log_error_or_metric
                 {"type": "Feature", "geometry": {"type": "Point", "coordinates": [2.0, lat]},
                  "properties": {"timestamp": stamp}}]}).encode())
         else:
-            status, body, _ = request(server, "GET", f"{target}&lat={lat}&lon=2.0&timestamp={when}")
+            status, body, _ = request(server, "GET",
+                                      f"{target}&lat={lat}&lon=2.0&timestamp={when}")
         if status == 200:
             pin = pin_of(server, pin_id)
             assert pin is not None and pin["lat"] == lat, (target, pin)  # the same device
