@@ -4,7 +4,9 @@ WebSocket hijacking, and connection limits in total and per client address
 (the address read from X-Forwarded-For only when a trusted proxy sent it).
 
 Both transports (WebSocket and SockJS) ask the same `Admission` object, so a
-client cannot get around a limit by switching transport.
+client cannot get around a limit by switching transport. Plain HTTP
+connections count against the same per-address limit (connections.py): a
+WebSocket counts once, as the TCP connection it is.
 """
 
 from __future__ import annotations
@@ -78,6 +80,8 @@ class Admission:
         self.trusted_proxies = list(trusted_proxies)
         self.total = 0
         self.per_ip: dict[str, int] = {}
+        # The address each counted TCP connection (by its transport) counts under.
+        self.sockets: dict[object, str] = {}
         # Refusals by reason, for /metrics.
         self.refused: dict[str, int] = {}
 
@@ -119,22 +123,47 @@ class Admission:
             return False
         return any(ip in network for network in self.trusted_proxies)
 
-    def acquire(self, address: str) -> None:
-        """Count a new connection from `address`, or refuse it."""
+    def acquire(self, address: str, carrier: object = None) -> bool:
+        """
+        Count a new live connection from `address`, or refuse it. Returns
+        whether it took a place of its own under the address: not when its
+        TCP connection (`carrier`, the transport) already counts there.
+        """
         if self.total >= self.max_connections:
             raise self._refuse(503, "server full")
+        carried = carrier is not None and self.sockets.get(carrier) == address
+        if not carried:
+            self._count(address)
+        self.total += 1
+        return not carried
+
+    def release(self, address: str, counted: bool = True) -> None:
+        """A live connection closed (`counted`: what `acquire` returned)."""
+        if counted:
+            if self.per_ip.get(address, 0) <= 0:
+                return
+            self._uncount(address)
+        self.total = max(0, self.total - 1)
+
+    def open_connection(self, transport: object, address: str) -> None:
+        """Count a TCP connection from `address`, or refuse it."""
+        self._count(address)
+        self.sockets[transport] = address
+
+    def close_connection(self, transport: object) -> None:
+        address = self.sockets.pop(transport, None)
+        if address is not None:
+            self._uncount(address)
+
+    def _count(self, address: str) -> None:
         count = self.per_ip.get(address, 0)
         if count >= self.max_per_ip:
             raise self._refuse(429, "too many connections from this address")
-        self.total += 1
         self.per_ip[address] = count + 1
 
-    def release(self, address: str) -> None:
+    def _uncount(self, address: str) -> None:
         count = self.per_ip.get(address, 0)
-        if count <= 0:
-            return
-        self.total -= 1
-        if count == 1:
-            del self.per_ip[address]
+        if count <= 1:
+            self.per_ip.pop(address, None)
         else:
             self.per_ip[address] = count - 1

@@ -34,6 +34,7 @@ from .apps import (
     parse_traccar_json,
 )
 from .devices import Device, DeviceError, Devices
+from .token_misses import MissLimiter
 
 JSON = b"application/json"
 
@@ -83,6 +84,8 @@ class PhoneApps:
         self.devices = devices
         self.admission = admission
         self.tids = TidBook()
+        # Unknown tokens cost their sender (token_misses.py): every report finds its device here.
+        self.misses = MissLimiter(devices, admission)
         # Fires once this node holds a map's pins (in a cluster, a report
         # makes its node serve the map for a while: the backplane's watch).
         self.map_ready: Callable[[str], defer.Deferred] = lambda name: defer.succeed(None)
@@ -178,6 +181,7 @@ class PhoneApps:
         """DELETE /api/devices/{token}."""
         async def delete() -> bytes:
             try:
+                await self.misses.find(request, token)  # a scanner's misses count here too
                 await self.devices.delete(token)
             except DeviceError as error:
                 return _error(request, error.status, error.reason)
@@ -202,7 +206,7 @@ class PhoneApps:
                 return _error(request, 401, "the device's token is the password")
             body = _body(request, MAX_REPORT_BYTES)
             fix = parse_owntracks(body)
-            device = await self.devices.find(token)
+            device = await self.misses.find(request, token)
             if fix is None:
                 return _answer(request, 200, b"[]")
             await self.map_ready(device.map)
@@ -230,7 +234,7 @@ class PhoneApps:
                 except (UnicodeDecodeError, ValueError):
                     raise BadReport("the parameters are not a query string") from None
                 token, fix = parse_osmand(params, int(self.devices.clock.seconds() * 1000))
-            device = await self.devices.find(token)
+            device = await self.misses.find(request, token)
             await self.map_ready(device.map)
             await self.devices.report(device, fix)
             return _answer(request, 200, b"", b"text/plain")
@@ -252,7 +256,7 @@ class PhoneApps:
             if not token:
                 return _error(request, 401, "the device's token is required")
             fix = parse_overland(_body(request, MAX_BATCH_BYTES))
-            device = await self.devices.find(token)
+            device = await self.misses.find(request, token)
             if fix is not None:
                 await self.map_ready(device.map)
                 await self.devices.report(device, fix)

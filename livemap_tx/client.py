@@ -16,40 +16,55 @@ from .hub import Hub, Member, Subscriber
 from .privacy import coarsen
 
 DEFAULT_RATE = 10.0
-# A client still over the rate limit after this many seconds is closed.
-RATE_CLOSE_AFTER = 5.0
+# The flood allowance (docs/protocol.md, "Move rate"): a client is closed only
+# when, over some stretch of L seconds, it sent more than rate * L moves plus
+# this many seconds' worth of moves (and never fewer than FLOOD_MIN_MOVES).
+FLOOD_SECONDS = 10.0
+FLOOD_MIN_MOVES = 10.0
+
+
+def flood_allowance(rate: float) -> float:
+    """Moves a client may send beyond `rate` a second before it is closed."""
+    return max(FLOOD_MIN_MOVES, FLOOD_SECONDS * rate)
 
 
 class MoveLimiter:
     """
-    Token bucket of `rate` moves a second (bursts up to `rate`), plus the
-    protocol's rules for the excess: drop it, warn at most once a second,
-    close when it goes on for `close_after` seconds. (The client applies
-    the newest dropped move once a token is free: `take`, `wait`.)
+    Two separate things, so that an honest client is never closed:
+
+    - pacing, a token bucket of `rate` moves a second (bursts up to
+      `rate`): a move that finds no token is held (the client keeps only
+      the newest) and applied once a token is free (`take`, `wait`); at
+      most one warning a second;
+    - flood detection, a leaky bucket that every arriving move fills by
+      one (and only then: a held move applied later is the same move) and
+      that drains at `rate` a second: over `flood_allowance(rate)`, CLOSE.
+      That is exactly "more than rate * L + allowance moves in some
+      stretch of L seconds", the rule docs/protocol.md gives clients.
     """
 
     ACCEPT, DROP, WARN, CLOSE = range(4)
 
-    def __init__(self, clock: IReactorTime, rate: float,
-                 close_after: float = RATE_CLOSE_AFTER) -> None:
+    def __init__(self, clock: IReactorTime, rate: float) -> None:
         self.clock = clock
         self.rate = rate
         self.capacity = max(1.0, rate)
-        self.close_after = close_after
+        self.allowance = flood_allowance(rate)
         self.tokens = self.capacity
         self.updated = clock.seconds()
-        self.streak_started: Optional[float] = None
-        self.last_drop = -1e18
+        self.level = 0.0
         self.last_warning = -1e18
 
     def _refill(self) -> float:
         now = self.clock.seconds()
-        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+        elapsed = now - self.updated
+        self.tokens = min(self.capacity, self.tokens + elapsed * self.rate)
+        self.level = max(0.0, self.level - elapsed * self.rate)
         self.updated = now
         return now
 
     def take(self) -> bool:
-        """Use a token if there is one (no verdict on the excess)."""
+        """Use a pacing token if there is one (a held move; not an arrival)."""
         self._refill()
         if self.tokens >= 1.0:
             self.tokens -= 1.0
@@ -57,20 +72,19 @@ class MoveLimiter:
         return False
 
     def wait(self) -> float:
-        """Seconds until a token is free."""
+        """Seconds until a pacing token is free."""
         self._refill()
         return max(0.0, (1.0 - self.tokens) / self.rate) + 1e-6
 
     def check(self) -> int:
+        """The verdict on a move that just arrived."""
         now = self._refill()
+        self.level += 1.0
+        if self.level > self.allowance:
+            return self.CLOSE
         if self.tokens >= 1.0:
             self.tokens -= 1.0
             return self.ACCEPT
-        if self.streak_started is None or now - self.last_drop > 1.0:
-            self.streak_started = now
-        self.last_drop = now
-        if now - self.streak_started >= self.close_after:
-            return self.CLOSE
         if now - self.last_warning >= 1.0:
             self.last_warning = now
             return self.WARN
@@ -143,9 +157,10 @@ class Client:
                     self.limiter.wait(), self._apply_held)
         if verdict == MoveLimiter.WARN:
             self._send_error(wire.RATE_LIMITED,
-                             f"more than {self.limiter.rate:g} moves a second; excess dropped")
+                             f"more than {self.limiter.rate:g} moves a second; excess dropped "
+                             "(the newest is applied when the rate allows)")
         elif verdict == MoveLimiter.CLOSE:
-            self._send_error(wire.RATE_LIMITED, "rate limit exceeded for too long")
+            self._send_error(wire.RATE_LIMITED, "flood: far more moves than the rate allows")
             self.close(wire.CLOSE_POLICY, "rate limit exceeded")
 
     def _apply(self, move: wire.Move) -> None:

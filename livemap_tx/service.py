@@ -48,11 +48,19 @@ from .maps import MAX_TTL, MIN_TTL, MapDirectory
 from .metrics import AdmissionCollector, DeviceCollector, make_registry
 from .pirate import PirateFactory
 from .redis_link import parse_redis_urls
+from .token_misses import MissCollector
 from .sockjs import SockJSResource
 from .sqlite_store import DiskDevices, SqliteStore, StoreError, StoreService, default_data_dir
 from .sqlite_store import restore as restore_store
 from .sockjs_endpoint import sockjs_resource
-from .web import OSM_ATTRIBUTION, OSM_TILES, LiveMapSite, make_site
+from .web import (
+    BODY_TIMEOUT,
+    MIN_BODY_RATE,
+    OSM_ATTRIBUTION,
+    OSM_TILES,
+    LiveMapSite,
+    make_site,
+)
 from .workers import (
     LOOPBACK,
     PRIVATE_FD,
@@ -215,6 +223,14 @@ class Options(usage.Options):
          "Seconds each HTTP request's headers may take to arrive (also the idle "
          "keep-alive time); slower clients are cut off.",
          _positive("header-timeout", 0.0, 600.0)],
+        ["body-timeout", None, BODY_TIMEOUT,
+         "Seconds a request body may go without sending anything; also the part of its "
+         "deadline that does not depend on its size (see --min-body-rate).",
+         _positive("body-timeout", 0.0, 600.0)],
+        ["min-body-rate", None, MIN_BODY_RATE,
+         "Bytes a second a request body must average after its first --body-timeout "
+         "seconds: its deadline is --body-timeout plus one second per this many bytes "
+         "received.", _positive("min-body-rate", 0.0, 1e9)],
         ["precision", None, 0.0,
          "Coarsen every position to about this many metres before it is stored or "
          "sent (0: as the client sent it).", _at_least("precision", 0.0, 100_000.0)],
@@ -414,6 +430,8 @@ def make_node(reactor: Any, options: Options, *,
                        sockjs=sockjs, directory=directory, stale=options["stale"],
                        apps=PhoneApps(devices, admission))
     registry.register(DeviceCollector(devices))
+    if site.apps is not None:
+        registry.register(MissCollector(site.apps.misses))
     backplane = None
     if options.get("redis"):
         # The password may come from the environment rather than the URL:
@@ -480,7 +498,10 @@ def _serve_node(reactor: Any, top: service.MultiService, node: Node, options: Op
         node.backplane.setServiceParent(top)
     gate = node.backplane.when_synced if node.backplane is not None else None
     listeners(make_site(node.site.resource(), reactor, header_timeout=options["header-timeout"],
-                        log_sockjs=bool(options["log-sockjs-requests"])), gate)
+                        body_timeout=options["body-timeout"],
+                        min_body_rate=options["min-body-rate"],
+                        log_sockjs=bool(options["log-sockjs-requests"]),
+                        admission=node.factory.admission), gate)
     expire = options["expire"]
     sweep = TimerService(min(60.0, expire / 4), node.hub.expire_pins, expire)
     sweep.clock = reactor

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import re
 import socket
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional, cast
+from urllib.parse import unquote_to_bytes
 
 import orjson
 from klein import Klein
@@ -29,7 +31,9 @@ from twisted.web.static import File
 import livemap_web
 
 from . import wire
+from .admission import Admission
 from .app_routes import PhoneApps
+from .connections import ConnectionTable, socket_budget
 from .hub import Hub
 from .maps import DirectoryFull, DirectoryUnavailable, MapDirectory, PrivateMap, parse_ttl
 
@@ -72,6 +76,39 @@ def script_json(value: object) -> bytes:
 _MAP_IN_PATH = re.compile(rb"^(/(?:m|ws|sockjs|api/maps)/)(?!public(?:/|$))[^/?]+")
 # Paths that carry a device's token: its only credential.
 _TOKEN_IN_PATH = re.compile(rb"^(/(?:api/devices|apps/owntracks|apps/overland)/)[^/?]+")
+# And anything shaped like a secret, wherever it is (tokens are 32 characters
+# of this alphabet, private map names 24): what a mistyped URL, or one
+# spelled in a way no route takes, may carry.
+_SECRET_SHAPED = re.compile(rb"[A-Za-z0-9_-]{20,}")
+
+
+def loggable_path(raw: bytes) -> bytes:
+    """
+    The path of a request as the access log may show it: decoded and
+    normalised at least as far as routing does (percent-escapes, repeated
+    slashes, dot segments), then every map name but `public`, every token
+    and anything shaped like one replaced with `*`. However a request spells
+    a token, routed or not, the log never holds it (a SockJS session id
+    excepted). No query string.
+    """
+    path = unquote_to_bytes(raw.split(b"?", 1)[0])
+    segments: list[bytes] = []
+    for segment in path.split(b"/"):
+        if segment in (b"", b"."):
+            continue
+        if segment == b"..":
+            if segments:
+                segments.pop()
+            continue
+        segments.append(segment)
+    normal = b"/" + b"/".join(segments) + (b"/" if path.endswith(b"/") and segments else b"")
+    normal = _TOKEN_IN_PATH.sub(rb"\1*", _MAP_IN_PATH.sub(rb"\1*", normal))
+    parts = normal.split(b"/")
+    # A SockJS session's id stays (its map does not): --log-sockjs-requests
+    # is there to follow sessions through a balancer.
+    keep = 4 if parts[1:2] == [b"sockjs"] else -1
+    return b"/".join(part if index == keep else _SECRET_SHAPED.sub(b"*", part)
+                     for index, part in enumerate(parts))
 
 
 def _log_escape(value: bytes) -> str:
@@ -81,11 +118,11 @@ def _log_escape(value: bytes) -> str:
 def private_log_formatter(timestamp: str, request: Any) -> str:
     """
     The combined log format without what would leak where people are:
-    query strings, map names other than `public`, and referrers (map links).
+    query strings, map names other than `public`, tokens (loggable_path),
+    and referrers (map links).
     """
     address = request.getClientAddress()
-    path = request.uri.split(b"?", 1)[0]
-    path = _TOKEN_IN_PATH.sub(rb"\1*", _MAP_IN_PATH.sub(rb"\1*", path))
+    path = loggable_path(request.uri)
     return '"%s" - - %s "%s %s %s" %d %s "-" "%s"' % (
         _log_escape(getattr(address, "host", "-").encode()), timestamp,
         _log_escape(request.method), _log_escape(path), _log_escape(request.clientproto),
@@ -101,26 +138,88 @@ _TOO_LARGE = (b"HTTP/1.1 413 Content Too Large\r\nContent-Type: text/plain\r\n"
               b"Content-Length: 22\r\nConnection: close\r\n\r\nrequest body too large")
 
 
+# A request body must keep coming: no gap between two reads longer than
+# BODY_TIMEOUT (nginx's client_body_timeout), and on the whole at least
+# MIN_BODY_RATE bytes a second after the first BODY_TIMEOUT seconds (Apache
+# mod_reqtimeout's MinRate): the deadline of a body is BODY_TIMEOUT plus one
+# second per MIN_BODY_RATE bytes received. An Overland batch of 2 MiB over a
+# phone's slowest link (a few KB/s) makes it; a dribbler is cut off.
+BODY_TIMEOUT = 20.0
+MIN_BODY_RATE = 500.0
+
+
+# A body is kept in memory up to this size (twisted.web's own threshold),
+# then in a temporary file: a descriptor, which the connection table counts.
+SPOOL_BYTES = 100_000
+
+
+class SpooledBody(tempfile.SpooledTemporaryFile):
+    """
+    A request body that takes a descriptor only once it is over SPOOL_BYTES,
+    not as soon as a client declares a large one (twisted.web opens a
+    temporary file at once): a dribbler costs one descriptor, not two.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(max_size=SPOOL_BYTES)
+        self.table: Optional[ConnectionTable] = None
+        self.counted = False
+
+    def rollover(self) -> None:
+        rolled = getattr(self, "_rolled", False)  # tempfile's own flag
+        if not rolled and self.table is not None and not self.counted:
+            self.counted = True
+            self.table.file_opened()
+        super().rollover()
+
+    def close(self) -> None:
+        if self.counted and self.table is not None:
+            self.counted = False
+            self.table.file_closed()
+        super().close()
+
+
+def _close_body(request: Request) -> None:
+    content = request.content
+    if isinstance(content, SpooledBody):
+        content.close()
+
+
 class BoundedChannel(HTTPChannel):
     """
     HTTP/1.1 with a deadline for each request's headers: a client that
-    dribbles them (slowloris), or keeps an idle connection, is cut off.
+    dribbles them (slowloris), or keeps an idle connection, is cut off; and
+    one for its body (BODY_TIMEOUT, MIN_BODY_RATE).
     A body over MAX_BODY (declared, or chunked past it) gets a 413 and is
     never read into memory: the connection is closed after a lingering
-    close, as nginx does.
+    close, as nginx does. With a `table` (connections.py), the connection
+    counts against its address's limit, and one that waits for its client
+    may be dropped to make room when the process runs out of descriptors.
     """
 
     header_timeout = 20.0
+    body_timeout = BODY_TIMEOUT
+    min_body_rate = MIN_BODY_RATE
     max_body = MAX_BODY
     # After a 413, how long what the client still sends is read and dropped.
     linger = 2.0
+    table: Optional[ConnectionTable] = None
+    # The clock of callLater (make_site gives the Site's reactor).
+    clock: Optional[Any] = None
     _header_deadline: Optional[IDelayedCall] = None
+    _body_deadline: Optional[IDelayedCall] = None
+    _body_started = 0.0
     _linger_call: Optional[IDelayedCall] = None
     _body_read = 0
     _refused = False
     log = Logger()
 
     def connectionMade(self) -> None:  # noqa: N802 (Twisted's names)
+        if self.table is not None:
+            peer = getattr(self.transport.getPeer(), "host", "unknown")  # type: ignore[union-attr]
+            if not self.table.admit(self, peer):
+                self._refused = True
+                return
         super().connectionMade()
         detect_half_open(self.transport)
         bound_send_buffer(self.transport)
@@ -133,6 +232,18 @@ class BoundedChannel(HTTPChannel):
             self._too_large()
             return
         super().allHeadersReceived()
+        content = self.requests[-1].content if self.requests else None
+        if isinstance(content, SpooledBody):
+            content.table = self.table
+        if self.length != 0:
+            self._body_started = self._now()
+            self._body_deadline = self.callLater(self.body_timeout, self._too_slow)
+
+    def allContentReceived(self) -> None:  # noqa: N802
+        self._stop_body_deadline()
+        if self.table is not None:
+            self.table.answering(self)
+        super().allContentReceived()
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
         if self._refused:
@@ -142,15 +253,38 @@ class BoundedChannel(HTTPChannel):
     def rawDataReceived(self, data: bytes) -> None:  # noqa: N802
         if self._refused:
             return
-        self._body_read += len(data)
-        if self._body_read > self.max_body + 64 * 1024:  # a chunked body past the bound
-            self._too_large()
-            return
+        if self._body_deadline is not None:
+            self._body_read += len(data)
+            if self._body_read > self.max_body + 64 * 1024:  # a chunked body past the bound
+                self._too_large()
+                return
+            self._extend_body_deadline()
         super().rawDataReceived(data)
+
+    def _now(self) -> float:
+        if self.clock is None:
+            from twisted.internet import reactor
+            return cast(Any, reactor).seconds()
+        return self.clock.seconds()
+
+    def _extend_body_deadline(self) -> None:
+        """The next read within body_timeout, and the whole body at min_body_rate."""
+        deadline = self._body_deadline
+        if deadline is None or not deadline.active():
+            return
+        now = self._now()
+        at_rate = self._body_started + self.body_timeout + self._body_read / self.min_body_rate
+        deadline.reset(max(0.0, min(now + self.body_timeout, at_rate) - now))
+
+    def _stop_body_deadline(self) -> None:
+        if self._body_deadline is not None and self._body_deadline.active():
+            self._body_deadline.cancel()
+        self._body_deadline = None
 
     def _too_large(self) -> None:
         self._refused = True
         self._disarm()
+        self._stop_body_deadline()
         transport = self.transport
         if transport is None:
             return
@@ -170,12 +304,18 @@ class BoundedChannel(HTTPChannel):
             cast(Any, self.transport).abortConnection()
 
     def requestDone(self, request: Request) -> None:  # noqa: N802
+        _close_body(request)  # answered: its body is not needed any more
         # Armed first: a pipelined request handled inside requestDone disarms it.
         self._arm()
         super().requestDone(request)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:  # noqa: N802
         self._disarm()
+        self._stop_body_deadline()
+        if self.table is not None:
+            self.table.answering(self)
+        for request in self.requests:
+            _close_body(request)
         if self._linger_call is not None and self._linger_call.active():
             self._linger_call.cancel()
         self._linger_call = None
@@ -184,6 +324,8 @@ class BoundedChannel(HTTPChannel):
     def _arm(self) -> None:
         self._disarm()
         self._header_deadline = self.callLater(self.header_timeout, self._too_slow)
+        if self.table is not None:
+            self.table.waiting_for_client(self)
 
     def _disarm(self) -> None:
         if self._header_deadline is not None and self._header_deadline.active():
@@ -192,6 +334,9 @@ class BoundedChannel(HTTPChannel):
 
     def _too_slow(self) -> None:
         self._header_deadline = None
+        self._body_deadline = None
+        if self.table is not None:
+            self.table.answering(self)
         if self.transport is not None:
             cast(Any, self.transport).abortConnection()
 
@@ -251,20 +396,37 @@ class QuietSite(Site):
 
     log_sockjs = False
 
+    def getContentFile(self, length: Optional[int]) -> SpooledBody:  # noqa: N802 (Twisted's)
+        return SpooledBody()
+
     def log(self, request: Any) -> None:
         if self.log_sockjs or not request.uri.startswith(b"/sockjs/"):
             super().log(request)
 
 
 def make_site(resource: IResource, reactor: Any, *, header_timeout: float = 20.0,
-              log_sockjs: bool = False) -> Site:
-    """The twisted.web Site for livemap's resource: bounded headers, private logs."""
+              body_timeout: float = BODY_TIMEOUT, min_body_rate: float = MIN_BODY_RATE,
+              log_sockjs: bool = False, admission: Optional[Admission] = None,
+              max_sockets: Optional[int] = None) -> Site:
+    """
+    The twisted.web Site for livemap's resource: bounded headers and bodies,
+    private logs. With `admission`, every connection counts against its
+    per-address limit, and at most `max_sockets` (default: what the
+    open-file limit allows) are held, the longest waiting dropped first.
+    """
     site = QuietSite(resource, logFormatter=private_log_formatter, reactor=reactor)
     site.log_sockjs = log_sockjs
+    table = None if admission is None else ConnectionTable(
+        admission, socket_budget() if max_sockets is None else max_sockets)
+    site.connections = table  # type: ignore[attr-defined]
 
     def channel() -> BoundedChannel:
         built = BoundedChannel()
         built.header_timeout = header_timeout
+        built.body_timeout = body_timeout
+        built.min_body_rate = min_body_rate
+        built.table = table
+        built.clock = reactor
         return built
     site.protocol = channel  # type: ignore[assignment]
     return site

@@ -119,6 +119,9 @@ class LiveMapProtocol(WebSocketServerProtocol):
     map_name: str = wire.DEFAULT_MAP
     # The client address counted by admission, until the connection closes.
     address: Optional[str] = None
+    # Whether it took a place of its own under that address (not when its
+    # TCP connection already counts there).
+    counted = True
     factory: LiveMapFactory
 
     def onConnect(self, request):  # noqa: N802 (Autobahn's name)
@@ -134,7 +137,7 @@ class LiveMapProtocol(WebSocketServerProtocol):
             admission.check_origin(headers.get("origin"), headers.get("host"))
             address = admission.client_address(transport.getPeer().host,
                                                headers.get("x-forwarded-for"))
-            admission.acquire(address)
+            self.counted = admission.acquire(address, carrier=transport)
         except Refused as refused:
             raise ConnectionDeny(refused.status, refused.reason) from None
         self.address = address
@@ -187,7 +190,7 @@ class LiveMapProtocol(WebSocketServerProtocol):
         self.factory.protocols.discard(self)
         address, self.address = self.address, None
         if address is not None:
-            self.factory.admission.release(address)
+            self.factory.admission.release(address, self.counted)
         if client is not None:
             client.connection_lost()
             self.factory.log.info(

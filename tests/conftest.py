@@ -64,7 +64,9 @@ def server_options(*args: str) -> Options:
 
 async def start_server(*args: str) -> LiveServer:
     hub, factory, site = make_server(reactor, server_options(*args))
-    listener = reactor.listenTCP(0, make_site(site.resource(), reactor), interface="127.0.0.1")
+    listener = reactor.listenTCP(0, make_site(site.resource(), reactor,
+                                              admission=factory.admission),
+                                 interface="127.0.0.1")
     return LiveServer(listener.getHost().port, hub, factory, listener, site)
 
 
