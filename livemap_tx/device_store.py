@@ -28,6 +28,8 @@ from typing import Any, Iterable
 
 from twisted.internet import defer
 
+from .privacy import map_digest
+
 # Forgotten devices pruned per script call (the rest go on the next one).
 PRUNE_BATCH = 1000
 
@@ -114,7 +116,6 @@ class RedisDeviceKeys:
         self.epoch_key = f"{prefix}:epoch"
 
     def _fix_keys(self, map_name: str) -> list[str]:
-        from .links import map_digest
         digest = map_digest(map_name)
         return [f"{self.prefix}:fixes:{digest}", f"{self.prefix}:fixv:{digest}"]
 
