@@ -84,3 +84,101 @@ def test_scripts_run_installs_once_quietly_and_ends_its_start_with_the_address(
                             "import livemap_tx.newcomer_probe as p; print(p.ANSWER)"],
                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert probe.stdout == "42\n", probe.stderr
+
+
+# scripts/install-system: Debian packages without services, with stand-ins
+# for sudo, apt-get and Debian's service tools that record what they were
+# asked (nothing on the machine changes).
+
+SUDO = """#!/bin/bash
+echo "sudo $*" >> "$LIVEMAP_TEST_LOG"
+[ "$1" = -n ] && exit 0
+while [[ "$1" == env || "$1" == *=* ]]; do shift; done
+case "$1" in
+  tee|chmod|rm) exec "$(PATH=/usr/bin:/bin command -v "$1")" "${@:2}" ;;  # the test's policy file
+esac
+[ -x "$LIVEMAP_TEST_STUBS/$1" ] && exec "$LIVEMAP_TEST_STUBS/$1" "${@:2}"
+exit 0
+"""
+APT_GET = """#!/bin/bash
+echo "apt-get $*" >> "$LIVEMAP_TEST_LOG"
+if [ "$1" = install ]; then
+  if [ -x "$LIVEMAP_POLICY_RC_D" ]; then
+    for name in nginx haproxy redis-server; do
+      "$LIVEMAP_POLICY_RC_D" "$name" start; echo "policy for $name: $?" >> "$LIVEMAP_TEST_LOG"
+    done
+  else
+    echo "no policy" >> "$LIVEMAP_TEST_LOG"
+  fi
+fi
+"""
+RECORDER = """#!/bin/bash
+echo "${0##*/} $*" >> "$LIVEMAP_TEST_LOG"
+"""
+
+
+def run_install_system(tmp_path: Path, *, sudo: bool, policy_before: str = ""
+                       ) -> tuple[subprocess.CompletedProcess, list[str], Path]:
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    scripts = {"id": "#!/bin/bash\necho 1000\n", "apt-get": APT_GET,
+               "deb-systemd-helper": RECORDER, "update-rc.d": RECORDER,
+               "systemctl": RECORDER}
+    if sudo:
+        scripts["sudo"] = SUDO
+    for name, text in scripts.items():
+        (stubs / name).write_text(text)
+        (stubs / name).chmod(0o755)
+    policy = tmp_path / "policy-rc.d"
+    if policy_before:
+        policy.write_text(policy_before)
+        policy.chmod(0o755)
+    log = tmp_path / "log"
+    log.touch()
+    empty = tmp_path / "empty"  # no nginx, haproxy, chromium... anywhere
+    empty.mkdir()
+    env = {"PATH": f"{stubs}", "HOME": str(tmp_path), "LIVEMAP_TEST_LOG": str(log),
+           "LIVEMAP_TEST_STUBS": str(stubs), "LIVEMAP_POLICY_RC_D": str(policy),
+           "LIVEMAP_SBIN": str(empty)}
+    bash = subprocess.run(["bash", "-c", "command -v bash"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    result = subprocess.run([bash, str(ROOT / "scripts" / "install-system"), "--test"],
+                            capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+    return result, log.read_text().splitlines(), policy
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_install_system_starts_no_service_and_leaves_no_boot_links(tmp_path: Path) -> None:
+    result, log, policy = run_install_system(tmp_path, sudo=True)
+    assert result.returncode == 0, result.stderr
+    install = next(i for i, line in enumerate(log) if line.startswith("apt-get install"))
+    assert "nginx" in log[install] and "haproxy" in log[install], log
+    # During the install a policy forbids nginx's and haproxy's starts, and only theirs.
+    assert log[install + 1:install + 4] == [
+        "policy for nginx: 101", "policy for haproxy: 101", "policy for redis-server: 0"], log
+    after = log[install + 4:]
+    for name in ("nginx", "haproxy"):
+        assert f"deb-systemd-helper disable {name}.service" in after, log
+        assert f"update-rc.d {name} disable" in after, log
+    assert not policy.exists()  # the policy was for this install only
+
+
+def test_install_system_keeps_the_machines_own_policy(tmp_path: Path) -> None:
+    docker = "#!/bin/sh\nexit 101\n"
+    result, log, policy = run_install_system(tmp_path, sudo=True, policy_before=docker)
+    assert result.returncode == 0, result.stderr
+    assert policy.read_text() == docker
+    assert "policy for redis-server: 101" in log  # the machine's, not ours
+    assert "deb-systemd-helper disable nginx.service" in log
+
+
+def test_install_system_without_root_or_sudo_installs_nothing_and_says_so(
+        tmp_path: Path) -> None:
+    result, log, policy = run_install_system(tmp_path, sudo=False)
+    assert result.returncode == 0, result.stderr
+    assert log == []
+    assert not policy.exists()
+    assert result.stderr.startswith("not root and no sudo: not installing "), result.stderr
+    assert "nginx" in result.stderr and "(their tests will be skipped)" in result.stderr
