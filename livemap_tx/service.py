@@ -345,7 +345,9 @@ class StartOrSayWhy(service.MultiService):
         try:
             super().privilegedStartService()
         except CannotListenError as error:
-            raise StartupFailed(_cannot_listen(error, self.options)) from None
+            message = _cannot_listen(error, self.options)
+            log.error("{message}", message=message)  # for a log file, when daemonized
+            raise StartupFailed(message) from None
 
     def startService(self) -> None:  # noqa: N802
         super().startService()
@@ -359,6 +361,19 @@ class StartOrSayWhy(service.MultiService):
         name = f"[{name}]" if ":" in name else name
         scheme = "https" if self.options["port"].startswith("ssl:") else "http"
         log.info("livemap is up: open {url}", url=f"{scheme}://{name}:{host.port}/")
+
+
+def _say_if_unlinked(how: str, backplane: Backplane) -> None:
+    """
+    Redis out of reach at start is no reason to stop (the node serves its
+    own clients and keeps trying, docs/deployment.md), but whoever started
+    it should know at once, in one line, in case --redis is wrong.
+    """
+    if how != "stopped" and not backplane.link.linked:
+        message = (f"cannot reach Redis at {backplane.link.describe()} yet: serving this "
+                   f"node's clients alone and retrying (check --redis)")
+        log.warn("{message}", message=message)
+        say_startup_failure(message)
 
 
 def livemap_version() -> str:
@@ -603,6 +618,8 @@ def makeService(options: Options) -> service.MultiService:  # noqa: N802 (twistd
             http.endpoint = top.page = RememberPort(http.endpoint)
             http.setServiceParent(top)
         _serve_node(reactor, top, node, options, listeners)
+        if node.backplane is not None:
+            node.backplane.when_synced().addCallback(_say_if_unlinked, node.backplane)
     if options["pirate"] != "none":
         # In the parent only when there are workers: one echo is plenty.
         pirate = strports.service(with_backlog(options["pirate"]), PirateFactory(reactor))

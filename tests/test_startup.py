@@ -9,11 +9,12 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import twistd_command
+from conftest import free_port, twistd_command
 
 
 def livemap_command(*args: str) -> list[str]:
@@ -100,3 +101,28 @@ def test_options_parsed_alone_still_raise_usage_errors() -> None:
     from livemap_tx.service import Options
     with pytest.raises(usage.UsageError, match="--rate"):
         Options().parseOptions(["--rate", "fast"])
+
+
+def test_redis_out_of_reach_at_start_is_one_line_and_the_node_serves_alone(
+        tmp_path: Path) -> None:
+    """
+    Not a reason to stop (docs/deployment.md: the node serves its own clients
+    and keeps trying), but one line on stderr says so at once.
+    """
+    closed = free_port()  # nothing listens there
+    port = free_port()
+    process = subprocess.Popen(
+        livemap_command("--port", f"tcp:{port}:interface=127.0.0.1", "--pirate", "none",
+                        "--redis", f"redis://127.0.0.1:{closed}/"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        assert process.stderr is not None
+        line = process.stderr.readline()  # within the start's wait for Redis (3 s)
+        assert line == (f"livemap: cannot reach Redis at redis://127.0.0.1:{closed}/0 yet: "
+                        f"serving this node's clients alone and retrying (check --redis)\n")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as answer:
+            assert answer.status == 200 and answer.read().startswith(b"degraded")
+    finally:
+        process.terminate()
+        rest = process.communicate(timeout=30)[1]
+    assert rest == "", rest  # one line only, nothing at the stop either
