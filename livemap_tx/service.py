@@ -336,7 +336,8 @@ class StartOrSayWhy(service.MultiService):
         super().__init__()
         self.options = options
         self.reactor = reactor
-        self.page: Optional[RememberPort] = None
+        # The port the page is served on, once listening (None until then).
+        self.page: Callable[[], Any] = lambda: None
         # Whatever stops the start reaches the top of twistd (or `livemap`) as an
         # exception: a StartupFailed is printed as its message alone.
         sys.excepthook = _startup_excepthook
@@ -354,7 +355,8 @@ class StartOrSayWhy(service.MultiService):
         self.reactor.callWhenRunning(self._announce)
 
     def _announce(self) -> None:
-        host = self.page.port.getHost() if self.page and self.page.port else None
+        port = self.page()
+        host = port.getHost() if port is not None else None
         if host is None or not hasattr(host, "port"):
             return
         name = "localhost" if host.host in ("0.0.0.0", "::", "") else host.host
@@ -606,8 +608,10 @@ def makeService(options: Options) -> service.MultiService:  # noqa: N802 (twistd
     raise_open_file_limit()
     top = StartOrSayWhy(options, reactor)
     if options["workers"] > 1:
-        Supervisor(reactor, with_backlog(options["port"]), options["workers"],
-                   {**options, "workers": 1}).setServiceParent(top)
+        supervisor = Supervisor(reactor, with_backlog(options["port"]), options["workers"],
+                                {**options, "workers": 1})
+        supervisor.setServiceParent(top)
+        top.page = lambda: supervisor.shared
     else:
         node = make_node(reactor, options)
 
@@ -615,7 +619,8 @@ def makeService(options: Options) -> service.MultiService:  # noqa: N802 (twistd
             http = strports.service(with_backlog(options["port"]), site)
             if gate is not None:
                 http.endpoint = AcceptWhen(http.endpoint, gate)
-            http.endpoint = top.page = RememberPort(http.endpoint)
+            http.endpoint = remembered = RememberPort(http.endpoint)
+            top.page = lambda: remembered.port
             http.setServiceParent(top)
         _serve_node(reactor, top, node, options, listeners)
         if node.backplane is not None:
