@@ -5,7 +5,7 @@ sockets and ``select.epoll``: no Twisted, no asyncio, no threads, because the
 generator has to outrun the server it measures on the other core of a
 two-core machine.  The WebSocket client is the minimum RFC 6455 needs (masked
 client frames with a fixed mask key, unmasked server frames, ping/pong,
-close) and speaks livemap's protocol (shared/PROTOCOL.md) with real frames.
+close) and speaks livemap's protocol (docs/protocol.md) with real frames.
 
 What keeps it cheap:
 

@@ -32,6 +32,8 @@ from typing import Any, Iterable
 
 from twisted.internet import defer
 
+from .privacy import map_digest
+
 # Forgotten devices pruned per script call (the rest go on the next one).
 PRUNE_BATCH = 1000
 
@@ -134,7 +136,6 @@ class RedisDeviceKeys:
         self.gone_key = f"{prefix}:gone"
 
     def _fix_keys(self, map_name: str) -> list[str]:
-        from .links import map_digest
         digest = map_digest(map_name)
         return [f"{self.prefix}:fixes:{digest}", f"{self.prefix}:fixv:{digest}"]
 
@@ -187,7 +188,6 @@ class RedisDeviceKeys:
         Write back devices unless present or deleted (after Redis lost
         them), and the deletions this node remembers (hash, map, until ms).
         """
-        from .links import map_digest
         keys = [self.devices_key, self.device_key, self.gone_key]
         sent = []
         deleted = list(gone)

@@ -15,7 +15,6 @@ Channels, as the backplane uses them:
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import secrets
@@ -26,6 +25,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
 from .device_store import MemoryDeviceKeys
+from .privacy import map_digest
 
 DEFAULT_CLUSTER = "livemap"
 
@@ -40,14 +40,6 @@ def new_node_id() -> str:
     host = socket.gethostname().split(".")[0] or "node"
     host = "".join(c if c.isalnum() or c == "-" else "-" for c in host)[:32]
     return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
-
-
-def map_digest(name: str) -> str:
-    """
-    How channels and keys name a map: SHA-1 in hex (Lua scripts compute it
-    too, with redis.sha1hex), so a private map's name is in no channel name.
-    """
-    return hashlib.sha1(name.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class LinkReceiver(Protocol):

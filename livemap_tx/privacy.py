@@ -2,7 +2,7 @@
 What the server keeps and writes about people: positions are coarsened
 (--precision, and a client's own wish in `hello`) before they are stored,
 so the true one is never kept or sent; map names are never written to logs
-or metrics (`map_label`).
+or metrics (`map_label`), nor in Redis's channels and keys (`map_digest`).
 """
 
 from __future__ import annotations
@@ -49,3 +49,11 @@ def map_label(name: str) -> str:
     digest = hashlib.blake2b(name.encode("utf-8", "surrogatepass"), digest_size=5,
                              key=_LABEL_KEY).hexdigest()
     return "~" + digest
+
+
+def map_digest(name: str) -> str:
+    """
+    How Redis channels and keys name a map: SHA-1 in hex (Lua scripts compute
+    it too, with redis.sha1hex), so a private map's name is in no channel name.
+    """
+    return hashlib.sha1(name.encode("utf-8", "surrogatepass")).hexdigest()

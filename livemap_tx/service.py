@@ -6,6 +6,7 @@ backplane, and the worker processes of `--workers`).
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 import sys
@@ -17,6 +18,7 @@ from autobahn.twisted.resource import WebSocketResource
 from twisted.application import service, strports
 from twisted.application.internet import TimerService
 from twisted.internet import defer, endpoints
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
@@ -255,6 +257,15 @@ class Options(usage.Options):
          "clients), to check that a load balancer keeps each session on one node."],
     ]
 
+    def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:  # noqa: N802
+        """Under twistd or `livemap`, a mistake is one line on stderr, not the whole --help."""
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as error:
+            if self.parent is None:  # type: ignore[attr-defined]
+                raise
+            raise SystemExit(say_startup_failure(f"{error} (--help lists the options)", 2))
+
     def opt_version(self) -> None:  # noqa: N802 (Twisted's name)
         """Display the livemap and Twisted versions and exit."""
         from twisted import copyright
@@ -269,7 +280,10 @@ class Options(usage.Options):
                 continue
             try:
                 endpoints.serverFromString(reactor, value)
-            except (ValueError, TypeError, KeyError) as error:
+            except OSError as error:  # the files of an ssl: endpoint
+                raise usage.UsageError(f"--{name}: cannot read {error.filename or 'a file'} "
+                                       f"({error.strerror or error}) of {value!r}") from None
+            except Exception as error:  # ValueError, KeyError, OpenSSL's Error...
                 raise usage.UsageError(f"--{name}: bad endpoint {value!r}: {error}") from None
         if not all(part in self["tiles"] for part in ("{z}", "{x}", "{y}")):
             raise usage.UsageError("--tiles must contain {z}, {x} and {y}")
@@ -296,6 +310,110 @@ class Options(usage.Options):
             if self["port"].split(":", 1)[0] not in ("tcp", "tcp6"):
                 raise usage.UsageError("--workers shares a plain TCP --port (tcp:... or "
                                        "tcp6:...); terminate TLS in front of it")
+
+
+# Start-up mistakes: one line for whoever starts livemap, not a traceback.
+
+
+class StartupFailed(Exception):
+    """livemap cannot start, for a reason its message says in one line."""
+
+
+def say_startup_failure(message: str, status: int = 1) -> int:
+    """Write the one line to the real stderr (twistd redirects sys.stderr into its log)."""
+    stream = sys.__stderr__ or sys.stderr
+    stream.write(f"livemap: {message}\n")
+    stream.flush()
+    return status
+
+
+def _startup_excepthook(kind: Any, value: BaseException, traceback: Any) -> None:
+    if isinstance(value, StartupFailed):
+        say_startup_failure(str(value))
+    else:
+        sys.__excepthook__(kind, value, traceback)
+
+
+def _cannot_listen(error: CannotListenError, options: Options) -> str:
+    port = str(error.port)
+    option = next((f"--{name}" for name in ("port", "pirate")
+                   if port in str(options.get(name, "")).split(":")), "--port")
+    where = f"port {port}" + (f" on {error.interface}" if error.interface not in ("", None) else "")
+    code = getattr(error.socketError, "errno", None)
+    if code == errno.EADDRINUSE:
+        return (f"{where} is already in use by another program: stop it, or choose another "
+                f"port with {option}")
+    if code == errno.EACCES:
+        return (f"{where} needs privileges (ports below 1024 need root or "
+                f"CAP_NET_BIND_SERVICE): choose another port with {option}")
+    return f"cannot listen on {where} ({error.socketError}): check {option}"
+
+
+@implementer(IStreamServerEndpoint)
+class RememberPort:
+    """An endpoint that keeps the port it listens on (to say the page's address)."""
+
+    def __init__(self, endpoint: IStreamServerEndpoint) -> None:
+        self.endpoint = endpoint
+        self.port: Any = None
+
+    def listen(self, factory: Any) -> defer.Deferred:
+        def keep(port: Any) -> Any:
+            self.port = port
+            return port
+        return self.endpoint.listen(factory).addCallback(keep)
+
+
+class StartOrSayWhy(service.MultiService):
+    """
+    The top service: a port that cannot be opened ends the start with one
+    clear line; once running, the last line of the start says the page's address.
+    """
+
+    def __init__(self, options: Options, reactor: Any) -> None:
+        super().__init__()
+        self.options = options
+        self.reactor = reactor
+        # The port the page is served on, once listening (None until then).
+        self.page: Callable[[], Any] = lambda: None
+        # Whatever stops the start reaches the top of twistd (or `livemap`) as an
+        # exception: a StartupFailed is printed as its message alone.
+        sys.excepthook = _startup_excepthook
+
+    def privilegedStartService(self) -> None:  # noqa: N802
+        try:
+            super().privilegedStartService()
+        except CannotListenError as error:
+            message = _cannot_listen(error, self.options)
+            log.error("{message}", message=message)  # for a log file, when daemonized
+            raise StartupFailed(message) from None
+
+    def startService(self) -> None:  # noqa: N802
+        super().startService()
+        self.reactor.callWhenRunning(self._announce)
+
+    def _announce(self) -> None:
+        port = self.page()
+        host = port.getHost() if port is not None else None
+        if host is None or not hasattr(host, "port"):
+            return
+        name = "localhost" if host.host in ("0.0.0.0", "::", "") else host.host
+        name = f"[{name}]" if ":" in name else name
+        scheme = "https" if self.options["port"].startswith("ssl:") else "http"
+        log.info("livemap is up: open {url}", url=f"{scheme}://{name}:{host.port}/")
+
+
+def _say_if_unlinked(how: str, backplane: Backplane) -> None:
+    """
+    Redis out of reach at start is no reason to stop (the node serves its
+    own clients and keeps trying, docs/deployment.md), but whoever started
+    it should know at once, in one line, in case --redis is wrong.
+    """
+    if how != "stopped" and not backplane.link.linked:
+        message = (f"cannot reach Redis at {backplane.link.describe()} yet: serving this "
+                   f"node's clients alone and retrying (check --redis)")
+        log.warn("{message}", message=message)
+        say_startup_failure(message)
 
 
 def livemap_version() -> str:
@@ -559,10 +677,12 @@ def makeService(options: Options) -> service.MultiService:  # noqa: N802 (twistd
     from twisted.internet import reactor
     log.info("livemap {version} starting", version=livemap_version())
     raise_open_file_limit()
-    top = service.MultiService()
+    top = StartOrSayWhy(options, reactor)
     if options["workers"] > 1:
-        Supervisor(reactor, with_backlog(options["port"]), options["workers"],
-                   {**options, "workers": 1}).setServiceParent(top)
+        supervisor = Supervisor(reactor, with_backlog(options["port"]), options["workers"],
+                                {**options, "workers": 1})
+        supervisor.setServiceParent(top)
+        top.page = lambda: supervisor.shared
     else:
         node = make_node(reactor, options, store=open_store(reactor, options))
 
@@ -570,8 +690,12 @@ def makeService(options: Options) -> service.MultiService:  # noqa: N802 (twistd
             http = strports.service(with_backlog(options["port"]), site)
             if gate is not None:
                 http.endpoint = AcceptWhen(http.endpoint, gate)
+            http.endpoint = remembered = RememberPort(http.endpoint)
+            top.page = lambda: remembered.port
             http.setServiceParent(top)
         _serve_node(reactor, top, node, options, listeners)
+        if node.backplane is not None:
+            node.backplane.when_synced().addCallback(_say_if_unlinked, node.backplane)
     if options["pirate"] != "none":
         # In the parent only when there are workers: one echo is plenty.
         pirate = strports.service(with_backlog(options["pirate"]), PirateFactory(reactor))

@@ -1,7 +1,7 @@
 """
 The HTTP face of livemap: one Klein app on one port serving the page, its
 assets, the JSON API, health, metrics, and mounting the WebSocket and
-SockJS resources (PROTOCOL.md's table of paths).
+SockJS resources (docs/protocol.md's table of paths).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """
-The livemap wire protocol (../shared/PROTOCOL.md, version 1): parse and
+The livemap wire protocol (docs/protocol.md, version 1): parse and
 validate client messages, encode server messages.
 
 Pure functions and small value classes: nothing here knows about sockets or

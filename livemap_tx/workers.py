@@ -19,8 +19,9 @@ never forwarded.
 
 Children die with the parent: each reads a pipe from the parent on stdin
 and stops at its end of file (a parent killed with -9 closes it too), and on
-Linux also asks the kernel for SIGTERM when the parent dies. A child that
-exits while the parent runs is started again with back-off.
+Linux also asks the kernel for SIGTERM when the parent dies (the child's
+side is worker_process.py). A child that exits while the parent runs is
+started again with back-off.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import socket
 import sys
 from io import BytesIO
@@ -38,14 +38,13 @@ from typing import Any, Callable, Optional
 from twisted.application import service
 from twisted.internet import defer, endpoints, error, fdesc, protocol
 from twisted.internet.address import IPv6Address
-from twisted.internet.interfaces import IListeningPort, IReadDescriptor
+from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
-from zope.interface import implementer
 
 log = Logger()
 
@@ -243,80 +242,10 @@ class AdoptedPort(service.Service):
         return None
 
 
-@implementer(IReadDescriptor)
-class _ParentWatch:
-    """Reads the pipe from the parent on stdin; its end means the parent is gone."""
+# The parent's side (the child's is worker_process.py)
 
-    def __init__(self, reactor: Any) -> None:
-        self.reactor = reactor
-
-    def fileno(self) -> int:
-        return 0
-
-    def doRead(self) -> Any:  # noqa: N802
-        try:
-            data = os.read(0, 4096)
-        except BlockingIOError:
-            return None
-        except OSError:
-            return error.ConnectionLost()
-        return None if data else error.ConnectionDone()
-
-    def connectionLost(self, reason: Failure) -> None:  # noqa: N802
-        self.reactor.removeReader(self)
-        log.info("the parent process is gone: stopping")
-        if self.reactor.running:
-            self.reactor.stop()
-
-    def logPrefix(self) -> str:  # noqa: N802
-        return "parent-watch"
-
-
-def _die_with_parent() -> None:
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-            pr_set_pdeathsig = 1
-            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-        except (OSError, AttributeError):
-            pass
-
-
+# Where the parent passes a worker its configuration.
 CONFIG_VARIABLE = "LIVEMAP_WORKER_CONFIG"
-
-
-def main() -> None:
-    """
-    A worker process: `python -m livemap_tx.workers`, its configuration in
-    the environment (not the command line, which every local user can read:
-    it may hold the Redis password).
-    """
-    _die_with_parent()
-    config = json.loads(os.environ.pop(CONFIG_VARIABLE))
-    from twisted.internet import reactor
-    from twisted.logger import FileLogObserver, formatEventAsClassicLogText, globalLogBeginner
-
-    # The parent adds the time and the worker's number to each line.
-    observer = FileLogObserver(
-        sys.stdout, lambda event: (formatEventAsClassicLogText(
-            event, formatTime=lambda when: "-") or "- ")[2:])
-    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
-
-    from . import service as wiring  # the one place that wires parts together
-    options = wiring.Options()
-    options.update(config["options"])
-    spec = WorkerSpec(**{**config["worker"],
-                         "private_ports": tuple(config["worker"]["private_ports"])})
-    top = wiring.make_worker_service(reactor, options, spec)
-    top.privilegedStartService()
-    top.startService()
-    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
-    fdesc.setNonBlocking(0)
-    reactor.addReader(_ParentWatch(reactor))
-    reactor.run()
-
-
-# The parent's side
 
 
 class _Listening(protocol.Factory):
@@ -443,7 +372,7 @@ class Supervisor(service.Service):
         env[CONFIG_VARIABLE] = json.dumps(config)
         transport = self.reactor.spawnProcess(
             process, sys.executable,
-            [sys.executable, "-m", "livemap_tx.workers", f"--worker={index}"], env=env,
+            [sys.executable, "-m", "livemap_tx.worker_process", f"--worker={index}"], env=env,
             childFDs={0: "w", 1: "r", 2: "r",
                       SHARED_FD: self.shared.fileno(),  # type: ignore[attr-defined]
                       PRIVATE_FD: self.private[index].fileno()})  # type: ignore[attr-defined]
@@ -465,6 +394,3 @@ class Supervisor(service.Service):
                  index=index, why=reason.getErrorMessage(), lived=lived, delay=delay)
         self.restarts[index] = self.reactor.callLater(delay, self._spawn, index)
 
-
-if __name__ == "__main__":
-    main()

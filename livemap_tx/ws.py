@@ -1,7 +1,7 @@
 """
 The WebSocket transport: Autobahn frames in, hub frames out.
 
-Every limit is set explicitly (STYLE.md): message size, handshake timeout,
+Every limit is set explicitly: message size, handshake timeout,
 pings, no permessage-deflate (it would force a per-client encode on the
 broadcast path). Flow control uses Twisted's producer API: when a client's
 write buffer fills, Twisted pauses us and the hub skips that client until

@@ -7,8 +7,9 @@ wheel; a fresh venv holding only it runs `twistd -n livemap` from an empty
 directory and serves the page to two real browsers. The browser libraries in
 web/vendor/, and so in the wheel, are byte for byte what
 web/package-lock.json pins, with their licences. The development install
-(scripts/install) finds the plugin without setuptools' deprecated compat
-mode.
+(pip's default editable mode, its strict one, a plain `pip install .`)
+finds the plugin without setuptools' deprecated compat mode, and gives the
+`livemap` command.
 """
 
 from __future__ import annotations
@@ -204,30 +205,70 @@ def only(paths: list[Path]) -> Path:
     return paths[0]
 
 
-def test_the_development_install_is_strict_and_warns_of_nothing_deprecated(tmp_path: Path) -> None:
+def venv_using_these_dependencies(venv: Path) -> Path:
     """
-    scripts/install's editable install (strict mode) puts a link tree on
-    sys.path that holds the plugin, not the checkout, and setuptools
-    deprecates nothing of it (compat mode warns and is to be removed).
+    A fresh venv that reaches livemap's dependencies in this test run's own
+    site-packages (a .pth), so that installing livemap into it with
+    --no-deps takes seconds and downloads no dependency.
     """
-    modes = re.findall(r"editable_mode=(\w+)", (ROOT / "scripts" / "install").read_text())
-    assert modes == ["strict"]
+    run([sys.executable, "-m", "venv", "--without-pip", venv])  # this run's pip installs
+    [site] = (venv / "lib").glob("python3*/site-packages")
+    [ours] = [entry for entry in sys.path if entry.endswith("site-packages")
+              and Path(entry, "twisted").is_dir()]
+    (site / "livemap-test-dependencies.pth").write_text(ours + "\n")
+    return site
+
+
+INSTALLS = {
+    "editable": ["-e", "{checkout}"],  # pip's default editable mode
+    "editable-strict": ["--config-settings", "editable_mode=strict", "-e", "{checkout}"],
+    "regular": ["{checkout}"],
+}
+
+
+@pytest.mark.parametrize("how", sorted(INSTALLS))
+def test_every_install_gives_twistd_livemap_and_the_livemap_command(tmp_path: Path,
+                                                                    how: str) -> None:
+    """
+    `pip install -e .` (setuptools' default editable mode, reached through
+    an import hook that twistd's plugin listing does not see), the strict
+    editable mode and `pip install .`: in each, twistd lists livemap once,
+    the `livemap` command answers, the code is the checkout's (or the
+    venv's), the checkout itself is not on sys.path, and setuptools warns of
+    nothing deprecated and shows no warning box.
+    """
     checkout = copy_checkout(tmp_path / "checkout")
     venv = tmp_path / "venv"
-    run([sys.executable, "-m", "venv", venv])
-    installed = run([venv / "bin" / "python", "-m", "pip", "install", "-v", "--no-deps",
-                     "--config-settings", "editable_mode=strict", "-e", checkout],
-                    env=without_node(venv / "bin"))
+    site = venv_using_these_dependencies(venv)
+    args = [arg.format(checkout=checkout) for arg in INSTALLS[how]]
+    installed = run([sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install",
+                     "--no-deps", *args], env=without_node(venv / "bin"))
     output = installed.stdout + installed.stderr
     assert "DeprecationWarning" not in output and "DEPRECATION" not in output, output
-    [pth] = (venv / "lib").glob("python3*/site-packages/__editable__.livemap-*.pth")
-    [tree] = [Path(line) for line in pth.read_text().splitlines() if line.strip()]
-    assert tree.parent == checkout / "build" and tree != checkout
-    plugin = tree / "twisted" / "plugins" / "livemap_plugin.py"
-    assert plugin.resolve() == checkout / "twisted" / "plugins" / "livemap_plugin.py"
-    assert not (tree / "twisted" / "__init__.py").exists()
-    assert not (tree / "twisted" / "plugins" / "__init__.py").exists()
-    assert (tree / "livemap_web" / "__init__.py").resolve() == checkout / "web" / "__init__.py"
+    assert "*****" not in output, output
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**without_node(venv / "bin"), "HOME": str(tmp_path)}
+    where = json.loads(run([venv / "bin" / "python", "-c", WHERE], cwd=elsewhere, env=env).stdout)
+    assert where["tapnames"].count("livemap") == 1, where["tapnames"]
+    home = site if how == "regular" else checkout
+    assert Path(where["package"]).resolve() == home / "livemap_tx" / "__init__.py"
+    assert Path(where["plugin"]).resolve() == home / "twisted" / "plugins" / "livemap_plugin.py"
+    assert Path(where["web_root"]).resolve() == (site / "livemap_web" if how == "regular"
+                                                 else checkout / "web")
+    assert str(checkout) not in [os.path.realpath(entry) for entry in where["sys_path"] if entry]
+    if how != "regular":  # no twisted/__init__.py that would hide Twisted's own plugins
+        assert not list(checkout.glob("build/*/twisted/__init__.py"))
+        assert not list(checkout.glob("build/*/twisted/plugins/__init__.py"))
+    twistd = shutil.which("twistd")
+    assert twistd is not None
+    listed = run([venv / "bin" / "python", twistd, "--help"], cwd=elsewhere, env=env)
+    assert re.search(r"^ +livemap +Real-time live-location map", listed.stdout, re.M), listed.stdout
+    helped = run([venv / "bin" / "livemap", "--help"], cwd=elsewhere, env=env)
+    assert helped.stdout.startswith("Usage: livemap [options]"), helped.stdout
+    assert "--port=" in helped.stdout and "--workers=" in helped.stdout
+    version = run([venv / "bin" / "livemap", "--version"], cwd=elsewhere, env=env)
+    assert version.stdout.startswith(f"livemap {VERSION} (Twisted "), version.stdout
 
 
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian chromium is not installed")
@@ -291,6 +332,8 @@ def test_a_wheel_built_from_the_sdist_without_npm_serves_two_browsers_from_a_fre
                 if entry and Path(entry).resolve().is_relative_to(ROOT)], where["sys_path"]
     version = run([venv / "bin" / "twistd", "livemap", "--version"], cwd=elsewhere, env=env)
     assert version.stdout.startswith(f"livemap {VERSION} (Twisted "), version.stdout
+    helped = run([venv / "bin" / "livemap", "--help"], cwd=elsewhere, env=env)
+    assert helped.stdout.startswith("Usage: livemap [options]"), helped.stdout
 
     port = free_port()
     log_path = tmp_path / "twistd.log"

@@ -43,10 +43,10 @@ print(json.dumps({"web_root": str(livemap_tx.web.WEB_ROOT), "plugin": plugin.__f
 
 def test_the_development_install_runs_the_checkout_without_it_on_sys_path(tmp_path):
     """
-    scripts/install's editable install (strict mode): from anywhere, the
-    plugin, the code and the page are the checkout's own files, reached
-    through the link tree, not through the checkout on sys.path (the
-    deprecated compat mode's way).
+    scripts/install's editable install (pip's default mode): from anywhere,
+    the plugin, the code and the page are the checkout's own files, reached
+    through setuptools' import hook and build/'s link to the plugin, not
+    through the checkout on sys.path (the deprecated compat mode's way).
     """
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     result = subprocess.run([sys.executable, "-c", WHERE], capture_output=True, text=True,
@@ -101,7 +101,7 @@ def test_backlog_is_raised_unless_given():
     assert with_backlog("unix:/tmp/x") == "unix:/tmp/x"
 
 
-def test_busy_port_fails_at_start_loudly(tmp_path):
+def test_busy_port_fails_at_start_in_one_line(tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -110,7 +110,9 @@ def test_busy_port_fails_at_start_loudly(tmp_path):
             twistd_command("--port", f"tcp:{port}:interface=127.0.0.1", "--pirate", "none"),
             capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert result.returncode != 0
-    assert "Address already in use" in result.stdout + result.stderr
+    assert result.stderr == (f"livemap: port {port} on 127.0.0.1 is already in use by another "
+                             f"program: stop it, or choose another port with --port\n")
+    assert "Traceback" not in result.stdout
 
 
 @pytest_twisted.ensureDeferred

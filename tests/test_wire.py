@@ -1,4 +1,4 @@
-"""Parsing and encoding rules of PROTOCOL.md, including fuzzing of the parser."""
+"""Parsing and encoding rules of docs/protocol.md, including fuzzing of the parser."""
 
 from __future__ import annotations
 

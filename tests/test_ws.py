@@ -1,4 +1,4 @@
-"""The WebSocket endpoint over real sockets on 127.0.0.1 (PROTOCOL.md end to end)."""
+"""The WebSocket endpoint over real sockets on 127.0.0.1 (docs/protocol.md end to end)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Naive Autobahn/Twisted broadcast peer for the livemap fan-out benchmark.
 
-It speaks livemap's wire protocol (shared/PROTOCOL.md) the way the Autobahn
+It speaks livemap's wire protocol (docs/protocol.md) the way the Autobahn
 broadcast examples do: every accepted move is encoded once and handed to
 ``sendMessage`` of every client of the map, one message per move per client,
 with no tick, no coalescing, no per-client buffer bound and no views (a

@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 // Naive Node.js broadcast peer for the livemap fan-out benchmark.
 //
-// It speaks livemap's wire protocol (shared/PROTOCOL.md) the simplest way a
+// It speaks livemap's wire protocol (docs/protocol.md) the simplest way a
 // Node developer would: every accepted move is encoded once and handed to
 // ws.send() for every client of the map, one message per move per client,
 // with no coalescing, no per-client buffer bound and no views (a `view` is

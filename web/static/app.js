@@ -2,8 +2,8 @@
 //
 // Plain ES2020 module, no build step. Leaflet is the global `L` (loaded by a
 // deferred classic script before this module runs); SockJS is loaded only when
-// the plain WebSocket cannot be used. The wire protocol is docs/PROTOCOL.md
-// (shared/PROTOCOL.md): welcome/update/snapshot/error in, hello/move out.
+// the plain WebSocket cannot be used. The wire protocol is docs/protocol.md:
+// welcome/update/snapshot/error in, hello/move out.
 // The people list is people.js, the trails trails.js, the wording of
 // distances and ages format.js, the "Share from a phone app" dialog share.js.
 

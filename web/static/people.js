@@ -153,7 +153,9 @@ export class PeoplePanel {
     const battery = batteryLevel(person.battery);
     const source = sourceLabel(person.source);
     const view = {
-      name: person.label,
+      // The viewer without a name yet: how the others see them, beside the
+      // "you" badge (the map's label "you" would read "you you" here).
+      name: person.mine && !person.named ? 'anonymous' : person.label,
       unnamed: !person.named,
       mine: person.mine,
       source: source || '',
