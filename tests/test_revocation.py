@@ -138,9 +138,13 @@ async def test_a_device_deleted_on_one_node_is_refused_by_every_node_at_once_and
             await deferLater(0.25)
     # Give every write-back time to land, then ask again.
     await deferLater(1.0)
+    # By now each node has counted more misses from this address than
+    # token_misses.py lets through (MISS_BURST): past them a deleted token
+    # is refused with 429, without a look-up, which is a refusal too.
     for node in nodes:
-        assert await every_endpoint(node, doomed["token"], ["Kept"]) == REFUSED
-        assert await every_endpoint(node, other["token"], ["Kept"]) == REFUSED
+        for token in (doomed["token"], other["token"]):
+            answers = await every_endpoint(node, token, ["Kept"])
+            assert set(answers) <= {404, 429}, answers
     assert redis.command("ZCARD", "livemap:v2:livemap:devices") == "1"
 
 
