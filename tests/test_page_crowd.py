@@ -18,17 +18,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
 from conftest import TwistdServer, start_twistd
 from test_browser import WAIT_MS, Viewer, open_viewer
-from test_browser import browser  # noqa: F401 (fixture)
+from test_browser import base_url, browser, map_name  # noqa: F401 (fixtures)
 from playwright.sync_api import Browser, expect
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -179,6 +181,8 @@ def test_a_phone_watching_2000_people_is_smooth_and_finds_anyone(
     figures = measure(ada)
     cdp.send("Emulation.setCPUThrottlingRate", {"rate": 1})
     assert_names_apart(ada)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    ada.page.screenshot(path=str(SCREENSHOTS / "phone-crowd-2000.png"))
 
     # The list: everyone counted, and a search finds a given person.
     toggle = ada.page.locator("[data-people-toggle]")
@@ -273,4 +277,126 @@ def test_zoomed_in_five_levels_the_page_is_sent_a_fifth_of_the_bytes(
     print(f"\narrival {arrival / 1000:.1f} KB/s, zoomed in five levels {zoomed / 1000:.1f} KB/s")
     assert arrival > 0
     assert zoomed <= 0.2 * arrival, (arrival, zoomed)
+    ada.context.close()
+
+
+# ---------------------------------------------------------------- the clusters extension
+
+
+class ClusterServer:
+    """
+    The server's side of the clusters extension (docs/protocol.md), played
+    by the test in place of the server's WebSocket (Playwright's
+    route_web_socket), so that the page's side is checked message by
+    message: what it asks on connecting and on every move, and what it
+    shows of `clusters`, `total` and a cluster's `gone`.
+    """
+
+    def __init__(self, welcome: dict[str, Any]) -> None:
+        self.welcome = welcome
+        self.urls: list[str] = []
+        self.sent: list[dict[str, Any]] = []
+        self.route: Any = None
+
+    def install(self, page: Any) -> None:
+        page.route_web_socket(re.compile(r"/ws/"), self._handle)
+
+    def _handle(self, route: Any) -> None:
+        self.urls.append(route.url)
+        self.route = route
+        route.on_message(lambda message: self.sent.append(json.loads(message)))
+        route.send(json.dumps(self.welcome))
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.route.send(json.dumps(message))
+
+    def views(self) -> list[dict[str, Any]]:
+        return [m for m in self.sent if m["type"] == "view"]
+
+
+def cluster(cid: str, lat: float, lng: float, count: int, half: float) -> dict[str, Any]:
+    return {"id": cid, "lat": lat, "lng": lng, "count": count,
+            "bbox": [lng - half, lat - half, lng + half, lat + half]}
+
+
+def test_the_servers_clusters_total_and_search_are_what_the_page_shows(
+        browser: Browser, base_url: str, map_name: str) -> None:
+    west = cluster("c:12/2199/1342", 52.52, 13.30, 4000, 0.03)
+    east = cluster("c:12/2201/1342", 52.52, 13.50, 5995, 0.03)
+    walker = {"id": "W0000000000000001", "lat": 52.60, "lng": 13.40, "name": "Walker 0001",
+              "seq": 1, "ts": int(time.time() * 1000)}
+    server = ClusterServer({"type": "welcome", "id": "ME00000000000000", "pins": [walker],
+                            "clusters": [west, east], "total": 10_000})
+    searched: list[str] = []
+    zoe = {"id": "Z0000000000000001", "lat": 52.40, "lng": 13.60, "name": "Zoe Far",
+           "seq": 3, "ts": int(time.time() * 1000)}
+
+    def people_api(route: Any) -> None:
+        searched.append(route.request.url)
+        route.fulfill(status=200, content_type="application/json",
+                      body=json.dumps({"total": 10_000, "people": [zoe]}))
+
+    def prepare(page: Any) -> None:
+        server.install(page)
+        page.route(re.compile(r"/api/maps/[^/]+/people\?"), people_api)
+
+    ada = open_viewer(browser, f"{base_url}/m/{map_name}", geolocation=BERLIN, name="Ada",
+                      before_load=prepare, **DESKTOP)
+    # The view is in the URL of the WebSocket, so the welcome is already for it.
+    query = parse_qs(urlsplit(server.urls[0]).query)
+    assert len(query["bbox"][0].split(",")) == 4
+    assert 0 <= int(query["zoom"][0]) <= 22
+
+    # Its clusters, with their counts; the list counts the whole map.
+    marks = ada.page.locator("[data-cluster-id]")
+    expect(marks).to_have_count(2, timeout=WAIT_MS)
+    expect(ada.page.locator(f'[data-cluster-id="{west["id"]}"]')).to_have_text("4,000")
+    expect(ada.page.locator(f'[data-cluster-id="{east["id"]}"]')).to_have_text("5,995")
+    expect(ada.page.locator("#count")).to_have_text("10,000 people")
+    assert ada.state()["big"] is True
+
+    # The arrival fitted the clusters; the map at rest says its view and zoom.
+    until_views = time.monotonic() + WAIT_MS / 1000
+    while not server.views() or server.views()[-1].get("zoom") != ada.state()["zoom"]:
+        assert time.monotonic() < until_views, (server.sent, ada.state())
+        ada.page.wait_for_timeout(100)
+    view = server.views()[-1]
+    w, s, e, n = view["bbox"]
+    assert w < 13.30 < 13.50 < e and s < 52.52 < n
+
+    # People walk from the west cluster to a new one: counts change, the
+    # emptied cell goes (`gone`).
+    north = cluster("c:12/2200/1341", 52.56, 13.40, 12, 0.01)
+    server.send({"type": "update", "pins": [], "clusters": [
+        {**west, "count": 3988}, north], "gone": [east["id"]], "total": 10_000})
+    expect(ada.page.locator(f'[data-cluster-id="{west["id"]}"]')).to_have_text("3,988",
+                                                                                timeout=WAIT_MS)
+    expect(ada.page.locator(f'[data-cluster-id="{north["id"]}"]')).to_have_text("12")
+    expect(ada.page.locator(f'[data-cluster-id="{east["id"]}"]')).to_have_count(0)
+
+    # A tap on a cluster zooms to its box.
+    zoom = ada.state()["zoom"]
+    ada.page.locator(f'[data-cluster-id="{west["id"]}"]').click()
+    ada.page.wait_for_function("(z) => window.livemap.state().zoom > z", arg=zoom,
+                               timeout=WAIT_MS)
+    lat, lng = ada.state()["centre"]
+    assert abs(lat - 52.52) < 0.03 and abs(lng - 13.30) < 0.03
+
+    # The search asks the server, near the viewer, and finds someone the
+    # page is not sent; a tap goes there and follows her once she comes.
+    search = ada.page.get_by_role("searchbox", name="Find someone by name")
+    search.fill("zoe")
+    rows = ada.page.locator("[data-people-list] [data-person-id]")
+    expect(rows.locator(".person-name")).to_have_text(["Zoe Far"], timeout=WAIT_MS)
+    asked = parse_qs(urlsplit(searched[-1]).query)
+    assert asked["q"] == ["zoe"]
+    near = [float(x) for x in asked["near"][0].split(",")]
+    assert abs(near[0] - 52.52) < 1e-3 and abs(near[1] - 13.405) < 1e-3
+    rows.first.click()
+    ada.page.wait_for_function(
+        "() => Math.abs(window.livemap.state().centre[0] - 52.40) < 0.01", timeout=WAIT_MS)
+    assert ada.state()["zoom"] == 18
+    server.send({"type": "update", "pins": [zoe], "total": 10_000})
+    ada.page.wait_for_function(f"() => window.livemap.state().following === '{zoe['id']}'",
+                               timeout=WAIT_MS)
     ada.context.close()

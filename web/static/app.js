@@ -1418,6 +1418,7 @@ function onWelcome(msg) {
   if (oldId !== null && following === oldId) following = myId;
   notLiveSince = null;
   document.body.classList.remove('not-live');
+  crowdChanged();
   noteTotal(msg);
   clearPins(); // the own pin's look may change with the new id
   replaceClusters(msg.clusters);
@@ -1553,6 +1554,7 @@ function linkDown(myAttempt, l, hadWelcome, code, reason) {
     // Everyone stays where they were last seen, the viewer too, shown as not live.
     notLiveSince = Date.now();
     document.body.classList.add('not-live');
+    crowdChanged(); // the crowd dims too
     refreshAges();
     people.invalidate();
   }
@@ -1598,6 +1600,7 @@ function mapGone(why) {
   link = null;
   connected = false;
   stopFollowing();
+  dropQueued();
   clearPins();
   trails.keepOnly(new Set());
   notLiveSince = null;
