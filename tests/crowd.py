@@ -114,14 +114,18 @@ class Person:
                 return False
         return True
 
-    def flush(self) -> None:
+    def flush(self) -> bool:
+        """Sends what it can. False once the server closed."""
         if not self.outbox:
-            return
+            return True
         try:
             sent = self.sock.send(self.outbox)
         except BlockingIOError:
-            return
+            return True
+        except OSError:
+            return False
         self.outbox = self.outbox[sent:]
+        return True
 
 
 def open_socket(port: int, path: str) -> tuple[socket.socket, bytes]:
@@ -166,7 +170,8 @@ def main() -> int:
     crowd: list[Person] = []
     half = args.spread / 2 / METRES_PER_DEGREE
     for i in range(args.people):
-        sock, rest = open_socket(args.port, f"/ws/{args.map}")
+        box = ",".join(str(x) for x in NOWHERE)
+        sock, rest = open_socket(args.port, f"/ws/{args.map}?bbox={box}")
         lat = args.lat + random.uniform(-half, half)
         lng = args.lng + random.uniform(-half, half) / math.cos(math.radians(args.lat))
         person = Person(sock, f"Walker {i + 1:04d}", lat, lng)
@@ -179,10 +184,15 @@ def main() -> int:
         crowd.append(person)
         if time.monotonic() > deadline:
             return 1
+        # Those already there read what they are sent (the server closes a
+        # client that stops reading).
+        for key, _ in selector.select(timeout=0):
+            key.data.read()
+            key.data.flush()  # a pong
     start = time.monotonic()
     for i, person in enumerate(crowd):  # spread over the second, as people are
         person.next_move = start + i / len(crowd)
-    selector.register(sys.stdin, selectors.EVENT_READ, None)
+    selector.register(sys.stdin, selectors.EVENT_READ, None)  # after the crowd: data None
     print("ready", flush=True)
     while time.monotonic() < deadline:
         now = time.monotonic()
@@ -190,9 +200,11 @@ def main() -> int:
             if person.next_move <= now:
                 person.walk()
                 person.next_move += 1.0
-            person.flush()
+            if not person.flush():
+                print(f"{person.name}: closed by the server", file=sys.stderr, flush=True)
+                return 1
         for key, _ in selector.select(timeout=0.02):
-            if key.data is None:
+            if key.data is None:  # stdin
                 if not sys.stdin.buffer.read1(4096):  # the test ended
                     return 0
                 continue

@@ -520,6 +520,8 @@ function updateSize() {
 }
 
 const crowd = new Crowd(map, {
+  label: (entry) => pinLabel(entry.pin),
+  named: (entry) => pinName(entry.pin) !== '',
   onClusterTap(bounds) {
     viewTouched = true;
     stopFollowing();
@@ -674,16 +676,13 @@ function runFrame() {
     refreshAges();
     updateSize();
   }
-  if (!crowdDirty) return;
+  // Mid-zoom the panes are being scaled: draw again once the zoom ends.
+  if (!crowdDirty || zooming) return;
   crowdDirty = false;
   const taken = placeDomLabels();
   if (!bigMap) return;
   const list = [];
-  for (const e of pins.values()) {
-    if (e.dom) continue;
-    list.push({id: e.pin.id, lat: e.at.lat, lng: e.at.lng, mx: e.mx, my: e.my,
-               heading: e.heading, dim: e.stale, label: pinLabel(e.pin), named: pinName(e.pin) !== ''});
-  }
+  for (const e of pins.values()) if (!e.dom) list.push(e);
   const focus = viewerAt();
   const size = map.getSize();
   crowd.render({
@@ -695,6 +694,9 @@ function runFrame() {
   });
 }
 
+let zooming = false;
+map.on('zoomstart', () => { zooming = true; });
+map.on('zoomend', () => { zooming = false; });
 for (const type of ['moveend', 'zoomend', 'resize', 'viewreset']) map.on(type, crowdChanged);
 
 // ---------------------------------------------------------------- the view

@@ -32,10 +32,14 @@ function overlaps(a, b) {
 export class Crowd {
   /**
    * @param {L.Map} map
-   * @param {{onClusterTap: (bounds: L.LatLngBounds) => void}} options
+   * @param {{onClusterTap: (bounds: L.LatLngBounds) => void, label: (entry) => string,
+   *   named: (entry) => boolean}} options label and named: a pin's name, and whether it
+   *   has one (rather than a stand-in such as "anonymous")
    */
-  constructor(map, {onClusterTap}) {
+  constructor(map, {onClusterTap, label, named}) {
     this.map = map;
+    this.labelOf = label;
+    this.namedOf = named;
     this.on = false;
     this.onClusterTap = onClusterTap;
     for (const [name, z] of [['crowdPins', 450], ['crowdMarks', 560], ['crowdLabels', 570]]) {
@@ -118,8 +122,8 @@ export class Crowd {
   /**
    * Draws one frame.
    * @param {object} frame
-   *   pins: [{id, lat, lng, mx, my, heading, dim, label, named}] (mx, my: zoom-0 world pixels),
-   *     the viewer's own pin and the person followed left out (app.js draws them);
+   *   pins: app.js's entries [{pin, at, mx, my, heading, stale}] (mx, my: zoom-0 world
+   *     pixels), the viewer's own pin and the person followed left out (app.js draws them);
    *   clusters: the server's clusters [{id, lat, lng, count, bbox}], or null to count here;
    *   focus: the container point names are placed nearest to first;
    *   reserved: boxes (container pixels) already taken by the DOM pins' names;
@@ -163,9 +167,10 @@ export class Crowd {
         let lat = 0; let lng = 0;
         let w = Infinity; let s = Infinity; let e = -Infinity; let n = -Infinity;
         for (const p of members) {
-          lat += p.lat; lng += p.lng;
-          w = Math.min(w, p.lng); e = Math.max(e, p.lng);
-          s = Math.min(s, p.lat); n = Math.max(n, p.lat);
+          const at = p.at;
+          lat += at.lat; lng += at.lng;
+          w = Math.min(w, at.lng); e = Math.max(e, at.lng);
+          s = Math.min(s, at.lat); n = Math.max(n, at.lat);
         }
         marks.push({id: `c:${level}/${key}`, lat: lat / members.length, lng: lng / members.length,
                     count: members.length, bbox: [w, s, e, n]});
@@ -206,7 +211,8 @@ export class Crowd {
     let tries = 0;
     for (const c of candidates) {
       if (keepLabels.size >= MAX_LABELS || ++tries > LABEL_TRIES) break;
-      const w = this.textWidth(c.p.label);
+      const text = this.labelOf(c.p);
+      const w = this.textWidth(text);
       const left = Math.round(Math.max(EDGE, Math.min(size.x - EDGE - w, c.x - w / 2)));
       let box = null;
       for (const top of [Math.round(c.y + LABEL_GAP_Y), Math.round(c.y - LABEL_GAP_Y - LABEL_H)]) {
@@ -219,8 +225,8 @@ export class Crowd {
       }
       if (!box) continue;
       taken.push(box);
-      keepLabels.add(c.p.id);
-      this.placeLabel(c.p, box, w, pane);
+      keepLabels.add(c.p.pin.id);
+      this.placeLabel(c.p.pin.id, text, this.namedOf(c.p), box, w, pane);
     }
     for (const [id, label] of this.labels) {
       if (!keepLabels.has(id)) {
@@ -258,7 +264,7 @@ export class Crowd {
     let drawn = 0;
     // Dim ones (stale) first, so that the live ones are drawn over them;
     // while the connection is down, every pin is dim.
-    const passes = dimAll ? [[0.5, () => true]] : [[0.45, (p) => p.dim], [1, (p) => !p.dim]];
+    const passes = dimAll ? [[0.5, () => true]] : [[0.45, (p) => p.stale], [1, (p) => !p.stale]];
     for (const [alpha, wanted] of passes) {
       ctx.globalAlpha = alpha;
       for (const p of pins) {
@@ -320,21 +326,21 @@ export class Crowd {
     }
   }
 
-  placeLabel(p, box, w, pane) {
-    let label = this.labels.get(p.id);
+  placeLabel(id, text, named, box, w, pane) {
+    let label = this.labels.get(id);
     if (!label) {
       const el = L.DomUtil.create('div', 'crowd-label', this.map.getPane('crowdLabels'));
-      el.dataset.labelFor = p.id;
+      el.dataset.labelFor = id;
       label = {el, text: null, named: null, x: null, y: null, w: null};
-      this.labels.set(p.id, label);
+      this.labels.set(id, label);
     }
-    if (label.text !== p.label) {
-      label.text = p.label;
-      label.el.textContent = p.label; // textContent, never innerHTML: names come from other people
+    if (label.text !== text) {
+      label.text = text;
+      label.el.textContent = text; // textContent, never innerHTML: names come from other people
     }
-    if (label.named !== p.named) {
-      label.named = p.named;
-      label.el.classList.toggle('unnamed', !p.named);
+    if (label.named !== named) {
+      label.named = named;
+      label.el.classList.toggle('unnamed', !named);
     }
     if (label.w !== w) {
       label.w = w;
