@@ -86,15 +86,26 @@ def crowd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Twi
 
 
 def open_big(browser: Browser, crowd_server: tuple[TwistdServer, str], layout: dict,
-             **extra: Any) -> Viewer:
+             opened: list[Viewer], **extra: Any) -> Viewer:
     server, map_name = crowd_server
     viewer = open_viewer(browser, f"{server.url}/m/{map_name}", geolocation=BERLIN, name="Ada",
                          **layout, **extra)
+    opened.append(viewer)
     viewer.page.wait_for_function(
         "() => { const s = window.livemap.state(); return s.connected && s.big; }",
         timeout=WAIT_MS * 3)
     expect(viewer.page.locator("#count")).to_have_text("2,000 people", timeout=WAIT_MS * 3)
     return viewer
+
+
+@pytest.fixture
+def opened() -> Iterator[list[Viewer]]:
+    """The pages a test opened, closed after it whatever happened (a page
+    left open would stay on the map, one person too many for the next test)."""
+    viewers: list[Viewer] = []
+    yield viewers
+    for viewer in viewers:
+        viewer.context.close()
 
 
 def measure(viewer: Viewer) -> dict[str, float]:
@@ -151,8 +162,8 @@ def assert_names_apart(viewer: Viewer) -> int:
 
 
 def test_a_laptop_watching_2000_people_is_smooth_and_names_never_pile_up(
-        browser: Browser, crowd_server: tuple[TwistdServer, str]) -> None:
-    ada = open_big(browser, crowd_server, DESKTOP)
+        browser: Browser, opened: list[Viewer], crowd_server: tuple[TwistdServer, str]) -> None:
+    ada = open_big(browser, crowd_server, DESKTOP, opened)
     # Not one element per pin: the crowd is a canvas, a few clusters and names.
     assert ada.page.locator("[data-pin-id]").count() <= 2
     assert ada.page.locator(".leaflet-marker-pane *, .leaflet-pane .cluster, .crowd-label")\
@@ -167,14 +178,20 @@ def test_a_laptop_watching_2000_people_is_smooth_and_names_never_pile_up(
         ada.page.wait_for_timeout(500)
     ada.page.wait_for_timeout(1500)
     assert_names_apart(ada)
+    # "Show everyone" brings the whole crowd back into view.
+    zoomed = ada.state()["zoom"]
+    ada.page.locator("#fit-all").click()
+    ada.page.wait_for_function("(z) => window.livemap.state().zoom < z", arg=zoomed,
+                               timeout=WAIT_MS)
+    expect(ada.page.locator("#count")).to_have_text("2,000 people", timeout=WAIT_MS)
     judge(figures, 50, 0.10, load)
-    ada.context.close()
+    ada.assert_clean()
 
 
 def test_a_phone_watching_2000_people_is_smooth_and_finds_anyone(
-        browser: Browser, crowd_server: tuple[TwistdServer, str]) -> None:
+        browser: Browser, opened: list[Viewer], crowd_server: tuple[TwistdServer, str]) -> None:
     ada = open_big(browser, crowd_server, {"viewport": PHONE["viewport"], "mobile": True,
-                                           "scale": PHONE["scale"]})
+                                           "scale": PHONE["scale"]}, opened)
     cdp = ada.context.new_cdp_session(ada.page)
     cdp.send("Emulation.setCPUThrottlingRate", {"rate": 4})
     load = os.getloadavg()
@@ -198,15 +215,15 @@ def test_a_phone_watching_2000_people_is_smooth_and_finds_anyone(
     ada.page.wait_for_function("() => window.livemap.state().following !== null",
                                timeout=WAIT_MS)
     judge(figures, 30, 0.25, load)
-    ada.context.close()
+    ada.assert_clean()
 
 
 # ---------------------------------------------------------------- clusters
 
 
 def test_zoomed_out_clusters_show_counts_move_live_and_a_tap_zooms_in(
-        browser: Browser, crowd_server: tuple[TwistdServer, str]) -> None:
-    ada = open_big(browser, crowd_server, DESKTOP)
+        browser: Browser, opened: list[Viewer], crowd_server: tuple[TwistdServer, str]) -> None:
+    ada = open_big(browser, crowd_server, DESKTOP, opened)
     ada.page.wait_for_function("() => window.livemap.clusters().length >= 3", timeout=WAIT_MS)
     # What a person reads on each mark is its count (one look: counts are live).
     seen = ada.page.evaluate("""() => window.livemap.clusters().map((c) => [c.count,
@@ -233,15 +250,15 @@ def test_zoomed_out_clusters_show_counts_move_live_and_a_tap_zooms_in(
     ada.page.locator(f'[data-cluster-id="{biggest["id"]}"]').click()
     ada.page.wait_for_function("(z) => window.livemap.state().zoom > z", arg=zoom,
                                timeout=WAIT_MS)
-    ada.context.close()
+    ada.assert_clean()
 
 
 # ---------------------------------------------------------------- what the page is sent
 
 
 def test_zoomed_in_five_levels_the_page_is_sent_a_fifth_of_the_bytes(
-        browser: Browser, crowd_server: tuple[TwistdServer, str]) -> None:
-    ada = open_big(browser, crowd_server, DESKTOP)
+        browser: Browser, opened: list[Viewer], crowd_server: tuple[TwistdServer, str]) -> None:
+    ada = open_big(browser, crowd_server, DESKTOP, opened)
     cdp = ada.context.new_cdp_session(ada.page)
     received = {"bytes": 0}
 
@@ -277,7 +294,7 @@ def test_zoomed_in_five_levels_the_page_is_sent_a_fifth_of_the_bytes(
     print(f"\narrival {arrival / 1000:.1f} KB/s, zoomed in five levels {zoomed / 1000:.1f} KB/s")
     assert arrival > 0
     assert zoomed <= 0.2 * arrival, (arrival, zoomed)
-    ada.context.close()
+    ada.assert_clean()
 
 
 # ---------------------------------------------------------------- the clusters extension
@@ -320,7 +337,7 @@ def cluster(cid: str, lat: float, lng: float, count: int, half: float) -> dict[s
 
 
 def test_the_servers_clusters_total_and_search_are_what_the_page_shows(
-        browser: Browser, base_url: str, map_name: str) -> None:
+        browser: Browser, opened: list[Viewer], base_url: str, map_name: str) -> None:
     west = cluster("c:12/2199/1342", 52.52, 13.30, 4000, 0.03)
     east = cluster("c:12/2201/1342", 52.52, 13.50, 5995, 0.03)
     walker = {"id": "W0000000000000001", "lat": 52.60, "lng": 13.40, "name": "Walker 0001",
@@ -342,6 +359,7 @@ def test_the_servers_clusters_total_and_search_are_what_the_page_shows(
 
     ada = open_viewer(browser, f"{base_url}/m/{map_name}", geolocation=BERLIN, name="Ada",
                       before_load=prepare, **DESKTOP)
+    opened.append(ada)
     # The view is in the URL of the WebSocket, so the welcome is already for it.
     query = parse_qs(urlsplit(server.urls[0]).query)
     assert len(query["bbox"][0].split(",")) == 4
@@ -354,6 +372,8 @@ def test_the_servers_clusters_total_and_search_are_what_the_page_shows(
     expect(ada.page.locator(f'[data-cluster-id="{east["id"]}"]')).to_have_text("5,995")
     expect(ada.page.locator("#count")).to_have_text("10,000 people")
     assert ada.state()["big"] is True
+    # The server sends the viewer's own pin in a cluster: the page shows it anyway.
+    expect(ada.page.locator('[data-pin-id="ME00000000000000"].mine')).to_have_count(1)
 
     # The arrival fitted the clusters; the map at rest says its view and zoom.
     until_views = time.monotonic() + WAIT_MS / 1000
@@ -399,4 +419,39 @@ def test_the_servers_clusters_total_and_search_are_what_the_page_shows(
     server.send({"type": "update", "pins": [zoe], "total": 10_000})
     ada.page.wait_for_function(f"() => window.livemap.state().following === '{zoe['id']}'",
                                timeout=WAIT_MS)
-    ada.context.close()
+    ada.assert_clean()
+
+
+def test_a_small_map_behind_a_clustered_welcome_gets_every_pin_as_in_v1(
+        browser: Browser, opened: list[Viewer], base_url: str, map_name: str) -> None:
+    """
+    The first connection asks for a clustered view (it cannot know the
+    map's size); a map of 12 answered with a cluster is small: the page asks
+    for every pin (a view without a zoom) and shows each as its own pin.
+    """
+    now = int(time.time() * 1000)
+    twelve = [{"id": f"P{i:015d}", "lat": 52.50 + 0.002 * i, "lng": 13.40, "name": f"Pat {i}",
+               "seq": 1, "ts": now} for i in range(12)]
+    server = ClusterServer({"type": "welcome", "id": "ME00000000000000", "pins": [],
+                            "clusters": [cluster("c:3/4/2", 52.51, 13.40, 12, 0.02)],
+                            "total": 12})
+    ada = open_viewer(browser, f"{base_url}/m/{map_name}", geolocation=BERLIN, name="Ada",
+                      before_load=server.install, **DESKTOP)
+    opened.append(ada)
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while {"type": "view", "bbox": None} not in server.sent:
+        assert time.monotonic() < deadline, server.sent
+        ada.page.wait_for_timeout(100)
+    server.send({"type": "snapshot", "pins": twelve, "total": 12})
+    expect(ada.page.locator("[data-pin-id]")).to_have_count(12, timeout=WAIT_MS)
+    expect(ada.page.locator("[data-cluster-id]")).to_have_count(0)
+    expect(ada.page.locator("#count")).to_have_text("12 people")
+    assert ada.state()["big"] is False
+    # The arrival waited for the pins: every one of them is in view.
+    ada.page.wait_for_timeout(500)
+    for pin in twelve:
+        box = ada.page.locator(f'[data-pin-id="{pin["id"]}"]').bounding_box()
+        assert box is not None and 0 <= box["x"] <= 1200 and 0 <= box["y"] <= 720, pin
+    # A small map never narrows its view: no view with a box is sent.
+    assert all(m.get("bbox") is None for m in server.views()), server.views()
+    ada.assert_clean()

@@ -48,6 +48,8 @@ const CLUSTER_PREFIX = 'c:'; // a cluster's id; never a pin's
 const EDGE_PX = 2; // names keep this far from the screen's edges
 const LABEL_BELOW_PX = 18; // from a pin's centre to its name (style.css: .pin-label)
 const HIDDEN_FRAME_MS = 250;
+const ZOOM_MS = 1000; // longer than any of Leaflet's zoom animations (0.25 s)
+const FIT_ALL_WAIT_MS = 5000; // "Show everyone" on a big map waits this long for the world
 const VIEW_DELAY_MS = 300; // the view is told once the map rests this long
 const VIEW_MARGIN = 0.25; // of the viewport's size, on each side: a short pan needs no new pins
 const SOCKJS_SRC = '/vendor/sockjs-client/sockjs.min.js';
@@ -509,14 +511,20 @@ function showCount() {
 // only under SMALL_AGAIN, so that a map near the line does not flicker.
 function updateSize() {
   const n = total !== null ? total : pins.size;
-  const big = bigMap ? !(total !== null && n < SMALL_AGAIN) : n >= BIG_FROM || clusters.size > 0;
+  const big = bigMap ? !(total !== null && n < SMALL_AGAIN) : n >= BIG_FROM;
   if (big === bigMap) return;
   bigMap = big;
   document.body.classList.toggle('big-map', big);
   for (const entry of pins.values()) syncDom(entry);
   crowd.setOn(big);
   crowdChanged();
-  sendView();
+  if (big) {
+    showOwnHere();
+    sendView();
+  } else if (connected && lastView !== 'world') {
+    // Small again: every pin, as v1, for the people list and "Show everyone".
+    if (send({type: 'view', bbox: null})) lastView = 'world';
+  }
 }
 
 const crowd = new Crowd(map, {
@@ -676,8 +684,14 @@ function runFrame() {
     refreshAges();
     updateSize();
   }
-  // Mid-zoom the panes are being scaled: draw again once the zoom ends.
-  if (!crowdDirty || zooming) return;
+  if (!crowdDirty) return;
+  // Mid-zoom the panes are being scaled: draw again once the zoom ends (a
+  // zoom cut short by another may never say so: not longer than ZOOM_MS).
+  if (zoomingSince !== null && performance.now() - zoomingSince < ZOOM_MS) {
+    requestFrame();
+    return;
+  }
+  zoomingSince = null;
   crowdDirty = false;
   const taken = placeDomLabels();
   if (!bigMap) return;
@@ -694,9 +708,9 @@ function runFrame() {
   });
 }
 
-let zooming = false;
-map.on('zoomstart', () => { zooming = true; });
-map.on('zoomend', () => { zooming = false; });
+let zoomingSince = null;
+map.on('zoomstart', () => { zoomingSince = performance.now(); });
+map.on('zoomend moveend viewreset', () => { zoomingSince = null; });
 for (const type of ['moveend', 'zoomend', 'resize', 'viewreset']) map.on(type, crowdChanged);
 
 // ---------------------------------------------------------------- the view
@@ -821,9 +835,14 @@ let fitAllPending = false;
 function fitAll() {
   viewTouched = true;
   stopFollowing();
-  if (bigMap && connected) {
+  if (bigMap && connected && send({type: 'view', bbox: null, zoom: viewZoom()})) {
     fitAllPending = true;
-    send({type: 'view', bbox: null, zoom: viewZoom()});
+    // An answer that never comes (a connection lost meanwhile) holds nothing up.
+    setTimeout(() => {
+      if (!fitAllPending) return;
+      fitAllPending = false;
+      fitEveryone();
+    }, FIT_ALL_WAIT_MS);
     return;
   }
   fitEveryone();
@@ -1139,9 +1158,24 @@ function setPosition(lat, lng, accuracy) {
     own.at = L.latLng(position.lat, position.lng);
     if (own.dom) own.dom.marker.setLatLng(own.at);
     crowdChanged();
+  } else {
+    showOwnHere();
   }
   people.invalidate();
   requestSend();
+}
+
+// On a big map the server may send the viewer's own pin inside a cluster,
+// or not at all: the page shows it where it knows the viewer is (what the
+// others see: approximate when shared approximately), echo or no echo.
+function showOwnHere() {
+  if (!bigMap || !connected || myId === null || !position) return;
+  const out = outgoing();
+  const own = pins.get(myId);
+  const name = own ? own.pin.name : ui.name.value.trim();
+  upsertPin({...(own ? own.pin : {}), id: myId, lat: out.lat, lng: out.lng,
+             heading: currentHeading(), accuracy: out.accuracy, name: name || undefined,
+             seq: undefined, ts: serverNow()});
 }
 
 // ---------------------------------------------------------------- geolocation
@@ -1428,13 +1462,13 @@ function onWelcome(msg) {
   settlePins();
   refreshAges();
   lastView = null;
+  fitAllPending = false;
   updateSize();
   awaitingWorld = false;
   if (!bigMap && (total !== null || clusters.size > 0)) {
     // A small map: every pin, as v1 (the welcome was for a clustered view).
-    awaitingWorld = clusters.size > 0;
-    send({type: 'view', bbox: null});
-    lastView = 'world';
+    awaitingWorld = clusters.size > 0 || total > pins.size;
+    if (lastView !== 'world' && send({type: 'view', bbox: null})) lastView = 'world';
   } else {
     sendView();
   }
