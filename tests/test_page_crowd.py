@@ -29,7 +29,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from conftest import TwistdServer, start_twistd
-from test_browser import WAIT_MS, Viewer, open_viewer
+from test_browser import WAIT_MS, Viewer, open_viewer, pin_centre
 from test_browser import base_url, browser, map_name  # noqa: F401 (fixtures)
 from playwright.sync_api import Browser, expect
 
@@ -455,3 +455,55 @@ def test_a_small_map_behind_a_clustered_welcome_gets_every_pin_as_in_v1(
     # A small map never narrows its view: no view with a box is sent.
     assert all(m.get("bbox") is None for m in server.views()), server.views()
     ada.assert_clean()
+
+
+# ---------------------------------------------------------------- small maps
+
+
+def test_on_a_small_map_names_never_pile_up_either(
+        browser: Browser, opened: list[Viewer], tmp_path: Path) -> None:
+    """
+    Thirty people within a few streets: still every one its own pin (a
+    small map is drawn as before), but only the names that fit are shown,
+    the viewer's first; zoomed in, more of them.
+    """
+    server = start_twistd(tmp_path, "--pirate", "none")
+    walkers = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "crowd.py"), "--port", str(server.port),
+         "--map", "street", "--people", "30", "--spread", "150", "--seconds", "300"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert walkers.stdout is not None
+        assert walkers.stdout.readline().strip() == b"ready"
+        ada = open_viewer(browser, f"{server.url}/m/street", geolocation=BERLIN, name="Ada",
+                          **DESKTOP)
+        opened.append(ada)
+        expect(ada.page.locator("[data-pin-id]")).to_have_count(31, timeout=WAIT_MS)
+        assert ada.state()["big"] is False
+        ada.page.wait_for_timeout(1500)
+        hidden = ada.page.locator(".pin-label.crowded").count()
+        assert hidden > 0  # thirty names in 150 m do not fit at street level
+        expect(ada.page.locator(".mine .pin-label")).not_to_have_class(re.compile("crowded"))
+        assert_names_apart(ada)
+        shown = len(visible_boxes(ada))
+        # Zoomed in on the viewer (the mouse wheel over their pin), more names find room.
+        ada.page.mouse.move(*pin_centre(ada, ada.own_id()))
+        zoom = ada.state()["zoom"]
+        for level in (1, 2):
+            ada.page.mouse.wheel(0, -50)
+            ada.page.wait_for_function("(z) => window.livemap.state().zoom >= z",
+                                       arg=zoom + level, timeout=WAIT_MS)
+            ada.page.wait_for_timeout(400)
+        ada.page.wait_for_timeout(1000)
+        assert len(visible_boxes(ada)) > shown
+        assert_names_apart(ada)
+        ada.assert_clean()
+    finally:
+        if walkers.stdin is not None:
+            walkers.stdin.close()
+        try:
+            walkers.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            walkers.kill()
+            walkers.wait()
+        server.stop()
