@@ -193,7 +193,11 @@ def test_a_phone_watching_2000_people_is_smooth_and_finds_anyone(
     ada = open_big(browser, crowd_server, {"viewport": PHONE["viewport"], "mobile": True,
                                            "scale": PHONE["scale"]}, opened)
     cdp = ada.context.new_cdp_session(ada.page)
+    busy = "() => { const t = performance.now(); let x = 0;" \
+        " for (let i = 0; i < 3e6; i++) x += Math.sqrt(i); return performance.now() - t; }"
+    before = ada.page.evaluate(busy)
     cdp.send("Emulation.setCPUThrottlingRate", {"rate": 4})
+    print(f"\na busy loop: {before:.0f} ms, throttled {ada.page.evaluate(busy):.0f} ms")
     load = os.getloadavg()
     figures = measure(ada)
     cdp.send("Emulation.setCPUThrottlingRate", {"rate": 1})

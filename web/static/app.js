@@ -704,6 +704,7 @@ function runFrame() {
     clusters: total !== null ? [...clusters.values()] : null,
     focus: focus ? map.latLngToContainerPoint(focus) : L.point(size.x / 2, size.y / 2),
     reserved: taken,
+    area: freeArea(),
     dimAll: notLiveSince !== null,
   });
 }

@@ -127,9 +127,10 @@ export class Crowd {
    *   clusters: the server's clusters [{id, lat, lng, count, bbox}], or null to count here;
    *   focus: the container point names are placed nearest to first;
    *   reserved: boxes (container pixels) already taken by the DOM pins' names;
+   *   area: the part of the screen no panel covers (names elsewhere could not be read);
    *   dimAll: the connection is down (every pin as the past).
    */
-  render({pins, clusters, focus, reserved, dimAll}) {
+  render({pins, clusters, focus, reserved, area, dimAll}) {
     if (!this.on) return;
     const map = this.map;
     const zoom = map.getZoom();
@@ -203,7 +204,7 @@ export class Crowd {
     for (const p of singles) {
       const x = p.mx * scale + ox;
       const y = p.my * scale + oy;
-      if (x < 0 || y < 0 || x > size.x || y > size.y) continue;
+      if (x < area.left || y < area.top || x > area.right || y > area.bottom) continue;
       candidates.push({p, x, y, d: (x - focus.x) ** 2 + (y - focus.y) ** 2});
     }
     candidates.sort((a, b) => a.d - b.d);
@@ -213,11 +214,11 @@ export class Crowd {
       if (keepLabels.size >= MAX_LABELS || ++tries > LABEL_TRIES) break;
       const text = this.labelOf(c.p);
       const w = this.textWidth(text);
-      const left = Math.round(Math.max(EDGE, Math.min(size.x - EDGE - w, c.x - w / 2)));
+      const left = Math.round(Math.max(area.left + EDGE, Math.min(area.right - EDGE - w, c.x - w / 2)));
       let box = null;
       for (const top of [Math.round(c.y + LABEL_GAP_Y), Math.round(c.y - LABEL_GAP_Y - LABEL_H)]) {
         const b = {left, top, right: left + w, bottom: top + LABEL_H};
-        if (b.top < EDGE || b.bottom > size.y - EDGE) continue;
+        if (b.top < area.top + EDGE || b.bottom > area.bottom - EDGE) continue;
         if (!taken.some((t) => overlaps(t, b))) {
           box = b;
           break;
