@@ -29,9 +29,12 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from conftest import TwistdServer, start_twistd
-from test_browser import WAIT_MS, Viewer, open_viewer, pin_centre
+from test_browser import CHROMIUM, WAIT_MS, Viewer, open_viewer, pin_centre
 from test_browser import base_url, browser, map_name  # noqa: F401 (fixtures)
 from playwright.sync_api import Browser, expect
+
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                                reason="Debian chromium is not installed")
 
 ROOT = Path(__file__).resolve().parent.parent
 SCREENSHOTS = ROOT / "docs" / "screenshots"

@@ -5,7 +5,9 @@
 // the plain WebSocket cannot be used. The wire protocol is docs/PROTOCOL.md
 // (shared/PROTOCOL.md): welcome/update/snapshot/error in, hello/move out.
 // The people list is people.js, the trails trails.js, the wording of
-// distances and ages format.js, the "Share from a phone app" dialog share.js.
+// distances and ages format.js, the "Share from a phone app" dialog share.js,
+// a big map's canvas, clusters and names crowd.js (docs/architecture.md,
+// "The page"); a big map also tells the server what it shows (`view`).
 
 /* global L */
 
@@ -370,14 +372,14 @@ function renderPin(entry, pin) {
   }
   dom.name.classList.toggle('unnamed', !pinName(pin));
   // A pin fed by a phone app says which app, and the phone's battery if it told.
-  const source = sourceLabel(pin.source);
-  dom.source.textContent = source || '';
-  dom.source.hidden = !source;
+  const source = sourceLabel(pin.source) || '';
   const battery = batteryLevel(pin.battery);
   const batteryText = battery === null ? '' : `${battery}%`;
-  if (dom.battery.textContent !== batteryText || dom.source.textContent !== (source || '')) {
-    entry.labelSize = null;
+  if (dom.battery.textContent !== batteryText || dom.source.textContent !== source) {
+    entry.labelSize = null; // measured again when names are placed
   }
+  dom.source.textContent = source;
+  dom.source.hidden = !source;
   dom.battery.textContent = batteryText;
   dom.battery.hidden = battery === null;
   dom.battery.classList.toggle('low', battery !== null && battery <= 15);
@@ -401,10 +403,12 @@ function renderAge(entry, now) {
   let seen = stale ? `last seen ${ago(age)}` : '';
   if (notLiveSince !== null) seen = `not live for ${duration(Date.now() - notLiveSince)}`;
   if (seen === entry.seen) return;
-  if ((seen === '') !== (entry.seen === '' || entry.seen === null)) entry.labelSize = null;
   entry.seen = seen;
   entry.dom.inner.classList.toggle('stale', stale);
-  entry.dom.age.textContent = seen;
+  if (entry.dom.age.textContent !== seen) {
+    entry.dom.age.textContent = seen;
+    entry.labelSize = null; // measured again when names are placed
+  }
   entry.dom.inner.title = seen ? `${entry.dom.name.textContent}, ${seen}` : '';
 }
 
@@ -562,7 +566,7 @@ function placeDomLabels() {
   placed.sort((a, b) => (rank(a.e) - rank(b.e)) || (a.p.distanceTo(from) - b.p.distanceTo(from)));
   // Reads first (sizes of changed names), then writes: one layout at most.
   for (const {e} of placed) {
-    if (!e.labelSize) {
+    if (!e.labelSize || e.labelSize.w === 0) {
       const label = e.dom.label;
       e.labelSize = {w: label.offsetWidth, h: label.offsetHeight};
     }
@@ -1687,7 +1691,8 @@ function connect() {
 function openWebSocket() {
   const myAttempt = ++attempt;
   setStatus('connecting', 'connecting\u2026');
-  const url = `${location.protocol === 'https:' ? 'wss:' : 'ws:'}//${location.host}${config.wsPath}${viewQuery()}`;
+  const scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
+  const url = `${scheme}//${location.host}${config.wsPath}${viewQuery()}`;
   let ws;
   try {
     ws = new WebSocket(url);

@@ -142,7 +142,8 @@ export class Crowd {
     const ox = pane.x - origin.x;
     const oy = pane.y - origin.y;
     const margin = 40;
-    const onScreen = (x, y) => x > -margin && y > -margin && x < size.x + margin && y < size.y + margin;
+    const onScreen = (x, y) =>
+      x > -margin && y > -margin && x < size.x + margin && y < size.y + margin;
 
     // Cells: the server's clusters, or the same cells counted here.
     let singles = pins;
@@ -214,7 +215,8 @@ export class Crowd {
       if (keepLabels.size >= MAX_LABELS || ++tries > LABEL_TRIES) break;
       const text = this.labelOf(c.p);
       const w = this.textWidth(text);
-      const left = Math.round(Math.max(area.left + EDGE, Math.min(area.right - EDGE - w, c.x - w / 2)));
+      const left = Math.round(Math.max(area.left + EDGE,
+                                        Math.min(area.right - EDGE - w, c.x - w / 2)));
       let box = null;
       for (const top of [Math.round(c.y + LABEL_GAP_Y), Math.round(c.y - LABEL_GAP_Y - LABEL_H)]) {
         const b = {left, top, right: left + w, bottom: top + LABEL_H};

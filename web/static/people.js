@@ -1,6 +1,8 @@
 // The people list: everyone on the map, nearest first, the viewer on top as
 // "you". A tap on a person asks app.js to follow them. On a phone the panel
-// is one line until it is opened; on a larger screen it starts open.
+// is one line until it is opened; on a larger screen it starts open. On a
+// big map it counts the server's total, and its search asks the server for
+// the people the page is not sent.
 //
 // Hooks for tests from outside (docs/architecture.md, "The page"): the list
 // is [data-people-list], each row [data-person-id="{pin id}"], and the
