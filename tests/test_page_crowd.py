@@ -29,7 +29,8 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from conftest import TwistdServer, start_twistd
-from test_browser import CHROMIUM, WAIT_MS, Viewer, open_viewer, pin_centre
+from test_browser import (CHROMIUM, WAIT_MS, Viewer, open_viewer, pin_centre,
+                          require_sockjs)
 from test_browser import base_url, browser, map_name  # noqa: F401 (fixtures)
 from playwright.sync_api import Browser, expect
 
@@ -218,9 +219,14 @@ def test_a_phone_watching_2000_people_is_smooth_and_finds_anyone(
     rows = ada.page.locator("[data-people-list] [data-person-id]")
     expect(rows.locator(".person-name")).to_have_text([SEARCHED], timeout=WAIT_MS)
     # A tap on them follows them.
+    walker_id = rows.first.get_attribute("data-person-id")
     rows.first.tap()
-    ada.page.wait_for_function("() => window.livemap.state().following !== null",
-                               timeout=WAIT_MS)
+    ada.page.wait_for_function("(id) => window.livemap.state().following === id",
+                               arg=walker_id, timeout=WAIT_MS)
+    # The person followed is a pin of their own, ringed, above the crowd.
+    expect(ada.page.locator(f'[data-pin-id="{walker_id}"] .pin-inner')).to_have_class(
+        re.compile(r"\bfollowed\b"), timeout=WAIT_MS)
+    expect(ada.page.locator(f'[data-pin-id="{walker_id}"] .pin-name')).to_have_text(SEARCHED)
     judge(figures, 30, 0.25, load)
     ada.assert_clean()
 
@@ -301,6 +307,31 @@ def test_zoomed_in_five_levels_the_page_is_sent_a_fifth_of_the_bytes(
     print(f"\narrival {arrival / 1000:.1f} KB/s, zoomed in five levels {zoomed / 1000:.1f} KB/s")
     assert arrival > 0
     assert zoomed <= 0.2 * arrival, (arrival, zoomed)
+    ada.assert_clean()
+
+
+def test_over_sockjs_a_big_map_says_its_view_after_the_welcome(
+        browser: Browser, opened: list[Viewer], crowd_server: tuple[TwistdServer, str]) -> None:
+    """SockJS has no URL for the view: the page sends it once welcomed, and
+    zoomed in it holds only the pins around what it shows."""
+    server, map_name = crowd_server
+    require_sockjs(server.url, map_name)
+    ada = open_viewer(browser, f"{server.url}/m/{map_name}?transport=xhr-streaming",
+                      geolocation=BERLIN, name="Ada", **DESKTOP)
+    opened.append(ada)
+    ada.page.wait_for_function(
+        "() => { const s = window.livemap.state(); return s.sockjs && s.big; }",
+        timeout=WAIT_MS * 3)
+    expect(ada.page.locator("#count")).to_have_text("2,000 people", timeout=WAIT_MS * 3)
+    ada.page.mouse.move(*pin_centre(ada, ada.own_id()))
+    zoom = ada.state()["zoom"]
+    for level in range(1, 5):
+        ada.page.mouse.wheel(0, -50)
+        ada.page.wait_for_function("(z) => window.livemap.state().zoom >= z",
+                                   arg=zoom + level, timeout=WAIT_MS)
+        ada.page.wait_for_timeout(300)
+    ada.page.wait_for_function("() => window.livemap.state().pins.length < 200",
+                               timeout=WAIT_MS)
     ada.assert_clean()
 
 
