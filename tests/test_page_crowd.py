@@ -234,9 +234,15 @@ def test_a_phone_watching_2000_people_is_smooth_and_finds_anyone(
 # ---------------------------------------------------------------- clusters
 
 
+PHONE_LAYOUT = {"viewport": PHONE["viewport"], "mobile": True, "scale": PHONE["scale"]}
+
+
+@pytest.mark.parametrize("layout", ["phone", "desktop"])
 def test_zoomed_out_clusters_show_counts_move_live_and_a_tap_zooms_in(
-        browser: Browser, opened: list[Viewer], crowd_server: tuple[TwistdServer, str]) -> None:
-    ada = open_big(browser, crowd_server, DESKTOP, opened)
+        browser: Browser, opened: list[Viewer], crowd_server: tuple[TwistdServer, str],
+        layout: str) -> None:
+    ada = open_big(browser, crowd_server, PHONE_LAYOUT if layout == "phone" else DESKTOP,
+                   opened)
     ada.page.wait_for_function("() => window.livemap.clusters().length >= 3", timeout=WAIT_MS)
     # What a person reads on each mark is its count (one look: counts are live).
     seen = ada.page.evaluate("""() => window.livemap.clusters().map((c) => [c.count,
@@ -244,7 +250,11 @@ def test_zoomed_out_clusters_show_counts_move_live_and_a_tap_zooms_in(
     for count, text in seen:
         assert text.replace(",", "") == str(count)
     first = {c["id"]: c["count"] for c in ada.page.evaluate("window.livemap.clusters()")}
-    assert sum(first.values()) >= 1000  # most of the crowd is in clusters, zoomed out
+    # Zoomed out over the crowd, most of it is in clusters.
+    ada.page.wait_for_function(
+        "() => window.livemap.clusters().reduce((n, c) => n + c.count, 0) >= 1000",
+        timeout=WAIT_MS)
+    first = {c["id"]: c["count"] for c in ada.page.evaluate("window.livemap.clusters()")}
 
     # People walk from one cell to the next: the counts change while the
     # marks stay (the map does not move).
@@ -257,10 +267,18 @@ def test_zoomed_out_clusters_show_counts_move_live_and_a_tap_zooms_in(
         assert time.monotonic() < deadline, "no one moved between clusters in 30 s"
         ada.page.wait_for_timeout(500)
 
-    # A tap on the biggest mark zooms in to its people.
-    biggest = max(ada.page.evaluate("window.livemap.clusters()"), key=lambda c: c["count"])
+    # A tap on the biggest mark in sight (no panel over it) zooms in to its people.
+    free = ada.state()["free"]
+    in_sight = [c for c in ada.page.evaluate("window.livemap.clusters()")
+                if free["left"] + 30 < c["x"] < free["right"] - 30
+                and free["top"] + 30 < c["y"] < free["bottom"] - 30]
+    biggest = max(in_sight, key=lambda c: c["count"])
     zoom = ada.state()["zoom"]
-    ada.page.locator(f'[data-cluster-id="{biggest["id"]}"]').click()
+    mark = ada.page.locator(f'[data-cluster-id="{biggest["id"]}"]')
+    if layout == "phone":
+        mark.tap()  # a finger
+    else:
+        mark.click()
     ada.page.wait_for_function("(z) => window.livemap.state().zoom > z", arg=zoom,
                                timeout=WAIT_MS)
     ada.assert_clean()

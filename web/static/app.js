@@ -1474,10 +1474,12 @@ function onWelcome(msg) {
     // A small map: every pin, as v1 (the welcome was for a clustered view).
     awaitingWorld = clusters.size > 0 || total > pins.size;
     if (lastView !== 'world' && send({type: 'view', bbox: null})) lastView = 'world';
-  } else {
-    sendView();
   }
   if (!awaitingWorld) arriveOnce();
+  if (bigMap) {
+    clearTimeout(viewTimer);
+    viewTimer = setTimeout(sendView, VIEW_DELAY_MS); // the view of the arrival, or as it was
+  }
   // A new connection knows nothing of us: say who and where we are again,
   // the hello first, so that an approximate location is never sent exactly.
   lastHello = null;
@@ -1527,7 +1529,8 @@ function viewBox() {
 function sendView() {
   clearTimeout(viewTimer);
   viewTimer = null;
-  if (!connected || !bigMap || fitAllPending) return;
+  // Before the arrival the view is the world's, about to change: not worth a snapshot.
+  if (!connected || !bigMap || fitAllPending || firstWelcome) return;
   const view = {type: 'view', bbox: viewBox(), zoom: viewZoom()};
   const key = JSON.stringify(view);
   if (key === lastView) return;
