@@ -5,7 +5,9 @@
 // the plain WebSocket cannot be used. The wire protocol is docs/protocol.md:
 // welcome/update/snapshot/error in, hello/move out.
 // The people list is people.js, the trails trails.js, the wording of
-// distances and ages format.js, the "Share from a phone app" dialog share.js.
+// distances and ages format.js, the "Share from a phone app" dialog share.js,
+// a big map's canvas, clusters and names crowd.js (docs/architecture.md,
+// "The page"); a big map also tells the server what it shows (`view`).
 
 /* global L */
 
@@ -13,6 +15,7 @@ import {ago, duration, batteryLevel, sourceLabel} from './format.js';
 import {PeoplePanel} from './people.js';
 import {Trails} from './trails.js';
 import {ShareDialog} from './share.js';
+import {Crowd} from './crowd.js';
 
 const NAME_KEY = 'livemap.name';
 const APPROXIMATE_KEY = 'livemap.approximate';
@@ -37,6 +40,20 @@ const BACKOFF_FIRST_MS = 1000;
 const BACKOFF_MAX_MS = 30000;
 const WELCOME_TIMEOUT_MS = 8000; // a WebSocket that says nothing this long is as good as blocked
 const TOAST_MS = 4000;
+// A big map (docs/architecture.md, "The crowd"): from this many people the
+// pins are drawn on a canvas and the page asks for its view only; under
+// SMALL_AGAIN it is a small map again.
+const BIG_FROM = 51;
+const SMALL_AGAIN = 40;
+const CLUSTERS_UNTIL_ZOOM = 18; // from this zoom up nothing is clustered (as on the server)
+const CLUSTER_PREFIX = 'c:'; // a cluster's id; never a pin's
+const EDGE_PX = 2; // names keep this far from the screen's edges
+const LABEL_BELOW_PX = 18; // from a pin's centre to its name (style.css: .pin-label)
+const HIDDEN_FRAME_MS = 250;
+const ZOOM_MS = 1000; // longer than any of Leaflet's zoom animations (0.25 s)
+const FIT_ALL_WAIT_MS = 5000; // "Show everyone" on a big map waits this long for the world
+const VIEW_DELAY_MS = 300; // the view is told once the map rests this long
+const VIEW_MARGIN = 0.25; // of the viewport's size, on each side: a short pan needs no new pins
 const SOCKJS_SRC = '/vendor/sockjs-client/sockjs.min.js';
 // Used when falling back: the plain WebSocket already failed, so SockJS's own
 // websocket transport would only waste a round; iframe transports would need
@@ -220,15 +237,29 @@ function syncWithDateHeader(response, sentAt) {
 // ---------------------------------------------------------------- pins
 
 /**
- * @type {Map<string, {marker: L.Marker, inner: Element, arrow: Element, body: Element,
- *   name: Element, source: Element, battery: Element, age: Element, pin: object,
- *   stale: boolean, seen: string}>}
+ * Every pin the page holds. `dom` is its marker (the pin's own DOM element)
+ * on a small map, and on a big one only for the viewer and the person
+ * followed; the rest of a big map is drawn by crowd.js.
+ * @type {Map<string, {pin: object, at: L.LatLng, mx: number, my: number, stale: boolean,
+ *   seen: string, labelSize: {w: number, h: number}|null, labelDx: number,
+ *   labelHidden: boolean, dom: null|{marker: L.Marker, inner: Element, arrow: Element,
+ *   body: Element, label: Element, name: Element, source: Element, battery: Element,
+ *   age: Element}}>}
  */
 const pins = new Map();
 let myId = null;
 // Date.now() when the connection dropped: every pin is then shown as it was
 // ("not live"), the viewer's own too, until a welcome rebuilds the map.
 let notLiveSince = null;
+// The server's clusters of this page's view (docs/protocol.md, "Extension:
+// clusters"), by id; `total` the number of pins on the whole map, when the
+// server says (null: a server without the extension).
+const clusters = new Map();
+let total = null;
+// A big map: past BIG_FROM people the pins are drawn on a canvas, and the
+// page asks the server for its view only (with clusters) rather than every
+// pin. It stays big until the map is clearly small again.
+let bigMap = false;
 
 // A DivIcon whose element says which pin it is, even when Leaflet rebuilds it.
 const PinIcon = L.DivIcon.extend({
@@ -258,28 +289,104 @@ function pinLabel(pin) {
   return pinName(pin) || (pin.id === myId ? 'you' : 'anonymous');
 }
 
+// Our own arrow follows the compass at once rather than waiting for the echo.
+function pinHeading(pin) {
+  return pin.id === myId && sensorHeading !== null ? sensorHeading : normHeading(pin.heading);
+}
+
+// Whether a pin is its own DOM marker: every pin of a small map; on a big
+// one the viewer and the person followed.
+function wantsDom(id) {
+  return !bigMap || id === myId || id === following;
+}
+
+function addDom(entry) {
+  const pin = entry.pin;
+  const content = ui.pinTemplate.content.firstElementChild.cloneNode(true);
+  const mine = pin.id === myId;
+  const marker = L.marker(entry.at, {
+    icon: new PinIcon({
+      pinId: pin.id,
+      className: mine ? 'pin mine' : 'pin',
+      html: content,
+      iconSize: [32, 32],
+      iconAnchor: [16, 16],
+    }),
+    interactive: false,
+    keyboard: false,
+  }).addTo(map);
+  entry.dom = {
+    marker,
+    inner: content,
+    body: content.querySelector('.pin-body'),
+    arrow: content.querySelector('.pin-arrow'),
+    label: content.querySelector('.pin-label'),
+    name: content.querySelector('.pin-name'),
+    source: content.querySelector('.pin-source'),
+    battery: content.querySelector('.pin-battery'),
+    age: content.querySelector('.pin-age'),
+  };
+  entry.labelSize = null;
+  entry.labelDx = 0;
+  entry.labelDy = 0;
+  entry.labelHidden = false;
+  entry.seen = null;
+}
+
+function dropDom(entry) {
+  if (!entry.dom) return;
+  entry.dom.marker.remove();
+  entry.dom = null;
+}
+
+// A pin gets or loses its marker as the map turns big or small, or as it is
+// followed or no longer.
+function syncDom(entry) {
+  const want = wantsDom(entry.pin.id);
+  if (want && !entry.dom) {
+    addDom(entry);
+    renderPin(entry, entry.pin);
+  } else if (!want && entry.dom) {
+    dropDom(entry);
+  }
+}
+
 function renderPin(entry, pin) {
   const mine = pin.id === myId;
-  // Our own arrow follows the compass at once rather than waiting for the echo.
-  const heading = mine && sensorHeading !== null ? sensorHeading : normHeading(pin.heading);
-  entry.body.classList.toggle('has-heading', heading !== null);
-  if (heading !== null) entry.arrow.style.transform = `rotate(${heading}deg)`;
-  // textContent, never innerHTML: names come from other people.
-  entry.name.textContent = pinLabel(pin);
-  entry.name.classList.toggle('unnamed', !pinName(pin));
-  // A pin fed by a phone app says which app, and the phone's battery if it told.
-  const source = sourceLabel(pin.source);
-  entry.source.textContent = source || '';
-  entry.source.hidden = !source;
-  const battery = batteryLevel(pin.battery);
-  entry.battery.textContent = battery === null ? '' : `${battery}%`;
-  entry.battery.hidden = battery === null;
-  entry.battery.classList.toggle('low', battery !== null && battery <= 15);
-  const at = entry.marker.getLatLng();
-  if (at.lat !== pin.lat || at.lng !== pin.lng) entry.marker.setLatLng([pin.lat, pin.lng]);
-  entry.marker.setZIndexOffset(mine ? 1000 : following === pin.id ? 500 : 0);
-  entry.inner.classList.toggle('followed', following === pin.id);
   entry.pin = pin;
+  entry.heading = pinHeading(pin);
+  crowdChanged();
+  const dom = entry.dom;
+  if (!dom) {
+    renderAge(entry, serverNow());
+    return;
+  }
+  const heading = entry.heading;
+  dom.body.classList.toggle('has-heading', heading !== null);
+  if (heading !== null) dom.arrow.style.transform = `rotate(${heading}deg)`;
+  // textContent, never innerHTML: names come from other people.
+  const label = pinLabel(pin);
+  if (dom.name.textContent !== label) {
+    dom.name.textContent = label;
+    entry.labelSize = null; // measured again when labels are placed
+  }
+  dom.name.classList.toggle('unnamed', !pinName(pin));
+  // A pin fed by a phone app says which app, and the phone's battery if it told.
+  const source = sourceLabel(pin.source) || '';
+  const battery = batteryLevel(pin.battery);
+  const batteryText = battery === null ? '' : `${battery}%`;
+  if (dom.battery.textContent !== batteryText || dom.source.textContent !== source) {
+    entry.labelSize = null; // measured again when names are placed
+  }
+  dom.source.textContent = source;
+  dom.source.hidden = !source;
+  dom.battery.textContent = batteryText;
+  dom.battery.hidden = battery === null;
+  dom.battery.classList.toggle('low', battery !== null && battery <= 15);
+  const at = dom.marker.getLatLng();
+  if (at.lat !== entry.at.lat || at.lng !== entry.at.lng) dom.marker.setLatLng(entry.at);
+  dom.marker.setZIndexOffset(mine ? 1000 : following === pin.id ? 500 : 0);
+  dom.inner.classList.toggle('followed', following === pin.id);
   entry.seen = null; // the name may have changed: say the age line again
   renderAge(entry, serverNow());
 }
@@ -290,14 +397,19 @@ function renderAge(entry, now) {
   const ts = entry.pin.ts;
   const age = Number.isFinite(ts) ? now - ts : 0;
   const stale = age >= config.stale * 1000;
+  if (stale !== entry.stale) crowdChanged();
+  entry.stale = stale;
+  if (!entry.dom) return;
   let seen = stale ? `last seen ${ago(age)}` : '';
   if (notLiveSince !== null) seen = `not live for ${duration(Date.now() - notLiveSince)}`;
-  entry.stale = stale;
   if (seen === entry.seen) return;
   entry.seen = seen;
-  entry.inner.classList.toggle('stale', stale);
-  entry.age.textContent = seen;
-  entry.inner.title = seen ? `${entry.name.textContent}, ${seen}` : '';
+  entry.dom.inner.classList.toggle('stale', stale);
+  if (entry.dom.age.textContent !== seen) {
+    entry.dom.age.textContent = seen;
+    entry.labelSize = null; // measured again when names are placed
+  }
+  entry.dom.inner.title = seen ? `${entry.dom.name.textContent}, ${seen}` : '';
 }
 
 function refreshAges() {
@@ -312,56 +424,53 @@ function upsertPin(pin) {
   }
   noteTs(pin);
   let entry = pins.get(pin.id);
+  const at = L.latLng(pin.lat, pin.lng);
+  // Zoom-0 world pixels, once per move: crowd.js scales them to any zoom.
+  const world = map.project(at, 0);
   if (!entry) {
-    const content = ui.pinTemplate.content.firstElementChild.cloneNode(true);
-    const mine = pin.id === myId;
-    const marker = L.marker([pin.lat, pin.lng], {
-      icon: new PinIcon({
-        pinId: pin.id,
-        className: mine ? 'pin mine' : 'pin',
-        html: content,
-        iconSize: [32, 32],
-        iconAnchor: [16, 16],
-      }),
-      interactive: false,
-      keyboard: false,
-    }).addTo(map);
-    entry = {
-      marker,
-      inner: content,
-      body: content.querySelector('.pin-body'),
-      arrow: content.querySelector('.pin-arrow'),
-      name: content.querySelector('.pin-name'),
-      source: content.querySelector('.pin-source'),
-      battery: content.querySelector('.pin-battery'),
-      age: content.querySelector('.pin-age'),
-      pin,
-      stale: false,
-      seen: null,
-    };
+    entry = {pin, at, mx: world.x, my: world.y, heading: null, stale: false, seen: null,
+             dom: null, labelSize: null, labelDx: 0, labelDy: 0, labelHidden: false};
     pins.set(pin.id, entry);
+    if (wantsDom(pin.id)) addDom(entry);
   }
+  entry.at = at;
+  entry.mx = world.x;
+  entry.my = world.y;
   renderPin(entry, pin);
-  trails.record(pin.id, pin.lat, pin.lng, pin.ts, pin.id === myId);
+  // A big map keeps the trails of the viewer and of the person followed:
+  // thousands of trails are a scribble, and ten minutes of each would be a lot to hold.
+  if (!bigMap || pin.id === myId || pin.id === following) {
+    trails.record(pin.id, pin.lat, pin.lng, pin.ts, pin.id === myId);
+  }
   if (pin.id === following) keepFollowing(entry);
+  if (pin.id === pendingFollow) {
+    pendingFollow = null;
+    follow(pin.id);
+  }
   people.invalidate();
 }
 
 function removePin(id) {
   const entry = pins.get(id);
   if (entry) {
-    entry.marker.remove();
+    dropDom(entry);
     pins.delete(id);
+    crowdChanged();
     people.invalidate();
   }
 }
 
-// Someone left the map (an update's `gone`).
+// Someone left the map (an update's `gone`), or, on a big map, left the
+// page's view or went into a cluster.
 function pinGone(id) {
   const entry = pins.get(id);
+  if (id === myId && entry && bigMap && connected) {
+    return; // the viewer is always shown, where this page knows they are
+  }
   if (id === following && entry) {
     stopFollowing();
-    toast(`${pinLabel(entry.pin)} left the map`);
+    toast(bigMap && total !== null ? `${pinLabel(entry.pin)} is in a crowd: zoom in to see them`
+      : `${pinLabel(entry.pin)} left the map`);
   }
   removePin(id);
   trails.remove(id);
@@ -369,17 +478,245 @@ function pinGone(id) {
 
 function replacePins(list) {
   const keep = new Set((list || []).map((p) => p && p.id));
+  if (bigMap && myId !== null && pins.has(myId)) keep.add(myId);
   for (const id of [...pins.keys()]) if (!keep.has(id)) removePin(id);
   for (const pin of list || []) upsertPin(pin);
 }
 
 function clearPins() {
   for (const id of [...pins.keys()]) removePin(id);
+  clusters.clear();
+}
+
+function replaceClusters(list) {
+  clusters.clear();
+  for (const c of Array.isArray(list) ? list : []) addCluster(c);
+  crowdChanged();
+}
+
+function addCluster(c) {
+  if (!c || typeof c.id !== 'string' || !Number.isFinite(c.lat) || !Number.isFinite(c.lng) ||
+      !Number.isFinite(c.count)) {
+    console.warn('livemap: ignoring malformed cluster', c);
+    return;
+  }
+  clusters.set(c.id, c);
+  crowdChanged();
 }
 
 function showCount() {
   people.invalidate();
 }
+
+// ---------------------------------------------------------------- the crowd
+
+// Big or small: past BIG_FROM people (on the whole map when the server says
+// its total, else those the page holds) the map is big; it is small again
+// only under SMALL_AGAIN, so that a map near the line does not flicker.
+function updateSize() {
+  const n = total !== null ? total : pins.size;
+  const big = bigMap ? !(total !== null && n < SMALL_AGAIN) : n >= BIG_FROM;
+  if (big === bigMap) return;
+  bigMap = big;
+  document.body.classList.toggle('big-map', big);
+  for (const entry of pins.values()) syncDom(entry);
+  crowd.setOn(big);
+  crowdChanged();
+  if (big) {
+    showOwnHere();
+    sendView();
+  } else if (connected && lastView !== 'world') {
+    // Small again: every pin, as v1, for the people list and "Show everyone".
+    if (send({type: 'view', bbox: null})) lastView = 'world';
+  }
+}
+
+const crowd = new Crowd(map, {
+  label: (entry) => pinLabel(entry.pin),
+  named: (entry) => pinName(entry.pin) !== '',
+  onClusterTap(bounds) {
+    viewTouched = true;
+    stopFollowing();
+    const z = map.getZoom();
+    map.fitBounds(bounds.pad(0.1), {
+      maxZoom: Math.max(z + 1, Math.min(CLUSTERS_UNTIL_ZOOM, config.maxZoom)),
+      animate: true,
+    });
+  },
+});
+
+let crowdDirty = false;
+function crowdChanged() {
+  crowdDirty = true;
+  requestFrame();
+}
+
+// Names of the DOM pins (every pin of a small map; the viewer and the
+// person followed on a big one): each is shown only where it overlaps no
+// name placed before it (the viewer first, then the person followed, then
+// the nearest), slid sideways to stay on the screen. Returns the boxes
+// taken, in container pixels.
+function placeDomLabels() {
+  const size = map.getSize();
+  const list = [...pins.values()].filter((e) => e.dom);
+  const focus = viewerAt();
+  const from = focus ? map.latLngToContainerPoint(focus) : L.point(size.x / 2, size.y / 2);
+  const rank = (e) => (e.pin.id === myId ? 0 : e.pin.id === following ? 1 : 2);
+  const placed = list.map((e) => ({e, p: map.latLngToContainerPoint(e.at)}));
+  placed.sort((a, b) => (rank(a.e) - rank(b.e)) || (a.p.distanceTo(from) - b.p.distanceTo(from)));
+  // Reads first (sizes of changed names), then writes: one layout at most.
+  for (const {e} of placed) {
+    if (!e.labelSize || e.labelSize.w === 0) {
+      const label = e.dom.label;
+      e.labelSize = {w: label.offsetWidth, h: label.offsetHeight};
+    }
+  }
+  const taken = [];
+  for (const {e, p} of placed) {
+    const {w, h} = e.labelSize;
+    let dx = 0;
+    const left = p.x - w / 2;
+    if (left < EDGE_PX) dx = EDGE_PX - left;
+    else if (left + w > size.x - EDGE_PX) dx = size.x - EDGE_PX - (left + w);
+    dx = Math.round(dx);
+    // Below the pin, or above it at the bottom of the screen.
+    let dy = 0;
+    if (p.y + LABEL_BELOW_PX + h > size.y - EDGE_PX) dy = -(2 * LABEL_BELOW_PX + h);
+    const top = p.y + LABEL_BELOW_PX + dy;
+    const box = {left: left + dx, top, right: left + dx + w, bottom: top + h};
+    const offScreen = p.x < 0 || p.y < 0 || p.x > size.x || p.y > size.y ||
+      box.top < EDGE_PX - 1 || box.bottom > size.y - EDGE_PX + 1;
+    const hidden = w > 0 && (offScreen || (rank(e) > 0 &&
+      taken.some((t) => t.left < box.right && box.left < t.right &&
+                        t.top < box.bottom && box.top < t.bottom)));
+    if (!hidden) taken.push(box);
+    if (dx !== e.labelDx || dy !== e.labelDy) {
+      e.labelDx = dx;
+      e.labelDy = dy;
+      e.dom.label.style.setProperty('--label-dx', `${dx}px`);
+      e.dom.label.style.setProperty('--label-dy', `${dy}px`);
+    }
+    if (hidden !== e.labelHidden) {
+      e.labelHidden = hidden;
+      e.dom.label.classList.toggle('crowded', hidden);
+    }
+  }
+  return taken;
+}
+
+// Incoming messages are applied at most once per animation frame: a burst
+// of updates is merged (the latest state of each pin wins) and drawn once.
+let frameQueued = false;
+let pendingSnapshot = null; // {pins, clusters}: replaces everything, before pendingPins
+const pendingPins = new Map(); // id -> pin, or null for a `gone`
+const pendingClusters = new Map(); // id -> cluster, or null for a `gone`
+
+function requestFrame() {
+  if (frameQueued) return;
+  frameQueued = true;
+  // A hidden tab gets no animation frames: a timer keeps its state current.
+  if (document.hidden) setTimeout(runFrame, HIDDEN_FRAME_MS);
+  else requestAnimationFrame(runFrame);
+}
+
+function queueUpdate(msg) {
+  for (const id of Array.isArray(msg.gone) ? msg.gone : []) {
+    if (typeof id !== 'string') continue;
+    if (id.startsWith(CLUSTER_PREFIX)) pendingClusters.set(id, null);
+    else pendingPins.set(id, null);
+  }
+  for (const pin of Array.isArray(msg.pins) ? msg.pins : []) {
+    if (pin && typeof pin.id === 'string') pendingPins.set(pin.id, pin);
+    else console.warn('livemap: ignoring malformed pin', pin);
+  }
+  for (const c of Array.isArray(msg.clusters) ? msg.clusters : []) {
+    if (c && typeof c.id === 'string') pendingClusters.set(c.id, c);
+    else console.warn('livemap: ignoring malformed cluster', c);
+  }
+  requestFrame();
+}
+
+function queueSnapshot(msg) {
+  pendingSnapshot = {pins: msg.pins, clusters: msg.clusters};
+  pendingPins.clear();
+  pendingClusters.clear();
+  requestFrame();
+}
+
+function dropQueued() {
+  pendingSnapshot = null;
+  pendingPins.clear();
+  pendingClusters.clear();
+}
+
+function runFrame() {
+  frameQueued = false;
+  let applied = false;
+  if (pendingSnapshot) {
+    const snapshot = pendingSnapshot;
+    pendingSnapshot = null;
+    replaceClusters(snapshot.clusters);
+    replacePins(snapshot.pins);
+    settlePins();
+    applied = true;
+    if (awaitingWorld) {
+      awaitingWorld = false;
+      arriveOnce();
+    }
+    if (fitAllPending) {
+      fitAllPending = false;
+      fitEveryone();
+      clearTimeout(viewTimer);
+      viewTimer = setTimeout(sendView, VIEW_DELAY_MS); // back to the view shown
+    }
+  }
+  if (pendingPins.size || pendingClusters.size) {
+    for (const [id, pin] of pendingPins) {
+      if (pin) upsertPin(pin);
+      else pinGone(id);
+    }
+    for (const [id, c] of pendingClusters) {
+      if (c) addCluster(c);
+      else clusters.delete(id);
+    }
+    pendingPins.clear();
+    pendingClusters.clear();
+    applied = true;
+    crowdDirty = true;
+  }
+  if (applied) {
+    refreshAges();
+    updateSize();
+  }
+  if (!crowdDirty) return;
+  // Mid-zoom the panes are being scaled: draw again once the zoom ends (a
+  // zoom cut short by another may never say so: not longer than ZOOM_MS).
+  if (zoomingSince !== null && performance.now() - zoomingSince < ZOOM_MS) {
+    requestFrame();
+    return;
+  }
+  zoomingSince = null;
+  crowdDirty = false;
+  const taken = placeDomLabels();
+  if (!bigMap) return;
+  const list = [];
+  for (const e of pins.values()) if (!e.dom) list.push(e);
+  const focus = viewerAt();
+  const size = map.getSize();
+  crowd.render({
+    pins: list,
+    clusters: total !== null ? [...clusters.values()] : null,
+    focus: focus ? map.latLngToContainerPoint(focus) : L.point(size.x / 2, size.y / 2),
+    reserved: taken,
+    area: freeArea(),
+    dimAll: notLiveSince !== null,
+  });
+}
+
+let zoomingSince = null;
+map.on('zoomstart', () => { zoomingSince = performance.now(); });
+map.on('zoomend moveend viewreset', () => { zoomingSince = null; });
+for (const type of ['moveend', 'zoomend', 'resize', 'viewreset']) map.on(type, crowdChanged);
 
 // ---------------------------------------------------------------- the view
 
@@ -455,11 +792,19 @@ function fitPoints(points, options) {
 function viewerAt() {
   if (position) return L.latLng(position.lat, position.lng);
   const own = myId !== null ? pins.get(myId) : null;
-  return own ? own.marker.getLatLng() : null;
+  return own ? own.at : null;
 }
 
+// Every pin the page holds, and the corners of the server's clusters.
 function everyone() {
-  const points = [...pins.entries()].filter(([id]) => id !== myId).map(([, e]) => e.marker.getLatLng());
+  const points = [...pins.entries()].filter(([id]) => id !== myId).map(([, e]) => e.at);
+  for (const c of clusters.values()) {
+    if (Array.isArray(c.bbox) && c.bbox.length === 4 && c.bbox.every(Number.isFinite)) {
+      points.push(L.latLng(c.bbox[1], c.bbox[0]), L.latLng(c.bbox[3], c.bbox[2]));
+    } else {
+      points.push(L.latLng(c.lat, c.lng));
+    }
+  }
   const me = viewerAt();
   if (me) points.push(me);
   return points;
@@ -488,9 +833,27 @@ for (const type of ['pointerdown', 'wheel', 'keydown']) {
   }, {passive: true});
 }
 
+// "Show everyone": a big map asks the server for the whole world first
+// (its clusters, or every pin), and fits that when it comes.
+let fitAllPending = false;
+
 function fitAll() {
   viewTouched = true;
   stopFollowing();
+  if (bigMap && connected && send({type: 'view', bbox: null, zoom: viewZoom()})) {
+    fitAllPending = true;
+    // An answer that never comes (a connection lost meanwhile) holds nothing up.
+    setTimeout(() => {
+      if (!fitAllPending) return;
+      fitAllPending = false;
+      fitEveryone();
+    }, FIT_ALL_WAIT_MS);
+    return;
+  }
+  fitEveryone();
+}
+
+function fitEveryone() {
   const points = everyone();
   if (points.length === 0) {
     toast('Nobody is on the map yet');
@@ -508,9 +871,12 @@ let following = null;
 
 function markFollowed() {
   for (const [id, entry] of pins) {
-    entry.inner.classList.toggle('followed', id === following);
-    entry.marker.setZIndexOffset(id === myId ? 1000 : id === following ? 500 : 0);
+    syncDom(entry);
+    if (!entry.dom) continue;
+    entry.dom.inner.classList.toggle('followed', id === following);
+    entry.dom.marker.setZIndexOffset(id === myId ? 1000 : id === following ? 500 : 0);
   }
+  crowdChanged();
   people.invalidate();
 }
 
@@ -531,12 +897,28 @@ function follow(id) {
     people.setOpen(false);
     if (hadFocus) $('people-toggle').focus();
   }
-  centreOn(entry.marker.getLatLng(), Math.max(map.getZoom(), STREET_ZOOM), {animate: true});
+  // On a big map close enough that nothing is clustered: the person stays a pin.
+  const closest = bigMap ? Math.min(CLUSTERS_UNTIL_ZOOM, config.maxZoom) : STREET_ZOOM;
+  centreOn(entry.at, Math.max(map.getZoom(), closest), {animate: true});
+}
+
+// Someone found by the server's search but not sent to this page (outside
+// its view, or in a cluster): go where they are, and follow them once
+// their pin arrives.
+let pendingFollow = null;
+
+function goFollow(person) {
+  pendingFollow = person.id;
+  viewTouched = true;
+  stopFollowing();
+  if (people.isOpen && people.collapsible()) people.setOpen(false);
+  centreOn(L.latLng(person.lat, person.lng), Math.min(CLUSTERS_UNTIL_ZOOM, config.maxZoom),
+           {animate: false});
 }
 
 function keepFollowing(entry) {
   corrections = 0;
-  centreOn(entry.marker.getLatLng(), undefined, {animate: true});
+  centreOn(entry.at, undefined, {animate: true});
 }
 
 // An animation cut short (a new move in the middle of a zoom, a pinch) can
@@ -546,12 +928,12 @@ let corrections = 0;
 map.on('moveend', () => {
   const entry = following !== null ? pins.get(following) : null;
   if (!entry || corrections >= 3) return;
-  const at = map.latLngToContainerPoint(entry.marker.getLatLng());
+  const at = map.latLngToContainerPoint(entry.at);
   const area = fitArea();
   if (Math.abs(at.x - (area.left + area.right) / 2) > 1 ||
       Math.abs(at.y - (area.top + area.bottom) / 2) > 1) {
     corrections++;
-    centreOn(entry.marker.getLatLng(), undefined, {animate: true});
+    centreOn(entry.at, undefined, {animate: true});
   }
 });
 
@@ -582,18 +964,9 @@ const people = new PeoplePanel({
   template: $('person-template'),
 }, {
   compact: () => compactLayout.matches,
-  people: () => [...pins.values()].map(({pin}) => ({
-    id: pin.id,
-    mine: pin.id === myId,
-    label: pinLabel(pin),
-    named: pinName(pin) !== '',
-    lat: pin.lat,
-    lng: pin.lng,
-    ts: pin.ts,
-    accuracy: pin.accuracy,
-    source: pin.source,
-    battery: pin.battery,
-  })),
+  people: () => [...pins.values()].map(({pin}) => personOf(pin)),
+  total: () => total,
+  search: searchServer,
   context: () => {
     const at = viewerAt();
     return {
@@ -604,10 +977,53 @@ const people = new PeoplePanel({
       stale: config.stale * 1000,
     };
   },
-  choose: follow,
+  choose: (id, person) => {
+    if (pins.has(id)) follow(id);
+    else if (person) goFollow(person);
+  },
   unfollow: stopFollowing,
   changed: layoutChanged,
 });
+
+function personOf(pin) {
+  return {
+    id: pin.id,
+    mine: pin.id === myId,
+    label: pinLabel(pin),
+    named: pinName(pin) !== '',
+    lat: pin.lat,
+    lng: pin.lng,
+    ts: pin.ts,
+    accuracy: pin.accuracy,
+    source: pin.source,
+    battery: pin.battery,
+  };
+}
+
+// The server's people search (docs/protocol.md, "Extension: clusters"):
+// names the page is not sent, nearest first. null: this server has none
+// (a 404 once is enough to stop asking), and the list searches what it holds.
+let searchable = true;
+
+function searchServer(query) {
+  if (!searchable) return null;
+  const at = viewerAt() || map.getCenter();
+  const params = new URLSearchParams({q: query, near: `${at.lat.toFixed(5)},${at.lng.toFixed(5)}`,
+                                      limit: '100'});
+  return fetch(`/api/maps/${encodeURIComponent(config.map)}/people?${params}`, {cache: 'no-store'})
+    .then((response) => {
+      if (response.status === 404) searchable = false;
+      if (!response.ok) return response.text().then(() => null);
+      return response.json().then((body) => (body && Array.isArray(body.people)
+        ? body.people.filter((p) => p && typeof p.id === 'string' && Number.isFinite(p.lat) &&
+                             Number.isFinite(p.lng)).map(personOf)
+        : null));
+    })
+    .catch((err) => {
+      console.warn('livemap: people search', err);
+      return null;
+    });
+}
 
 const trails = new Trails(map, {windowMs: TRAIL_MS, now: serverNow});
 
@@ -744,10 +1160,27 @@ function setPosition(lat, lng, accuracy) {
   const own = myId !== null ? pins.get(myId) : null;
   if (own && !connected) {
     // Not live: the server cannot be told, but the viewer sees where they are.
-    own.marker.setLatLng([position.lat, position.lng]);
+    own.at = L.latLng(position.lat, position.lng);
+    if (own.dom) own.dom.marker.setLatLng(own.at);
+    crowdChanged();
+  } else {
+    showOwnHere();
   }
   people.invalidate();
   requestSend();
+}
+
+// On a big map the server may send the viewer's own pin inside a cluster,
+// or not at all: the page shows it where it knows the viewer is (what the
+// others see: approximate when shared approximately), echo or no echo.
+function showOwnHere() {
+  if (!bigMap || !connected || myId === null || !position) return;
+  const out = outgoing();
+  const own = pins.get(myId);
+  const name = own ? own.pin.name : ui.name.value.trim();
+  upsertPin({...(own ? own.pin : {}), id: myId, lat: out.lat, lng: out.lng,
+             heading: currentHeading(), accuracy: out.accuracy, name: name || undefined,
+             seq: undefined, ts: serverNow()});
 }
 
 // ---------------------------------------------------------------- geolocation
@@ -979,15 +1412,13 @@ function onFrame(text) {
       break;
     case 'update':
       if (!connected) return;
-      for (const id of msg.gone || []) pinGone(id);
-      for (const pin of msg.pins || []) upsertPin(pin);
-      refreshAges();
+      noteTotal(msg);
+      queueUpdate(msg);
       break;
     case 'snapshot':
       if (!connected) return;
-      replacePins(msg.pins);
-      settlePins();
-      refreshAges();
+      noteTotal(msg);
+      queueSnapshot(msg);
       break;
     case 'error':
       console.warn('livemap: server says', msg.code, msg.message);
@@ -998,8 +1429,23 @@ function onFrame(text) {
   }
 }
 
+// The number of pins on the whole map, from a server with the clusters
+// extension; a server without it never says (null).
+function noteTotal(msg) {
+  const n = Number.isFinite(msg.total) && msg.total >= 0 ? msg.total : null;
+  if (n !== total) {
+    total = n;
+    people.invalidate();
+  }
+}
+
+// A welcome of a clustered view on what turns out to be a small map: the
+// page asks for every pin (v1's view) and arrives once they are there.
+let awaitingWorld = false;
+
 function onWelcome(msg) {
   connected = true;
+  dropQueued();
   failures = 0;
   wsFailedWhileUp = 0;
   if (link.sockjs) useSockjs = true; // it worked: stay on it for this page's life
@@ -1013,13 +1459,26 @@ function onWelcome(msg) {
   if (oldId !== null && following === oldId) following = myId;
   notLiveSince = null;
   document.body.classList.remove('not-live');
+  crowdChanged();
+  noteTotal(msg);
   clearPins(); // the own pin's look may change with the new id
+  replaceClusters(msg.clusters);
   replacePins(msg.pins);
   settlePins();
   refreshAges();
-  if (firstWelcome) {
-    firstWelcome = false;
-    arrive();
+  lastView = null;
+  fitAllPending = false;
+  updateSize();
+  awaitingWorld = false;
+  if (!bigMap && (total !== null || clusters.size > 0)) {
+    // A small map: every pin, as v1 (the welcome was for a clustered view).
+    awaitingWorld = clusters.size > 0 || total > pins.size;
+    if (lastView !== 'world' && send({type: 'view', bbox: null})) lastView = 'world';
+  }
+  if (!awaitingWorld) arriveOnce();
+  if (bigMap) {
+    clearTimeout(viewTimer);
+    viewTimer = setTimeout(sendView, VIEW_DELAY_MS); // the view of the arrival, or as it was
   }
   // A new connection knows nothing of us: say who and where we are again,
   // the hello first, so that an approximate location is never sent exactly.
@@ -1027,6 +1486,67 @@ function onWelcome(msg) {
   lastSent = null;
   sendHello();
   requestSend();
+}
+
+function arriveOnce() {
+  if (firstWelcome) {
+    firstWelcome = false;
+    arrive();
+  }
+}
+
+// ---------------------------------------------------------------- the view sent
+
+// What the page shows, as the server's `view` (docs/protocol.md, "Extension:
+// clusters"): the viewport with a margin, and the zoom. Only a big map says
+// it: a small one gets every pin, as in v1.
+let lastView = null;
+let viewTimer = null;
+
+function viewZoom() {
+  return Math.max(0, Math.min(22, Math.round(map.getZoom())));
+}
+
+function viewBox() {
+  const b = map.getBounds().pad(VIEW_MARGIN);
+  const round = (x) => Math.round(x * 1e5) / 1e5;
+  const south = round(Math.max(-90, b.getSouth()));
+  const north = round(Math.min(90, b.getNorth()));
+  let west = b.getWest();
+  let east = b.getEast();
+  if (east - west >= 360) {
+    west = -180;
+    east = 180;
+  } else {
+    const wrap = (x) => ((((x + 180) % 360) + 360) % 360) - 180;
+    west = wrap(west);
+    east = wrap(east);
+    if (east === -180) east = 180;
+  }
+  return [round(west), south, round(east), north];
+}
+
+function sendView() {
+  clearTimeout(viewTimer);
+  viewTimer = null;
+  // Before the arrival the view is the world's, about to change: not worth a snapshot.
+  if (!connected || !bigMap || fitAllPending || firstWelcome) return;
+  const view = {type: 'view', bbox: viewBox(), zoom: viewZoom()};
+  const key = JSON.stringify(view);
+  if (key === lastView) return;
+  if (send(view)) lastView = key;
+}
+
+map.on('moveend', () => {
+  clearTimeout(viewTimer);
+  viewTimer = setTimeout(sendView, VIEW_DELAY_MS);
+});
+
+// The WebSocket's query: the same view, so that the welcome is already for it.
+function viewQuery() {
+  if (!bigMap && !firstWelcome) return ''; // a small map: every pin
+  const [w, s, e, n] = viewBox();
+  return `?bbox=${w},${s},${e},${n}&zoom=${viewZoom()}`;
 }
 
 // After a welcome or a snapshot replaced the pins: trails and the person
@@ -1038,7 +1558,8 @@ function settlePins() {
   trails.keepOnly(ids);
   if (following !== null && !ids.has(following)) {
     stopFollowing();
-    toast('The person you followed is no longer on the map');
+    toast(bigMap && total !== null ? 'The person you followed is in a crowd: zoom in to see them'
+      : 'The person you followed is no longer on the map');
   }
 }
 
@@ -1077,6 +1598,7 @@ function linkDown(myAttempt, l, hadWelcome, code, reason) {
     // Everyone stays where they were last seen, the viewer too, shown as not live.
     notLiveSince = Date.now();
     document.body.classList.add('not-live');
+    crowdChanged(); // the crowd dims too
     refreshAges();
     people.invalidate();
   }
@@ -1122,6 +1644,7 @@ function mapGone(why) {
   link = null;
   connected = false;
   stopFollowing();
+  dropQueued();
   clearPins();
   trails.keepOnly(new Set());
   notLiveSince = null;
@@ -1171,7 +1694,8 @@ function connect() {
 function openWebSocket() {
   const myAttempt = ++attempt;
   setStatus('connecting', 'connecting\u2026');
-  const url = `${location.protocol === 'https:' ? 'wss:' : 'ws:'}//${location.host}${config.wsPath}`;
+  const scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
+  const url = `${scheme}//${location.host}${config.wsPath}${viewQuery()}`;
   let ws;
   try {
     ws = new WebSocket(url);
@@ -1418,7 +1942,12 @@ window.livemap = Object.freeze({
       return {x: (a.left + a.right) / 2, y: (a.top + a.bottom) / 2};
     })(),
     centre: [map.getCenter().lat, map.getCenter().lng],
+    total,
+    big: bigMap,
+    drawn: crowd.drawn.pins,
   }),
+  // The clusters on the screen: [{id, count, x, y}] (container pixels).
+  clusters: () => crowd.drawn.clusters.map((c) => ({...c})),
   pin: (id) => {
     const entry = pins.get(id);
     return entry ? {...entry.pin, stale: entry.stale} : null;

@@ -1,6 +1,8 @@
 // The people list: everyone on the map, nearest first, the viewer on top as
 // "you". A tap on a person asks app.js to follow them. On a phone the panel
-// is one line until it is opened; on a larger screen it starts open.
+// is one line until it is opened; on a larger screen it starts open. On a
+// big map it counts the server's total, and its search asks the server for
+// the people the page is not sent.
 //
 // Hooks for tests from outside (docs/architecture.md, "The page"): the list
 // is [data-people-list], each row [data-person-id="{pin id}"], and the
@@ -11,6 +13,10 @@ import {batteryLevel, distanceMetres, fixAge, formatDistance, ago, sourceLabel} 
 const SEARCH_FROM = 9; // the search box shows once more than 8 people are on the map
 const MAX_ROWS = 100; // more rows than this would not be read; the search finds the rest
 const RENDER_DELAY_MS = 150; // a burst of updates renders once
+const BIG_RENDER_DELAY_MS = 1000; // ... and once a second on a map of hundreds
+const BIG_LIST = 300;
+const SEARCH_DELAY_MS = 250; // the server is asked once typing pauses
+const SEARCH_LIMIT = 100;
 
 /** Lower case without accents, so "jose" finds "José". */
 function folded(text) {
@@ -22,7 +28,9 @@ export class PeoplePanel {
    * @param {object} el the panel's elements (root, toggle, count, summary, body, list,
    *   searchBox, search, more, unfollow, template)
    * @param {object} app {people(): person[], context(): {origin, now, following, notLiveFor,
-   *   stale}, choose(id), unfollow(), changed()}
+   *   stale}, total(): number|null (everyone on the map, when the server says), search(query):
+   *   Promise<person[]|null>|null (the server's search: null where it has none),
+   *   choose(id, person), unfollow(), changed()}
    */
   constructor(el, app) {
     this.el = el;
@@ -31,12 +39,20 @@ export class PeoplePanel {
     this.timer = null;
     this.isOpen = false;
     this.order = [];
+    this.count = 0;
+    // The server's answer to the search box on a big map: {query, people}.
+    this.found = null;
+    this.searchTimer = null;
+    this.asked = null; // the query the server is being asked
     el.toggle.addEventListener('click', () => this.setOpen(!this.isOpen));
     el.unfollow.addEventListener('click', () => app.unfollow());
     el.search.addEventListener('input', () => this.render());
     el.list.addEventListener('click', (e) => {
       const row = e.target.closest('[data-person-id]');
-      if (row) app.choose(row.dataset.personId);
+      if (!row) return;
+      const id = row.dataset.personId;
+      const found = this.found && this.found.people.find((p) => p.id === id);
+      app.choose(id, found || null);
     });
     el.root.addEventListener('keydown', (e) => {
       if (e.key === 'Escape' && this.isOpen && this.collapsible()) {
@@ -63,7 +79,37 @@ export class PeoplePanel {
   /** Something changed: render soon (once for a burst of updates). */
   invalidate() {
     if (this.timer !== null) return;
-    this.timer = setTimeout(() => this.render(), RENDER_DELAY_MS);
+    this.timer = setTimeout(() => this.render(),
+                            this.count > BIG_LIST ? BIG_RENDER_DELAY_MS : RENDER_DELAY_MS);
+  }
+
+  // A big map: the page holds only what it shows, so a name is looked up by
+  // the server (null from app.search: it cannot, and the list searches itself).
+  askServer(query) {
+    if (!query) {
+      this.found = null;
+      this.asked = null;
+      clearTimeout(this.searchTimer);
+      return;
+    }
+    if (this.asked === query || (this.found && this.found.query === query)) return;
+    this.asked = query;
+    clearTimeout(this.searchTimer);
+    this.searchTimer = setTimeout(() => {
+      const asking = this.app.search(query);
+      if (!asking) {
+        this.asked = null;
+        return;
+      }
+      asking.then((people) => {
+        if (this.asked !== query) return;
+        this.asked = null;
+        if (people) {
+          this.found = {query, people};
+          this.render();
+        }
+      });
+    }, SEARCH_DELAY_MS);
   }
 
   render() {
@@ -77,14 +123,29 @@ export class PeoplePanel {
     people.sort((a, b) => (b.mine - a.mine) ||
       ((a.distance ?? Infinity) - (b.distance ?? Infinity)) ||
       a.label.localeCompare(b.label) || (a.id < b.id ? -1 : a.id > b.id ? 1 : 0));
-    const n = people.length;
-    this.el.count.textContent = `${n} ${n === 1 ? 'person' : 'people'}`;
+    const total = this.app.total();
+    const n = total !== null ? Math.max(total, people.length) : people.length;
+    this.count = n;
+    this.el.count.textContent = `${n.toLocaleString('en-US')} ${n === 1 ? 'person' : 'people'}`;
     this.renderSummary(people, ctx);
 
     this.el.searchBox.hidden = n < SEARCH_FROM;
     if (!this.isOpen) return;
-    const query = this.el.searchBox.hidden ? '' : folded(this.el.search.value.trim());
-    const shown = query ? people.filter((p) => folded(p.label).includes(query)) : people;
+    const typed = this.el.searchBox.hidden ? '' : this.el.search.value.trim();
+    const query = folded(typed);
+    // On a map bigger than what the page holds, the server finds the rest.
+    if (total !== null && total > people.length) this.askServer(typed);
+    else this.askServer('');
+    let shown = query ? people.filter((p) => folded(p.label).includes(query)) : people;
+    if (query && this.found && this.found.query === typed) {
+      const have = new Set(shown.map((p) => p.id));
+      const more = this.found.people.filter((p) => !have.has(p.id)).map((p) => ({
+        ...p,
+        distance: ctx.origin && !p.mine ? distanceMetres(ctx.origin, p) : null,
+      }));
+      shown = shown.concat(more).sort((a, b) => (b.mine - a.mine) ||
+        ((a.distance ?? Infinity) - (b.distance ?? Infinity)) || a.label.localeCompare(b.label));
+    }
     const rows = shown.slice(0, MAX_ROWS);
     const keep = new Set(rows.map((p) => p.id));
     for (const [id, row] of this.rows) {
