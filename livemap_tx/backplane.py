@@ -60,7 +60,6 @@ lost its data (a new epoch), the devices it knows.
 from __future__ import annotations
 
 import math
-import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence
 
@@ -69,12 +68,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from twisted.application import service
 from twisted.internet import defer, task
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .device_store import fix_value
-from .hub import DEVICES, Hub, Pin
+from .cluster_stores import ClusterStores
+from .hub import Hub, Pin
 from .links import (
     DEFAULT_CLUSTER,
     Link,
@@ -83,7 +82,9 @@ from .links import (
     MemoryLink,
     new_node_id,
 )
+from .map_watching import DEVICE_LEASE, LINGER, REQUEST_LEASE, MapWatch, MapWatching
 from .maps import MapDirectory
+from .membership import DEFAULT_NODE_TTL, Membership
 from .redis_link import PROTOCOL_VERSION, RedisAddress, RedisLink, parse_redis_url
 
 if TYPE_CHECKING:
@@ -92,16 +93,6 @@ if TYPE_CHECKING:
 # Pins per `mfull` message: keeps each bus message (and each parse on the
 # receiving reactor) small.
 FULL_CHUNK = 1000
-DEFAULT_NODE_TTL = 6.0
-# How long a map stays watched after the last thing that needed it.
-LINGER = 3.0
-# How long a request's need of a map lasts (until a WebSocket upgrade's
-# client has joined, while an API answer is written; a connected client
-# holds the map by itself); a phone app's report keeps its map for
-# `DEVICE_LEASE`, so that its next report (and OwnTracks' Friends) finds
-# the map in sync.
-REQUEST_LEASE = 2.0
-DEVICE_LEASE = 600.0
 
 
 @dataclass
@@ -121,34 +112,15 @@ def _state_entries(pins: Iterable[Pin]) -> bytes:
     return b",".join(b"[%d,%s]" % (pin.version, pin.json()) for pin in pins)
 
 
-class MapWatch:
-    """A map this node watches: whether it is in sync, who needs it, until when."""
-
-    __slots__ = ("name", "synced", "waiters", "awaiting", "answered", "devices_loaded",
-                 "timer", "lease_until", "linger", "generation")
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.synced = False
-        self.waiters: list[defer.Deferred] = []
-        # Nodes that must answer before the map is in sync (None: unknown yet).
-        self.awaiting: Optional[int] = None
-        self.answered: set[str] = set()
-        self.devices_loaded = False
-        self.timer: Optional[IDelayedCall] = None
-        self.lease_until = -math.inf
-        self.linger: Optional[IDelayedCall] = None
-        # Counts syncs: an answer of an older sync never completes a newer one.
-        self.generation = 0
-
-
-class Backplane(service.Service):
+class Backplane(MapWatching, Membership, ClusterStores, service.Service):
     """
     Shares this node's pins of the maps it serves with the other nodes that
     serve them, and applies theirs to the hub. A twisted Service: start it,
     and the hub's ticks are published; stop it, and the other nodes drop
     this node's pins at once. It is also the cluster's store of private maps
-    (`share_maps`) and devices (`share_devices`).
+    (`share_maps`) and devices (`share_devices`). Its parts: map_watching.py
+    (the maps it serves), membership.py (the other nodes), cluster_stores.py
+    (private maps and devices); here, the messages between nodes.
     """
 
     log = Logger()
@@ -260,295 +232,6 @@ class Backplane(service.Service):
         self._sync_waiters.append(waiter)
         return waiter
 
-    # Watching maps
-
-    def watch(self, map_name: str, lease: float = REQUEST_LEASE) -> defer.Deferred:
-        """
-        Serve `map_name` for at least `lease` seconds; fires once this node
-        holds the other nodes' pins of it (or after `map_sync_timeout`), with
-        how ("complete", "already", "timed out", ...).
-        """
-        watch = self._watch(map_name)
-        watch.lease_until = max(watch.lease_until, self.clock.seconds() + lease)
-        self._release_later(watch, lease)
-        if watch.synced:
-            return defer.succeed("already")
-        waiter: defer.Deferred = defer.Deferred()
-        watch.waiters.append(waiter)
-        return waiter
-
-    def map_in_use(self, map_name: str) -> None:
-        """`Hub.watcher`: a map got its first client on this node."""
-        watch = self._watch(map_name)
-        if watch.linger is not None and watch.linger.active():
-            watch.linger.cancel()
-        watch.linger = None
-
-    def map_out_of_use(self, map_name: str) -> None:
-        """`Hub.watcher`: a map's last client on this node left."""
-        watch = self.watches.get(map_name)
-        if watch is not None:
-            self._release_later(watch, 0.0)
-
-    def _watch(self, map_name: str) -> MapWatch:
-        watch = self.watches.get(map_name)
-        if watch is None:
-            watch = self.watches[map_name] = MapWatch(map_name)
-            self._start_sync(watch)
-        return watch
-
-    def _release_later(self, watch: MapWatch, after: float) -> None:
-        delay = after + self.linger
-        if watch.linger is not None and watch.linger.active():
-            if watch.linger.getTime() >= self.clock.seconds() + delay:
-                return
-            watch.linger.cancel()
-        watch.linger = self.clock.callLater(delay, self._maybe_release, watch)
-
-    def _maybe_release(self, watch: MapWatch) -> None:
-        watch.linger = None
-        if self.watches.get(watch.name) is not watch:
-            return
-        map_state = self.hub.maps.get(watch.name)
-        now = self.clock.seconds()
-        if (map_state is not None and map_state.members) or watch.lease_until > now:
-            if watch.lease_until > now:
-                self._release_later(watch, watch.lease_until - now)
-            return
-        self._unwatch(watch)
-
-    def _unwatch(self, watch: MapWatch) -> None:
-        """Nothing here needs the map: stop listening, drop what others hold of it."""
-        del self.watches[watch.name]
-        if watch.timer is not None and watch.timer.active():
-            watch.timer.cancel()
-        self._map_synced(watch, watch.generation, "unwatched")
-        self.link.unwatch_map(watch.name)
-        self.have = {pair for pair in self.have if pair[1] != watch.name}
-        self.asked = {pair for pair in self.asked if pair[1] != watch.name}
-        for pair in [pair for pair in self.replacing if pair[1] == watch.name]:
-            del self.replacing[pair]
-        self.hub.drop_others(watch.name)
-        self.stats.maps_unwatched += 1
-
-    def _start_sync(self, watch: MapWatch) -> None:
-        watch.generation += 1
-        watch.synced = False
-        watch.awaiting = None
-        watch.answered = set()
-        watch.devices_loaded = self.devices is None
-        if watch.timer is not None and watch.timer.active():
-            watch.timer.cancel()
-        generation = watch.generation
-        watch.timer = self.clock.callLater(self.map_sync_timeout, self._map_synced, watch,
-                                           generation, "timed out")
-        self.stats.map_syncs += 1
-        self.link.watch_map(watch.name).addCallbacks(
-            lambda _: self._listening(watch, generation),
-            lambda failure: self._map_synced(watch, generation, "not linked"))
-
-    def _listening(self, watch: MapWatch, generation: int) -> None:
-        if watch.generation != generation or self.watches.get(watch.name) is not watch:
-            return
-        # Our own pins of it to everyone (they may have missed our deltas),
-        # and a request for theirs, answered by every node it reached: a
-        # node that starts listening later was not asked, and sends its
-        # pins by itself.
-        self._send_map_full(watch.name, None)
-        self.link.ask_map(watch.name, orjson.dumps(
-            {"t": "mhello", "n": self.node, "m": watch.name})).addCallbacks(
-            lambda reached: self._asked(watch, generation, reached),
-            lambda failure: self._map_synced(watch, generation, "not linked"))
-        if self.devices is not None:
-            defer.Deferred.fromCoroutine(self._load_devices(watch, generation)).addErrback(
-                self._devices_failed, watch, generation)
-
-    def _asked(self, watch: MapWatch, generation: int, reached: int) -> None:
-        if watch.generation != generation or self.watches.get(watch.name) is not watch:
-            return
-        watch.awaiting = max(0, reached - 1)
-        self._check_synced(watch)
-
-    async def _load_devices(self, watch: MapWatch, generation: int) -> None:
-        assert self.devices is not None
-        values = await self.device_keys.load_fixes(watch.name, self.clock.seconds() * 1000)
-        if watch.generation != generation or self.watches.get(watch.name) is not watch:
-            return
-        entries = []
-        for value in values:
-            try:
-                decoded = orjson.loads(value)
-                [state] = self._states([decoded["e"]])
-                entries.append(state)
-            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-                self.stats.bad_messages += 1
-        self.devices.replace_map(watch.name, entries)
-        watch.devices_loaded = True
-        self._check_synced(watch)
-
-    def _devices_failed(self, failure: Any, watch: MapWatch, generation: int) -> None:
-        self.log.warn("could not load the devices of a map: {error}",
-                      error=failure.getErrorMessage())
-        if watch.generation == generation:
-            watch.devices_loaded = True
-            self._check_synced(watch)
-
-    def _check_synced(self, watch: MapWatch) -> None:
-        if (not watch.synced and watch.devices_loaded and watch.awaiting is not None
-                and len(watch.answered) >= watch.awaiting):
-            self._map_synced(watch, watch.generation, "complete")
-
-    def _map_synced(self, watch: MapWatch, generation: int, how: str) -> None:
-        if watch.generation != generation or watch.synced:
-            return
-        watch.synced = True
-        if watch.timer is not None and watch.timer.active():
-            watch.timer.cancel()
-        watch.timer = None
-        waiters, watch.waiters = watch.waiters, []
-        for waiter in waiters:
-            waiter.callback(how)
-
-    # The private maps: this backplane is the directory's MapStore
-
-    def share_maps(self, directory: MapDirectory) -> None:
-        """Keep `directory`'s private maps in the link's store, for every node."""
-        self.directory = directory
-        directory.store = self
-
-    def add_map(self, name: str, expires: Optional[float], *, cap: int,
-                forget_before: float) -> defer.Deferred:
-        """`MapStore.add_map`: in the link's store, then told to every node."""
-        if not self.link.linked:
-            return defer.fail(ConnectionError(f"not linked to {self.link.describe()}"))
-        expires_ms = math.inf if expires is None else round(expires * 1000)
-
-        def added(outcome: str) -> str:
-            if outcome == "added":
-                self._publish(b'{"t":"map","n":%s,"m":%s,"x":%s}' % (
-                    orjson.dumps(self.node), orjson.dumps(name),
-                    b"null" if expires is None else b"%d" % expires_ms))
-            return outcome
-        return self.link.add_map(name, expires_ms, cap=cap,
-                                 forget_before_ms=round(forget_before * 1000)).addCallback(added)
-
-    def find_map(self, name: str) -> defer.Deferred:
-        """`MapStore.find_map`: the expiry in the clock's seconds, or None."""
-        if not self.link.linked:
-            return defer.fail(ConnectionError(f"not linked to {self.link.describe()}"))
-        return self.link.find_map(name).addCallback(
-            lambda expires_ms: None if expires_ms is None else expires_ms / 1000)
-
-    def _restore_maps(self) -> None:
-        # Redis may have restarted empty: write back what this node knows
-        # (ZADD NX: nothing that is there is changed).
-        if self.directory is None:
-            return
-        maps = [(name, math.inf if expires is None else round(expires * 1000))
-                for name, expires in self.directory.entries()]
-        if maps:
-            self.link.restore_maps(maps).addErrback(
-                lambda failure: self.log.warn("could not restore {count} private maps: {error}",
-                                              count=len(maps), error=failure.getErrorMessage()))
-
-    def _learn_map(self, message: dict) -> None:
-        name, expires_ms = message["m"], message["x"]
-        if not isinstance(name, str) or not (
-                expires_ms is None or (isinstance(expires_ms, (int, float))
-                                       and not isinstance(expires_ms, bool))):
-            raise ValueError("bad map message")
-        if self.directory is not None:
-            self.directory.learn(name, None if expires_ms is None else expires_ms / 1000)
-
-    # The devices: this backplane is the DeviceStore of the node's Devices
-
-    def share_devices(self, devices: Devices) -> None:
-        """Keep `devices` in the link's store, for every node (device_store.py)."""
-        self.devices = devices
-        self.device_keys = self.link.device_keys()
-        devices.store = self
-
-    def add_device(self, token_hash: str, record: dict, expires_ms: float, *,
-                   cap: int, now_ms: float) -> defer.Deferred:
-        if not self.link.linked:
-            return defer.fail(ConnectionError(f"not linked to {self.link.describe()}"))
-        return self.device_keys.add_device(token_hash, orjson.dumps(record), expires_ms,
-                                           cap=cap, now_ms=now_ms)
-
-    def find_device(self, token_hash: str, now_ms: float) -> defer.Deferred:
-        if not self.link.linked:
-            return defer.fail(ConnectionError(f"not linked to {self.link.describe()}"))
-        return self.device_keys.find_device(token_hash, now_ms).addCallback(
-            lambda found: None if found is None else orjson.loads(found))
-
-    def remove_device(self, token_hash: str, map_name: str, pin_id: str) -> defer.Deferred:
-        if not self.link.linked:
-            return defer.fail(ConnectionError(f"not linked to {self.link.describe()}"))
-
-        def removed(existed: bool) -> bool:
-            self.link.publish_map(map_name, b'{"t":"devgone","n":%s,"m":%s,"i":%s,"k":%s}' % (
-                orjson.dumps(self.node), orjson.dumps(map_name), orjson.dumps([pin_id]),
-                orjson.dumps([token_hash])))
-            return existed
-        return self.device_keys.remove_device(token_hash, map_name).addCallback(removed)
-
-    def save_fix(self, token_hash: str, map_name: str, version: int, entry: bytes,
-                 now_ms: float, expires_ms: float) -> defer.Deferred:
-        if not self.link.linked:
-            return defer.fail(ConnectionError(f"not linked to {self.link.describe()}"))
-        name = orjson.dumps(map_name)
-
-        def saved(outcome: str) -> str:
-            if outcome == "saved":
-                self.link.publish_map(map_name, b'{"t":"dev","n":%s,"m":%s,"p":[%s]}' % (
-                    orjson.dumps(self.node), name, entry))
-            return outcome
-        return self.device_keys.save_fix(token_hash, map_name, version, fix_value(name, entry),
-                                         now_ms, expires_ms).addCallback(saved)
-
-    async def _check_device_epoch(self) -> None:
-        """If the store lost its data (a new epoch), write back what this node knows."""
-        assert self.devices is not None
-        epoch = await self.device_keys.epoch(secrets.token_hex(8))
-        if self._device_epoch is not None and epoch != self._device_epoch:
-            await self._restore_devices()
-        self._device_epoch = epoch
-
-    async def _restore_devices(self) -> None:
-        assert self.devices is not None
-        records = self.devices.known_records()
-        self.log.info("node {node}: the device store is new; writing back {count} devices",
-                      node=self.node, count=len(records))
-        await self.device_keys.restore(
-            (key, orjson.dumps(record), until) for key, record, until in records)
-        by_id = {record["i"]: (key, until) for key, record, until in records}
-        now_ms = self.clock.seconds() * 1000
-        for map_state in list(self.hub.maps.values()):
-            name = orjson.dumps(map_state.name)
-            for pin in list(map_state.pins.values()):
-                found = by_id.get(pin.id)
-                if pin.origin == DEVICES and found is not None:
-                    entry = b"[%d,%s]" % (pin.version, pin.json())
-                    await self.device_keys.save_fix(found[0], map_state.name, pin.version,
-                                                    fix_value(name, entry), now_ms, found[1])
-
-    # Health and metrics
-
-    def health_problem(self) -> Optional[str]:
-        """None while linked and agreed; else what /healthz should say (still 200)."""
-        if self.mismatch is not None:
-            return self.mismatch
-        if self.link.linked:
-            return None
-        assert self.down_since is not None
-        since = self.clock.seconds() - self.down_since
-        what = "connecting to" if not self.ever_linked else "cut off from"
-        return (f"{what} {self.link.describe()} for {since:.0f} s: serving this node's "
-                f"clients only, reconnecting")
-
-    def nodes(self) -> int:
-        return len(self.last_seen)
-
     # LinkReceiver
 
     def link_up(self) -> None:
@@ -649,17 +332,6 @@ class Backplane(service.Service):
             self.stats.bad_messages += 1
             self.log.failure("could not apply a message of node {origin}", origin=origin)
 
-    def _check_servers(self, origin: str, fingerprint: Any) -> None:
-        if fingerprint == self.link.fingerprint:
-            return
-        problem = (f"node {origin} uses another list of Redis servers than this node "
-                   f"({self.link.describe()}): maps would be split between them; give every "
-                   f"node the same --redis list, in the same order")
-        if self.mismatch != problem:
-            self.mismatch = problem
-            self.log.error("{problem}", problem=problem)
-
-    # Publishing
 
     def publish_tick(self, map_name: str, pins: list[Pin], gone: list[str]) -> None:
         """`Hub.publisher`: this node's changes of one map tick, as one message."""
@@ -754,13 +426,6 @@ class Backplane(service.Service):
         except Exception:
             self.log.failure("backplane {job} failed", job=getattr(job, "__name__", job))
 
-    def _heartbeat(self) -> None:
-        if not self.link.linked:
-            return
-        self.link.announce(self.node_ttl)
-        if self.clock.seconds() - self.last_publish >= self.beat_interval:
-            self._publish(self._beat_message)
-
     # Applying
 
     @staticmethod
@@ -796,24 +461,6 @@ class Backplane(service.Service):
                 # it starts serving the map: it was not among those asked).
                 watch.answered.add(origin)
                 self._check_synced(watch)
-
-    def sweep(self) -> None:
-        """Drop the pins of nodes not heard from within the node TTL."""
-        bound = self.clock.seconds() - self.node_ttl
-        for origin, seen in list(self.last_seen.items()):
-            if seen < bound:
-                self.stats.nodes_expired += 1
-                self._forget(origin, f"silent for {self.node_ttl:g} s")
-
-    def _forget(self, origin: str, why: str) -> None:
-        self.last_seen.pop(origin, None)
-        self.have = {pair for pair in self.have if pair[0] != origin}
-        self.asked = {pair for pair in self.asked if pair[0] != origin}
-        for pair in [pair for pair in self.replacing if pair[0] == origin]:
-            del self.replacing[pair]
-        dropped = self.hub.drop_origin(origin)
-        self.log.info("node {origin} {why}: dropped its {count} pins", origin=origin, why=why,
-                      count=dropped)
 
     def _bad(self, message: bytes) -> None:
         self.stats.bad_messages += 1
@@ -883,6 +530,7 @@ def make_backplane(hub: Hub, reactor: Any, urls: str, *, cluster: str = DEFAULT_
     return Backplane(hub, link, reactor, node_ttl=node_ttl)
 
 
-__all__ = ["Backplane", "BackplaneCollector", "BackplaneStats", "DEVICE_LEASE", "Link",
-           "LinkReceiver", "MemoryBus", "MemoryLink", "PROTOCOL_VERSION", "REQUEST_LEASE",
+__all__ = ["Backplane", "BackplaneCollector", "BackplaneStats", "DEFAULT_NODE_TTL",
+           "DEVICE_LEASE", "LINGER", "Link", "LinkReceiver", "MapWatch", "MemoryBus",
+           "MemoryLink", "PROTOCOL_VERSION", "REQUEST_LEASE",
            "RedisAddress", "RedisLink", "make_backplane", "new_node_id", "parse_redis_url"]

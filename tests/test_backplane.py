@@ -335,7 +335,7 @@ def test_each_subscription_is_acknowledged_by_its_own_reply():
     """
     from twisted.internet.testing import StringTransport
 
-    from livemap_tx.redis_link import _SubscriberProtocol
+    from livemap_tx.redis_server_link import _SubscriberProtocol
 
     clock = task.Clock()
     protocol = _SubscriberProtocol(charset=None)
