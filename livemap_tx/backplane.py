@@ -11,11 +11,12 @@ any more for a few seconds is unwatched, and its remote pins dropped.
 
 What travels (JSON objects, one per bus message; `n` is the sender's node id):
 
-On the cluster's channel:
-- `hello`: `{"t": "hello", "n", "f": SERVERS}`: "I (re)joined". `f` names
-  the sender's list of Redis servers: nodes with different lists would put
-  maps on different servers, and say so loudly (`health_problem`).
-- `beat`: `{"t": "beat", "n", "f"}`: "I am alive", when the node published
+On the cluster's channel (on every server that is up):
+- `hello`: `{"t": "hello", "n", "f": SERVERS, "s": DESCRIBED}`: "I
+  (re)joined". `f` names the sender's set of Redis servers (`s` lists
+  them): nodes with different sets would put maps on different servers, so
+  they refuse to serve and say so (membership.py).
+- `beat`: `{"t": "beat", "n", "f", "s"}`: "I am alive", when the node published
   nothing else on this channel for a while.
 - `bye`: `{"t": "bye", "n"}`: the node is stopping; its pins go at once.
 - `map`: `{"t": "map", "n", "m": NAME, "x": EXPIRES_MS or null}`: the sender
@@ -31,7 +32,8 @@ On a map's channel:
 - `mfull`: `{"t": "mfull", "n", "m": MAP, "k": CHUNK, "end": BOOL, "r": [NODE, ...],
   "p": [[VERSION, PIN], ...]}`, every pin of the sender on that map, in
   chunks; the chunks up to `end` *replace* what a receiver holds of the
-  sender on that map. Sent to the asker's own channel, or on the map's
+  sender on that map. Sent to the asker's own channel on the map's server
+  (so that the sender's later deltas never overtake it), or on the map's
   channel (when several asked, and to everyone after (re)linking); `r`
   names the askers it answers (none: the sender started serving the map).
 - `dev`, `devgone`: a device's newest fix, a device deleted (devices.py).
@@ -158,12 +160,19 @@ class Backplane(MapWatching, Membership, ClusterStores, service.Service):
         self.replacing: dict[tuple[str, str], set[str]] = {}
         # (node, map) asked for their state that have not sent it yet.
         self.asked: set[tuple[str, str]] = set()
-        # Another node's list of Redis servers, if it differs from ours.
+        # Why this node refuses to serve (another node has another set of
+        # Redis servers), and the nodes that disagree, with when last seen.
         self.mismatch: Optional[str] = None
+        self.disagreeing: dict[str, tuple[float, str]] = {}
         self.last_publish = -math.inf
         self.linked_since: Optional[float] = None
         self.down_since: Optional[float] = clock.seconds()
         self.ever_linked = False
+        # The link's servers that are down, and since when.
+        self.servers_down: dict[str, float] = {
+            server: clock.seconds() for server in link.down_servers()}
+        self._store_checked = False
+        self._servers_seen: set[str] = set()
         # Maps -> nodes (None: everyone) that asked for this node's pins.
         self._reply_to: dict[str, set[str]] = {}
         self._reply_call: Any = None
@@ -176,9 +185,10 @@ class Backplane(MapWatching, Membership, ClusterStores, service.Service):
         self._beat.clock = clock
         self._sweep = task.LoopingCall(self._guarded, self.sweep)
         self._sweep.clock = clock
-        self._hello = orjson.dumps({"t": "hello", "n": self.node, "f": link.fingerprint})
+        self._hello = orjson.dumps({"t": "hello", "n": self.node, "f": link.fingerprint,
+                                    "s": link.describe()})
         self._beat_message = orjson.dumps({"t": "beat", "n": self.node,
-                                           "f": link.fingerprint})
+                                           "f": link.fingerprint, "s": link.describe()})
 
     # Service
 
@@ -234,23 +244,33 @@ class Backplane(MapWatching, Membership, ClusterStores, service.Service):
 
     # LinkReceiver
 
-    def link_up(self) -> None:
+    def server_up(self, server: str) -> None:
+        """A server of the link is up: resync the maps on it (all of them if it keeps the stores)."""
         now = self.clock.seconds()
-        if self.ever_linked:
-            self.log.info("node {node}: link to {link} is back after {seconds:.1f} s; resyncing",
-                          node=self.node, link=self.link.describe(),
-                          seconds=now - (self.down_since or now))
+        since = self.servers_down.pop(server, now)
+        if server in self._servers_seen:
+            self.log.info("node {node}: link to {server} is back after {seconds:.1f} s; "
+                          "resyncing", node=self.node, server=server, seconds=now - since)
         else:
-            self.log.info("node {node}: linked to {link}", node=self.node,
-                          link=self.link.describe())
+            self.log.info("node {node}: linked to {server}", node=self.node, server=server)
+        self._servers_seen.add(server)
         self.ever_linked = True
-        self.linked_since, self.down_since = now, None
+        if self.linked_since is None:
+            self.linked_since, self.down_since = now, None
         self.stats.resyncs += 1
-        self.asked.clear()
-        self.replacing.clear()
-        self.have.clear()
+        on_server = {name for name in self.watches if self.link.server_name(name) == server}
+        self.asked = {pair for pair in self.asked if pair[1] not in on_server}
+        self.have = {pair for pair in self.have if pair[1] not in on_server}
+        for pair in [pair for pair in self.replacing if pair[1] in on_server]:
+            del self.replacing[pair]
         self.link.announce(self.node_ttl)
         self._publish(self._hello)
+        self._check_agreement()
+        if server != self.link.server_name():
+            for name in on_server:
+                self._start_sync(self.watches[name])
+            self._maybe_finish_sync()
+            return
         self._restore_maps()
         if self.devices is not None:
             defer.Deferred.fromCoroutine(self._check_device_epoch()).addBoth(
@@ -262,17 +282,33 @@ class Backplane(MapWatching, Membership, ClusterStores, service.Service):
         if isinstance(result, Failure):
             self.log.warn("could not check the device store: {error}",
                           error=result.getErrorMessage())
-        # Every map this node serves is synced again: what was published
-        # while cut off was lost, and the store may be new.
+        # Every map this node serves (on a server that is up) is synced
+        # again: what was published while cut off was lost, and the store
+        # may be new.
         for watch in list(self.watches.values()):
-            self._start_sync(watch)
-        self._finish_sync("linked")
+            if self.link.map_linked(watch.name):
+                self._start_sync(watch)
+        self._store_checked = True
+        self._maybe_finish_sync()
 
-    def link_down(self, reason: str) -> None:
-        self.linked_since, self.down_since = None, self.clock.seconds()
-        self.log.warn("node {node}: lost the link to {link} ({reason}); serving this node's "
-                      "clients, reconnecting", node=self.node, link=self.link.describe(),
-                      reason=reason)
+    def _maybe_finish_sync(self) -> None:
+        if self._store_checked and not self.link.down_servers():
+            self._finish_sync("linked")
+
+    def server_down(self, server: str, reason: str) -> None:
+        now = self.clock.seconds()
+        self.servers_down[server] = now
+        if not self.link.linked:
+            self.linked_since, self.down_since = None, now
+            self.log.warn("node {node}: lost the link to {server} ({reason}); serving this "
+                          "node's clients, reconnecting", node=self.node, server=server,
+                          reason=reason)
+            return
+        stores = (" and the private maps and devices" if server == self.link.server_name()
+                  else "")
+        self.log.warn("node {node}: lost the link to {server} ({reason}): the maps on it"
+                      "{stores} are unavailable until it is back; reconnecting",
+                      node=self.node, server=server, reason=reason, stores=stores)
 
     def message_received(self, message: bytes) -> None:
         try:
@@ -285,9 +321,14 @@ class Backplane(MapWatching, Membership, ClusterStores, service.Service):
             return
         self.stats.received += 1
         known = origin in self.last_seen
+        if kind == "bye":
+            # Said on every server: the first one counts.
+            if known:
+                self._forget(origin, "said goodbye")
+            return
         self.last_seen[origin] = self.clock.seconds()
         try:
-            if not known and kind != "bye" and self.watches:
+            if not known and self.watches:
                 # A node new to us, or heard again after we dropped it (a
                 # long stall): whatever it holds of the maps we serve, we
                 # do not have. Ask, in one message.
@@ -314,13 +355,11 @@ class Backplane(MapWatching, Membership, ClusterStores, service.Service):
                 elif self.devices is not None:
                     self.devices.remote_gone(map_name, list(decoded["i"]), list(decoded["k"]))
             elif kind in ("hello", "beat"):
-                self._check_servers(origin, decoded.get("f"))
+                self._check_servers(origin, decoded.get("f"), decoded.get("s"))
             elif kind == "ask":
                 for map_name in decoded["ms"]:
                     if isinstance(map_name, str) and map_name in self.watches:
                         self._reply(origin, map_name)
-            elif kind == "bye":
-                self._forget(origin, "said goodbye")
             elif kind == "map":
                 self._learn_map(decoded)
             else:
@@ -335,15 +374,16 @@ class Backplane(MapWatching, Membership, ClusterStores, service.Service):
 
     def publish_tick(self, map_name: str, pins: list[Pin], gone: list[str]) -> None:
         """`Hub.publisher`: this node's changes of one map tick, as one message."""
-        if not self.link.linked:
+        if not self.link.map_linked(map_name):
             self.stats.dropped += 1
             return
         self._count(self.link.publish_map(map_name, b'{"t":"delta","n":%s,"m":%s,"p":[%s],"g":%s}' % (
             orjson.dumps(self.node), orjson.dumps(map_name), _state_entries(pins),
             orjson.dumps(gone))))
 
-    def _publish(self, message: bytes, to: Optional[str] = None) -> None:
-        published = self.link.publish(message, to)
+    def _publish(self, message: bytes, to: Optional[str] = None,
+                 map_name: Optional[str] = None) -> None:
+        published = self.link.publish(message, to, map_name)
         self._count(published)
         if published and to is None:
             # Only what every node hears stands in for a beat: deltas go to
@@ -376,13 +416,14 @@ class Backplane(MapWatching, Membership, ClusterStores, service.Service):
 
     def _send_map_full(self, map_name: str, to: Optional[str],
                        answering: Sequence[str] = ()) -> None:
-        # All chunks in one turn, on one connection: no delta of ours comes
-        # between them.
+        # All chunks in one turn, on one connection (the map's server, also
+        # when sent to one node): no delta of ours comes between them, and
+        # none that follows overtakes them.
         for message in self.map_full_messages(map_name, answering):
             if to is None:
                 self._count(self.link.publish_map(map_name, message))
             else:
-                self._publish(message, to)
+                self._publish(message, to, map_name)
         self.stats.full_states_sent += 1
 
     def _reply(self, origin: str, map_name: str) -> None:
@@ -394,10 +435,8 @@ class Backplane(MapWatching, Membership, ClusterStores, service.Service):
 
     def _send_replies(self) -> None:
         replies, self._reply_to = self._reply_to, {}
-        if not self.link.linked:
-            return
         for map_name, targets in replies.items():
-            if map_name not in self.watches:
+            if map_name not in self.watches or not self.link.map_linked(map_name):
                 continue
             if len(targets) > 2:
                 self._send_map_full(map_name, None, sorted(targets))
@@ -407,17 +446,19 @@ class Backplane(MapWatching, Membership, ClusterStores, service.Service):
 
     def _ask_all(self, origin: str) -> None:
         """Ask a node for its pins of every map this node serves (it answers for those it serves)."""
-        wanted = [name for name in self.watches if (origin, name) not in self.asked]
-        if wanted and self.link.linked:
+        wanted = [name for name in self.watches
+                  if (origin, name) not in self.asked and self.link.map_linked(name)]
+        if wanted:
             self.asked.update((origin, name) for name in wanted)
             self._publish(orjson.dumps({"t": "ask", "n": self.node, "ms": wanted}), origin)
 
     def _ask(self, origin: str, map_name: str) -> None:
         """We hold only part of a node's pins of a map (we missed its `mfull`): ask for it."""
         pair = (origin, map_name)
-        if pair not in self.asked and self.link.linked:
+        if pair not in self.asked and self.link.map_linked(map_name):
             self.asked.add(pair)
-            self._publish(orjson.dumps({"t": "mhello", "n": self.node, "m": map_name}), origin)
+            self._publish(orjson.dumps({"t": "mhello", "n": self.node, "m": map_name}), origin,
+                          map_name)
 
     def _guarded(self, job: Any) -> None:
         # A LoopingCall stops for good at its first exception: log and go on.

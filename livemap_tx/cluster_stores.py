@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import orjson
 from twisted.internet import defer
@@ -38,8 +38,7 @@ class ClusterStores:
     device_keys: Any = None
     _device_epoch: Optional[str]
 
-    def _publish(self, message: bytes, to: Optional[str] = None) -> None:
-        raise NotImplementedError
+    _publish: Callable[..., None]
 
     # The private maps: the directory's MapStore
 
@@ -51,8 +50,8 @@ class ClusterStores:
     def add_map(self, name: str, expires: Optional[float], *, cap: int,
                 forget_before: float) -> defer.Deferred:
         """`MapStore.add_map`: in the link's store, then told to every node."""
-        if not self.link.linked:
-            return defer.fail(ConnectionError(f"not linked to {self.link.describe()}"))
+        if not self.link.store_linked:
+            return defer.fail(ConnectionError(f"{self.link.server_name()} is down"))
         expires_ms = math.inf if expires is None else round(expires * 1000)
 
         def added(outcome: str) -> str:
@@ -66,8 +65,8 @@ class ClusterStores:
 
     def find_map(self, name: str) -> defer.Deferred:
         """`MapStore.find_map`: the expiry in the clock's seconds, or None."""
-        if not self.link.linked:
-            return defer.fail(ConnectionError(f"not linked to {self.link.describe()}"))
+        if not self.link.store_linked:
+            return defer.fail(ConnectionError(f"{self.link.server_name()} is down"))
         return self.link.find_map(name).addCallback(
             lambda expires_ms: None if expires_ms is None else expires_ms / 1000)
 
@@ -102,20 +101,20 @@ class ClusterStores:
 
     def add_device(self, token_hash: str, record: dict, expires_ms: float, *,
                    cap: int, now_ms: float) -> defer.Deferred:
-        if not self.link.linked:
-            return defer.fail(ConnectionError(f"not linked to {self.link.describe()}"))
+        if not self.link.store_linked:
+            return defer.fail(ConnectionError(f"{self.link.server_name()} is down"))
         return self.device_keys.add_device(token_hash, orjson.dumps(record), expires_ms,
                                            cap=cap, now_ms=now_ms)
 
     def find_device(self, token_hash: str, now_ms: float) -> defer.Deferred:
-        if not self.link.linked:
-            return defer.fail(ConnectionError(f"not linked to {self.link.describe()}"))
+        if not self.link.store_linked:
+            return defer.fail(ConnectionError(f"{self.link.server_name()} is down"))
         return self.device_keys.find_device(token_hash, now_ms).addCallback(
             lambda found: None if found is None else orjson.loads(found))
 
     def remove_device(self, token_hash: str, map_name: str, pin_id: str) -> defer.Deferred:
-        if not self.link.linked:
-            return defer.fail(ConnectionError(f"not linked to {self.link.describe()}"))
+        if not self.link.store_linked:
+            return defer.fail(ConnectionError(f"{self.link.server_name()} is down"))
 
         def removed(existed: bool) -> bool:
             self.link.publish_map(map_name, b'{"t":"devgone","n":%s,"m":%s,"i":%s,"k":%s}' % (
@@ -126,8 +125,8 @@ class ClusterStores:
 
     def save_fix(self, token_hash: str, map_name: str, version: int, entry: bytes,
                  now_ms: float, expires_ms: float) -> defer.Deferred:
-        if not self.link.linked:
-            return defer.fail(ConnectionError(f"not linked to {self.link.describe()}"))
+        if not self.link.store_linked:
+            return defer.fail(ConnectionError(f"{self.link.server_name()} is down"))
         name = orjson.dumps(map_name)
 
         def saved(outcome: str) -> str:

@@ -8,7 +8,7 @@ the requests waiting for it once the map's pins are whole.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import orjson
 from twisted.internet import defer
@@ -16,7 +16,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from .hub import Hub
-from .links import Link
+from .links import Link, MapUnavailable
 
 if TYPE_CHECKING:
     from .devices import Devices
@@ -73,19 +73,26 @@ class MapWatching:
     asked: set[tuple[str, str]]
     replacing: dict[tuple[str, str], set[str]]
 
-    def _send_map_full(self, map_name: str, to: Optional[str], answering: Any = ()) -> None:
-        raise NotImplementedError
-
-    @staticmethod
-    def _states(entries: list) -> list[dict]:
-        raise NotImplementedError
+    # Of the other parts of the backplane.
+    _send_map_full: Callable[..., None]
+    refusal: Callable[[], Optional[str]]
+    _states: Callable[[list], list[dict]]
 
     def watch(self, map_name: str, lease: float = REQUEST_LEASE) -> defer.Deferred:
         """
         Serve `map_name` for at least `lease` seconds; fires once this node
         holds the other nodes' pins of it (or after `map_sync_timeout`), with
-        how ("complete", "already", "timed out", ...).
+        how ("complete", "already", "timed out", ...). Fails with
+        MapUnavailable if this node refuses to serve, or the map's Redis
+        server is down (while another is up: with none, this node serves
+        its own clients, as a single node would).
         """
+        problem = self.refusal()
+        if problem is None and self.link.linked and not self.link.map_linked(map_name):
+            problem = (f"the Redis server of this map ({self.link.server_name(map_name)}) "
+                       f"is down; try again in a moment")
+        if problem is not None:
+            return defer.fail(MapUnavailable(problem))
         watch = self._watch(map_name)
         watch.lease_until = max(watch.lease_until, self.clock.seconds() + lease)
         self._release_later(watch, lease)

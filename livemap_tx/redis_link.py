@@ -2,22 +2,32 @@
 The link between nodes through Redis (txredisapi, on the reactor), spread
 over one or several Redis servers.
 
-A map's channel lives on one server, chosen by a stable hash of its name,
-so the pub/sub traffic of many maps is spread over the servers; the first
-server (the "home") also carries the cluster's channel, each node's own
-channel, the presence keys, the private maps and the devices (a little
-traffic, kept in one place). Every node must be given the same list of
-servers in the same order: the link's `fingerprint` names it, and nodes
-compare theirs (membership.py). Which server a map is on: sharding.py.
+A map's channel lives on one server, chosen by a stable hash of its name
+(sharding.py), so the pub/sub traffic of many maps is spread over the
+servers; one server (the "home", the first in the agreed order) also keeps
+the private maps and the devices. Every node must be given the same set of
+servers, in any order: the link's `fingerprint` names the set, every node
+announces its own with its presence on every server, and nodes compare
+(membership.py).
+
+Each server comes up and goes down by itself: while one is down, only the
+maps on it (and, for the home, the stores) are unavailable. The cluster's
+channel and each node's own channel are on every server, so nodes keep
+hearing each other through the servers that are up (the cluster's
+messages go on the home, or on every server up while it is down); a
+message to one node
+about a map goes through that map's server, in order with its deltas.
 
 Per server (redis_server_link.py): one connection for commands and
-publishing, one that subscribes; the link is up only while all of them are. Channels and keys, with C the cluster and D
-a server's database (pub/sub is not per database, so D is in channel names):
+publishing, one that subscribes; a server is up while both are. Channels
+and keys, with C the cluster and D a server's database (pub/sub is not per
+database, so D is in channel names):
 
-- `livemap:v2:C:D:all`, `livemap:v2:C:D:to:NODE` (home);
+- `livemap:v2:C:D:all`, `livemap:v2:C:D:to:NODE` (every server);
 - `livemap:v2:C:D:map:SHA1(MAP)` (the map's server);
-- `livemap:v2:C:node:NODE` (presence, expiring), `livemap:v2:C:maps`
-  (private maps), and the device keys of device_store.py (home).
+- `livemap:v2:C:node:NODE` (presence, expiring; every server),
+  `livemap:v2:C:maps` (private maps), and the device keys of
+  device_store.py (home).
 """
 
 from __future__ import annotations
@@ -44,13 +54,15 @@ from .redis_server_link import (
     parse_redis_url,
     parse_redis_urls,
 )
-from .sharding import servers_fingerprint, shard_of
+from .sharding import in_agreed_order, servers_fingerprint, shard_of
 # Private maps written back per command after a reconnection.
 RESTORE_CHUNK = 1000
+# Map names whose server is remembered (hashing is per message otherwise).
+PLACED_CACHE = 65536
 
 
 class RedisLink:
-    """A `Link` through one or several Redis servers (the first is the home)."""
+    """A `Link` through one or several Redis servers (the first in agreed order is the home)."""
 
     log = Logger()
 
@@ -70,17 +82,23 @@ class RedisLink:
         self.keepalive = keepalive
         self.linked = False
         self.receiver: Optional[LinkReceiver] = None
-        self.servers = [RedisServerLink(self, address, home=index == 0)
-                        for index, address in enumerate(addresses)]
+        by_place = {address.place: address for address in addresses}
+        self.places = in_agreed_order(list(by_place))
+        self.servers = [RedisServerLink(self, by_place[place], home=index == 0)
+                        for index, place in enumerate(self.places)]
         self.home = self.servers[0]
-        self.fingerprint = servers_fingerprint([server.address.place for server in self.servers])
+        self.fingerprint = servers_fingerprint(self.places)
+        # The servers that are up (both connections ready and subscribed).
+        self.up: set[RedisServerLink] = set()
+        self._placed: dict[str, RedisServerLink] = {}
         prefix = f"livemap:v{PROTOCOL_VERSION}:{cluster}"
         self.key_prefix = f"{prefix}:node:"
         self.maps_key = f"{prefix}:maps"
         self.store_prefix = prefix
         self.all_channel = self.home.channel("all")
         self.own_channel = self._node_channel(node)
-        self.home.channels.update({self.all_channel, self.own_channel})
+        for server in self.servers:
+            server.channels.update({server.channel("all"), server.channel(f"to:{node}")})
         self.watched: set[str] = set()
         self._stopping = False
         self._refusal: dict[str, str] = {}
@@ -94,7 +112,25 @@ class RedisLink:
         return self.home.channel(f"to:{node}")
 
     def server_of(self, map_name: str) -> RedisServerLink:
-        return self.servers[shard_of(map_name, len(self.servers))]
+        server = self._placed.get(map_name)
+        if server is None:
+            if len(self._placed) >= PLACED_CACHE:
+                self._placed.clear()
+            server = self._placed[map_name] = self.servers[shard_of(map_name, self.places)]
+        return server
+
+    @property
+    def store_linked(self) -> bool:
+        return self.home in self.up
+
+    def server_name(self, map_name: Optional[str] = None) -> str:
+        return str((self.home if map_name is None else self.server_of(map_name)).address)
+
+    def map_linked(self, map_name: str) -> bool:
+        return self.server_of(map_name) in self.up
+
+    def down_servers(self) -> list[str]:
+        return [str(server.address) for server in self.servers if server not in self.up]
 
     def _map_channel(self, map_name: str) -> tuple[RedisServerLink, bytes]:
         server = self.server_of(map_name)
@@ -111,36 +147,49 @@ class RedisLink:
     def stop(self) -> defer.Deferred:
         self._stopping = True
         self.linked = False
+        self.up.clear()
         if self._keepalive.running:
             self._keepalive.stop()
         return defer.gatherResults([server.stop() for server in self.servers],
                                    consumeErrors=True).addCallback(lambda _: None)
 
-    def publish(self, message: bytes, to: Optional[str] = None) -> bool:
-        if not self.linked:
+    def publish(self, message: bytes, to: Optional[str] = None,
+                map_name: Optional[str] = None) -> bool:
+        if to is None:
+            # On the home while it is up (every node listens on every
+            # server, so once is enough), else on every server that is up.
+            targets = [self.home] if self.home in self.up else [
+                server for server in self.servers if server in self.up]
+            sent = [server.command("publish", server.channel("all"), message)
+                    for server in targets]
+            return any(sent)
+        if map_name is not None:
+            server = self.server_of(map_name)
+        else:
+            server = self.home if self.home in self.up else next(
+                (server for server in self.servers if server in self.up), self.home)
+        if server not in self.up:
             return False
-        channel = self.all_channel if to is None else self._node_channel(to)
-        return self.home.command("publish", channel, message)
+        return server.command("publish", server.channel(f"to:{to}"), message)
 
     def publish_map(self, map_name: str, message: bytes) -> bool:
-        if not self.linked:
-            return False
         server, channel = self._map_channel(map_name)
+        if server not in self.up:
+            return False
         return server.command("publish", channel, message)
 
     def watch_map(self, map_name: str) -> defer.Deferred:
         self.watched.add(map_name)
         server, channel = self._map_channel(map_name)
-        if not self.linked:
+        if server not in self.up:
             server.channels.add(channel)
-            return defer.fail(ConnectionError("not linked to Redis"))
-
+            return defer.fail(ConnectionError(f"{server.address} is down"))
         return server.listen(channel).addCallback(lambda _: None)
 
     def ask_map(self, map_name: str, message: bytes) -> defer.Deferred:
-        if not self.linked:
-            return defer.fail(ConnectionError("not linked to Redis"))
         server, channel = self._map_channel(map_name)
+        if server not in self.up:
+            return defer.fail(ConnectionError(f"{server.address} is down"))
         # PUBLISH answers how many subscribers got the message; on the
         # connection of every other command, so in order with the deltas.
         return server.query("PUBLISH", channel, message).addCallback(int)
@@ -151,29 +200,53 @@ class RedisLink:
         server.unlisten(channel)
 
     def announce(self, ttl: float) -> None:
+        # On every server: a node given another set of servers shares at
+        # least one of them with the others, and is seen there.
         value = orjson.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                              "servers": self.fingerprint})
-        self.home.command("set", self.key_prefix + self.node, value,
-                          pexpire=max(1, int(ttl * 1000)))
+                              "servers": self.fingerprint, "redis": self.describe()})
+        for server in self.servers:
+            if server in self.up:
+                server.command("set", self.key_prefix + self.node, value,
+                               pexpire=max(1, int(ttl * 1000)))
 
     def withdraw(self) -> None:
-        self.home.command("delete", self.key_prefix + self.node)
+        for server in self.servers:
+            if server in self.up:
+                server.command("delete", self.key_prefix + self.node)
 
     def present(self) -> defer.Deferred:
         return defer.Deferred.fromCoroutine(self._present())
 
     async def _present(self) -> set[str]:
-        nodes: set[str] = set()
+        return set(await self._fingerprints(self.home))
+
+    def fingerprints(self) -> defer.Deferred:
+        async def every_server() -> dict[str, tuple[str, str]]:
+            found: dict[str, tuple[str, str]] = {}
+            for server in self.servers:
+                if server in self.up:
+                    found.update(await self._fingerprints(server))
+            return found
+        return defer.Deferred.fromCoroutine(every_server())
+
+    async def _fingerprints(self, server: RedisServerLink) -> dict[str, tuple[str, str]]:
+        """The presence keys on one server: node -> (fingerprint, its servers)."""
+        found: dict[str, tuple[str, str]] = {}
         cursor = 0
         pattern = self.key_prefix + "*"
         while True:
-            cursor, keys = await self.home.query("SCAN", cursor, "MATCH", pattern,
-                                                 "COUNT", 1000)
+            cursor, keys = await server.query("SCAN", cursor, "MATCH", pattern, "COUNT", 1000)
             cursor = int(cursor)
-            for key in keys:
-                nodes.add(key.decode("utf-8", "replace")[len(self.key_prefix):])
+            values = await server.query("MGET", *keys) if keys else []
+            for key, value in zip(keys, values):
+                node = key.decode("utf-8", "replace")[len(self.key_prefix):]
+                try:
+                    decoded = orjson.loads(value)
+                    found[node] = (str(decoded["servers"]), str(decoded.get("redis", "")))
+                except (orjson.JSONDecodeError, KeyError, TypeError):
+                    found[node] = ("", "")
             if cursor == 0:
-                return nodes
+                return found
 
     # Private maps: one sorted set on the home server, so that a Lua script
     # can count, prune and add atomically (the cluster-wide cap), a lookup
@@ -188,9 +261,9 @@ class RedisLink:
     """
 
     def _query(self, *args: Any) -> defer.Deferred:
-        """A command on the home server, or a failure if not linked (never raises)."""
-        if not self.linked:
-            return defer.fail(ConnectionError("not connected to Redis"))
+        """A command on the home server, or a failure if it is down (never raises)."""
+        if self.home not in self.up:
+            return defer.fail(ConnectionError(f"{self.home.address} is down"))
         return self.home.query(*args)
 
     def add_map(self, name: str, expires_ms: float, *, cap: int,
@@ -207,8 +280,8 @@ class RedisLink:
         return RedisDeviceKeys(self, self.store_prefix)
 
     def restore_maps(self, maps: list[tuple[str, float]]) -> defer.Deferred:
-        if not self.linked:
-            return defer.fail(ConnectionError("not connected to Redis"))
+        if self.home not in self.up:
+            return defer.fail(ConnectionError(f"{self.home.address} is down"))
         sent = []
         for start in range(0, len(maps), RESTORE_CHUNK):
             pairs: list[str] = []
@@ -233,25 +306,29 @@ class RedisLink:
                            address=str(server.address), why=why)
 
     def _maybe_up(self) -> None:
-        if (not self.linked and not self._stopping
-                and all(server.ready for server in self.servers)):
-            self.linked = True
-            assert self.receiver is not None
-            self.receiver.link_up()
+        for server in self.servers:
+            if server not in self.up and server.ready and not self._stopping:
+                self.up.add(server)
+                self.linked = True
+                assert self.receiver is not None
+                self.receiver.server_up(str(server.address))
 
     def _connection_lost(self, connection: _RedisConnection, why: Failure) -> None:
-        # Any connection's loss unlinks: the others stay up, and when this
-        # one is back, one resync covers whatever was missed.
-        if connection is connection.server.subscriber:
-            connection.server.subscribed = False
-        if self.linked and not self._stopping:
-            self.linked = False
+        # Either connection's loss takes its server down: the other stays
+        # up, and when this one is back, one resync of the server's maps
+        # covers whatever was missed.
+        server = connection.server
+        if connection is server.subscriber:
+            server.subscribed = False
+        if server in self.up and not self._stopping:
+            self.up.discard(server)
+            self.linked = bool(self.up)
             assert self.receiver is not None
-            self.receiver.link_down(f"{connection.server.address} {connection.name} "
-                                    f"connection: {why.getErrorMessage()}")
+            self.receiver.server_down(str(server.address), f"{connection.name} connection: "
+                                      f"{why.getErrorMessage()}")
 
     def _message(self, message: Any) -> None:
-        if self.linked and self.receiver is not None and isinstance(message, bytes):
+        if self.receiver is not None and isinstance(message, bytes):
             self.receiver.message_received(message)
 
     def _ping(self) -> None:

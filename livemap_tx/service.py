@@ -20,6 +20,7 @@ from twisted.internet import defer, endpoints
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 from twisted.web.resource import IResource
 from zope.interface import implementer
 
@@ -41,8 +42,9 @@ from .backplane import (
 )
 from .client import DEFAULT_RATE
 from .app_routes import PhoneApps
-from .devices import Devices
+from .devices import Devices, Unavailable
 from .hub import Hub
+from .links import MapUnavailable
 from .logfiles import ReopenLogsOnHangup
 from .maps import MAX_TTL, MIN_TTL, MapDirectory
 from .metrics import AdmissionCollector, DeviceCollector, make_registry
@@ -337,6 +339,12 @@ class Node:
     directory: MapDirectory
 
 
+def device_map_unavailable(failure: Failure) -> None:
+    """A phone app's report to a map that cannot be served now: a 503 it retries."""
+    failure.trap(MapUnavailable)
+    raise Unavailable(failure.value.reason)
+
+
 def make_node(reactor: Any, options: Options, *,
               route_sockjs: Optional[Callable[[IResource], IResource]] = None,
               trusted: Sequence[Network] = ()) -> Node:
@@ -399,12 +407,15 @@ def make_node(reactor: Any, options: Options, *,
         backplane.share_devices(devices)
         # Degraded, not down: /healthz stays 200 while Redis is away.
         site.health_checks["redis"] = backplane.health_problem
+        # A node given other Redis servers than the others refuses (503).
+        site.refusals["redis"] = backplane.refusal
         # A node holds the pins of the maps it serves: a request that needs
         # a map's pins waits until this node serves it (a phone app's report
         # keeps it served longer: its next report and OwnTracks' Friends).
         site.map_ready = backplane.watch
         if site.apps is not None:
-            site.apps.map_ready = lambda name: backplane.watch(name, DEVICE_LEASE)
+            site.apps.map_ready = lambda name: backplane.watch(name, DEVICE_LEASE).addErrback(
+                device_map_unavailable)
     return Node(hub, factory, site, backplane, local_sockjs, directory)
 
 

@@ -31,6 +31,7 @@ from livemap_tx.backplane import (
     parse_redis_url,
 )
 from livemap_tx.hub import Frame, Hub
+from livemap_tx.links import MapUnavailable
 from livemap_tx.service import Options
 from redis_server import REDIS_SERVER, RedisServer
 
@@ -121,10 +122,10 @@ class Recorder:
         self.ups = 0
         self.downs = 0
 
-    def link_up(self) -> None:
+    def server_up(self, server: str) -> None:
         self.ups += 1
 
-    def link_down(self, reason: str) -> None:
+    def server_down(self, server: str, reason: str) -> None:
         self.downs += 1
 
     def message_received(self, message: bytes) -> None:
@@ -698,18 +699,30 @@ def test_a_node_serves_only_the_maps_it_needs_and_lets_go_of_them():
     assert "busy" not in planes[1].watches and "busy" not in hubs[1].maps
 
 
-def test_nodes_with_different_redis_lists_say_so():
+def test_nodes_with_different_redis_sets_refuse_to_serve_until_they_agree():
     clock = task.Clock()
     bus = MemoryBus(clock)
     planes = []
-    for name, servers in (("a", "one"), ("b", "two")):
+    for name, servers in (("a", "one"), ("b", "two"), ("c", "one")):
         plane = Backplane(Hub(clock), MemoryLink(bus, name, fingerprint=servers), clock,
                           node_ttl=2)
         plane.startService()
         planes.append(plane)
-    clock.pump([0.05] * 20)  # hellos, and beats (they carry the list too)
+    clock.pump([0.05] * 20)  # hellos, and beats (they carry the set too)
     for plane in planes:
-        assert "another list of Redis servers" in (plane.health_problem() or "")
+        assert "another set of Redis servers" in (plane.health_problem() or "")
+        assert "refusing to serve" in (plane.refusal() or "")
+        failed = plane.watch("m")
+        assert isinstance(failed.result.value, MapUnavailable)
+        failed.addErrback(lambda failure: None)
+    # The odd one stops: the others agree again once its presence is gone.
+    planes[1].stopService()
+    clock.pump([0.05] * 100)
+    for plane in (planes[0], planes[2]):
+        assert plane.refusal() is None and plane.health_problem() is None
+        served = plane.watch("m")
+        clock.pump([0.05] * 30)
+        assert served.result == "complete"
 
 
 def test_a_full_state_replaces_what_a_node_held_in_chunks():
