@@ -349,11 +349,8 @@ class Backplane(MapWatching, Membership, ClusterStores, service.Service):
                     self._apply_full(origin, map_name, decoded)
                 elif kind == "mhello":
                     self._reply(origin, map_name)
-                elif kind == "dev":
-                    if self.devices is not None:
-                        self.devices.apply(map_name, self._states(decoded["p"]))
                 elif self.devices is not None:
-                    self.devices.remote_gone(map_name, list(decoded["i"]), list(decoded["k"]))
+                    self.device_message(map_name, kind, decoded)
             elif kind in ("hello", "beat"):
                 self._check_servers(origin, decoded.get("f"), decoded.get("s"))
             elif kind == "ask":

@@ -30,6 +30,8 @@ LINGER = 3.0
 # the map in sync.
 REQUEST_LEASE = 2.0
 DEVICE_LEASE = 600.0
+# Devices' messages kept while a map's devices load (beyond: load again).
+MAX_HELD_DEVICE_MESSAGES = 100_000
 
 
 
@@ -37,7 +39,8 @@ class MapWatch:
     """A map this node watches: whether it is in sync, who needs it, until when."""
 
     __slots__ = ("name", "synced", "waiters", "awaiting", "answered", "devices_loaded",
-                 "timer", "lease_until", "linger", "generation")
+                 "timer", "lease_until", "linger", "generation", "device_messages",
+                 "reload")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -52,6 +55,14 @@ class MapWatch:
         self.linger: Optional[IDelayedCall] = None
         # Counts syncs: an answer of an older sync never completes a newer one.
         self.generation = 0
+        # While the map's devices are loaded from the store: the devices'
+        # messages (`dev`, `devgone`) that arrived meanwhile, applied after
+        # the store's answer, in order. The store may answer after them (it
+        # may be on a slower server): a deletion or a move it did not see
+        # must not be undone by it.
+        self.device_messages: Optional[list[tuple[str, dict]]] = None
+        # Too many arrived meanwhile: load again once this load is done.
+        self.reload = False
 
 
 
@@ -185,8 +196,42 @@ class MapWatching:
             lambda reached: self._asked(watch, generation, reached),
             lambda failure: self._map_synced(watch, generation, "not linked"))
         if self.devices is not None:
+            if watch.device_messages is None:
+                watch.device_messages = []
             defer.Deferred.fromCoroutine(self._load_devices(watch, generation)).addErrback(
                 self._devices_failed, watch, generation)
+
+    def device_message(self, map_name: str, kind: str, message: dict) -> None:
+        """A device's fix or deletion on a watched map: applied, or kept until its load is done."""
+        watch = self.watches.get(map_name)
+        if watch is not None and watch.device_messages is not None:
+            if len(watch.device_messages) < MAX_HELD_DEVICE_MESSAGES:
+                watch.device_messages.append((kind, message))
+            else:
+                # Load again afterwards (the store will then have these).
+                watch.device_messages.clear()
+                watch.reload = True
+            return
+        self._apply_device_message(map_name, kind, message)
+
+    def _apply_device_message(self, map_name: str, kind: str, message: dict) -> None:
+        assert self.devices is not None
+        if kind == "dev":
+            self.devices.apply(map_name, self._states(message["p"]))
+        else:
+            self.devices.remote_gone(map_name, list(message["i"]), list(message["k"]))
+
+    def _devices_done(self, watch: MapWatch) -> None:
+        """The load is applied: now what arrived meanwhile, in order."""
+        held, watch.device_messages = watch.device_messages or [], None
+        for kind, message in held:
+            try:
+                self._apply_device_message(watch.name, kind, message)
+            except (KeyError, TypeError, ValueError, AttributeError):
+                self.stats.bad_messages += 1
+        if watch.reload and self.watches.get(watch.name) is watch:
+            watch.reload = False
+            self._start_sync(watch)
 
     def _asked(self, watch: MapWatch, generation: int, reached: int) -> None:
         if watch.generation != generation or self.watches.get(watch.name) is not watch:
@@ -209,6 +254,7 @@ class MapWatching:
                 self.stats.bad_messages += 1
         self.devices.replace_map(watch.name, entries)
         watch.devices_loaded = True
+        self._devices_done(watch)
         self._check_synced(watch)
 
     def _devices_failed(self, failure: Any, watch: MapWatch, generation: int) -> None:
@@ -216,6 +262,7 @@ class MapWatching:
                       error=failure.getErrorMessage())
         if watch.generation == generation:
             watch.devices_loaded = True
+            self._devices_done(watch)
             self._check_synced(watch)
 
     def _check_synced(self, watch: MapWatch) -> None:

@@ -20,6 +20,7 @@ import pytest_twisted
 import treq
 from twisted.internet import defer, reactor, task
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from conftest import eventually, server_options
 from livemap_tx import wire
@@ -30,8 +31,10 @@ from livemap_tx.backplane import (
     RedisLink,
     parse_redis_url,
 )
-from livemap_tx.hub import Frame, Hub
+from livemap_tx.devices import Devices, Fix
+from livemap_tx.hub import DEVICES, Frame, Hub
 from livemap_tx.links import MapUnavailable
+from livemap_tx.maps import MapDirectory
 from livemap_tx.service import Options
 from redis_server import REDIS_SERVER, RedisServer
 
@@ -872,3 +875,111 @@ def test_a_node_heard_again_after_it_was_dropped_is_asked_for_every_map_it_serve
     assert positions(hubs[1], "b") == {}
     clock.pump([0.1] * 12)  # n0 sits still: no delta, only heartbeats
     assert set(positions(hubs[1], "b")) == {sitter.id}
+
+
+# Order-proof joins (issue 21, items 3 and 4): the store's answer to a node
+# that starts serving a map may come after the devices' messages that
+# followed it (the store may be on a slower server than the map's channel).
+# The orderings are made on purpose here: the load's answer is held back.
+
+
+def device_nodes() -> tuple[task.Clock, list[Hub], list[Backplane], list[Devices]]:
+    clock, bus, hubs, planes = clocked()
+    devices = []
+    for hub, plane in zip(hubs, planes):
+        # The clock starts at 0: a fix's time must be within --expire of now.
+        made = Devices(hub, MapDirectory(clock), clock, rate=100.0, expire=1e12)
+        plane.share_devices(made)
+        devices.append(made)
+    clock.pump([0.05] * 4)
+    return clock, hubs, planes, devices
+
+
+def settle(clock: task.Clock, deferred: Any) -> Any:
+    """Runs a coroutine (or Deferred) on the clock until it is done."""
+    if not isinstance(deferred, defer.Deferred):
+        deferred = defer.Deferred.fromCoroutine(deferred)
+    for _ in range(200):
+        if deferred.called:
+            break
+        clock.advance(0.01)
+    results: list = []
+    deferred.addBoth(results.append)
+    assert results, "never done"
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    return results[0]
+
+
+def hold_loads(plane: Backplane) -> list[defer.Deferred]:
+    """The store's answers to `plane`'s loads of a map's devices, held until released."""
+    held: list[defer.Deferred] = []
+    load = plane.device_keys.load_fixes
+
+    def held_load(map_name: str, now_ms: float) -> defer.Deferred:
+        answer: defer.Deferred = defer.Deferred()
+        # The store reads now; its answer arrives when the test says.
+        defer.ensureDeferred(load(map_name, now_ms)).addCallback(lambda values: held.append(
+            defer.Deferred().addCallback(lambda _: answer.callback(values))))
+        return answer
+    plane.device_keys.load_fixes = held_load
+    return held
+
+
+def release(clock: task.Clock, held: list[defer.Deferred]) -> None:
+    for _ in range(50):
+        if held:
+            break
+        clock.advance(0.01)
+    assert held, "no load was made"
+    held.pop(0).callback(None)
+    clock.pump([0.05] * 10)
+
+
+def device_positions(hub: Hub) -> dict[str, float]:
+    map_state = hub.maps.get("m")
+    return {} if map_state is None else {
+        pin.id: pin.lat for pin in map_state.pins.values() if pin.origin == DEVICES}
+
+
+def report_fix(clock: task.Clock, devices: Devices, device: Any, lat: float) -> None:
+    fix = Fix(lat, 13.4, int(clock.seconds() * 1000), "owntracks")
+    assert settle(clock, devices.report(device, fix)) == "moved"
+
+
+def test_a_deletion_that_overtakes_the_stores_answer_leaves_no_ghost():
+    clock, hubs, planes, devices = device_nodes()
+    viewer = hubs[0].join("m", Watcher())
+    token, device = settle(clock, devices[0].create("m", "Ada", "10.0.0.1"))
+    report_fix(clock, devices[0], device, 1.0)
+    clock.pump([0.05] * 4)
+    assert device_positions(hubs[0]) == {device.id: 1.0}
+    held = hold_loads(planes[1])
+    joined = planes[1].watch("m")
+    clock.pump([0.05] * 2)  # node 1 listens, and the store has read its fixes
+    assert not joined.called
+    settle(clock, devices[0].delete(token))
+    clock.pump([0.05] * 4)  # the deletion reaches node 1 before the store's answer
+    release(clock, held)
+    assert joined.called
+    assert device_positions(hubs[1]) == {} and device_positions(hubs[0]) == {}
+    viewer.leave()
+
+
+def test_fixes_that_arrive_while_the_store_answers_are_not_lost():
+    clock, hubs, planes, devices = device_nodes()
+    viewer = hubs[0].join("m", Watcher())
+    _, old = settle(clock, devices[0].create("m", "Old", "10.0.0.1"))
+    report_fix(clock, devices[0], old, 1.0)
+    _, new = settle(clock, devices[0].create("m", "New", "10.0.0.2"))
+    held = hold_loads(planes[1])
+    joined = planes[1].watch("m")
+    clock.pump([0.05] * 2)  # the store has read: only the old device's first fix
+    clock.advance(1)
+    report_fix(clock, devices[0], old, 2.0)  # moved during the load
+    report_fix(clock, devices[0], new, 3.0)  # a first fix during the load
+    clock.pump([0.05] * 4)
+    release(clock, held)
+    assert joined.called
+    assert device_positions(hubs[1]) == {old.id: 2.0, new.id: 3.0} == device_positions(hubs[0])
+    viewer.leave()

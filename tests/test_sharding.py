@@ -18,6 +18,7 @@ import orjson
 import pytest
 import pytest_twisted
 import treq
+from twisted.internet import error
 from twisted.python import usage
 
 from conftest import TwistdServer, deferLater, free_port, start_twistd, twistd_command
@@ -160,7 +161,7 @@ async def until_health(node: TwistdServer, check: Callable[[int, str], bool]) ->
             code, text = await health(node)
             if check(code, text):
                 return text
-        except ConnectionRefusedError:
+        except (ConnectionRefusedError, error.ConnectionRefusedError):
             code, text = 0, "not listening yet"
         assert time.monotonic() < deadline, (code, text)
         await deferLater(0.2)
