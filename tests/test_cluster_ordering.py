@@ -14,20 +14,34 @@ import random
 import subprocess
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 import pytest_twisted
 import treq
-from twisted.internet import defer, error
+from twisted.internet import defer, error, reactor
 
 from conftest import TwistdServer, deferLater, free_port, twistd_command
 from delaying_proxy import DelayingProxy
 from liveclients import open_view
+from livemap_tx.backplane import Backplane, RedisLink
+from livemap_tx.devices import Devices, Fix
+from livemap_tx.hub import DEVICES, Hub
+from livemap_tx.maps import MapDirectory
 from livemap_tx.sharding import in_agreed_order, shard_of
 from redis_server import RedisServer, needs_redis
 
 ROUNDS = 20
+
+
+class Watcher:
+    """A subscriber that takes everything and shows nothing."""
+
+    def send_frame(self, frame: Any) -> None:
+        pass
+
+    def close(self, code: int, reason: str) -> None:
+        pass
 
 
 @pytest.fixture
@@ -147,4 +161,101 @@ async def test_a_joining_node_shows_no_ghost_whatever_the_servers_latency(tmp_pa
     finally:
         for node in nodes:
             node.stop()
+        await proxy.stop()
+
+
+DEVICE_COUNT = 2500
+SCAN_ROUNDS = 10
+
+
+@needs_redis
+@pytest_twisted.ensureDeferred
+async def test_a_node_that_joins_a_map_while_its_devices_move_loses_no_pin(tmp_path, two_redis):
+    """
+    Issue 21, item 4: two nodes in this process on a real Redis (behind a
+    proxy, 50 ms + jitter each way, so that the store's scan of 2,500
+    devices takes several round trips); each round one node starts serving
+    the map while the other takes a move of every device and a first fix of
+    new ones during the scan. Then every pin is there, at its newest fix.
+    10 rounds.
+    """
+    server = two_redis[0]
+    proxy = DelayingProxy(server.port, to_server=(0.05, 0.05), to_client=(0.05, 0.05), seed=4)
+    port = proxy.start()
+    hubs, planes, devices = [], [], []
+    for name in ("mover", "joiner"):
+        hub = Hub(reactor, tick_interval=0.05)
+        link = RedisLink(f"redis://127.0.0.1:{port}/0", "scan", name, reactor,
+                         max_backoff=0.3, keepalive=0.5)
+        plane = Backplane(hub, link, reactor, node_ttl=3.0, linger=0.05)
+        made = Devices(hub, MapDirectory(reactor), reactor, rate=100.0, expire=3600.0)
+        plane.share_devices(made)
+        plane.startService()
+        hubs.append(hub)
+        planes.append(plane)
+        devices.append(made)
+    mover, joiner = devices
+    try:
+        await planes[0].when_synced()
+        await planes[1].when_synced()
+        holder = hubs[0].join("scan-map", Watcher())  # the mover serves the map throughout
+        await planes[0].watch("scan-map")
+        made: list[Any] = []
+
+        async def create(count: int) -> list[Any]:
+            created = []
+            for start in range(0, count, 100):
+                batch = [mover.create("scan-map", f"d{len(made) + n}",
+                                      f"10.{(len(made) + n) // 65536 % 256}."
+                                      f"{(len(made) + n) // 256 % 256}.{(len(made) + n) % 256}")
+                         for n in range(start, min(count, start + 100))]
+                created += [device for _, device in await defer.gatherResults(
+                    [defer.ensureDeferred(one) for one in batch])]
+            return created
+
+        async def move_all(targets: list[Any], lat: float) -> None:
+            ts = int(reactor.seconds() * 1000)
+            for start in range(0, len(targets), 250):
+                await defer.gatherResults([defer.ensureDeferred(mover.report(
+                    device, Fix(lat, 13.4, ts, "owntracks"))) for device in
+                    targets[start:start + 250]])
+
+        made += await create(DEVICE_COUNT)
+        await move_all(made, 1.0)
+        for round_ in range(SCAN_ROUNDS):
+            await deferLater(0.01)  # a new millisecond: a newer fix
+            # The joiner starts serving the map; meanwhile every device moves,
+            # and a few new ones get their first fix.
+            fresh = await create(5)
+            # The first fixes of the new ones spread over the moves (and the scan).
+            order = list(made)
+            for index, device in enumerate(fresh):
+                order.insert(index * len(made) // len(fresh), device)
+            moving = defer.ensureDeferred(move_all(order, 2.0 + round_))
+            await deferLater(random.uniform(0.0, 0.3))
+            viewer = hubs[1].join("scan-map", Watcher())  # holds the map while checked
+            await planes[1].watch("scan-map", 0.05)
+            await moving
+            made += fresh
+            expected = {device.id: 2.0 + round_ for device in made}
+            deadline = reactor.seconds() + 10
+            while True:
+                map_state = hubs[1].maps.get("scan-map")
+                held = {} if map_state is None else {
+                    pin.id: pin.lat for pin in map_state.pins.values() if pin.origin == DEVICES}
+                if held == expected:
+                    break
+                missing = len(set(expected) - set(held))
+                assert reactor.seconds() < deadline, (
+                    f"round {round_}: {missing} pins lost, "
+                    f"{sum(held.get(k) != v for k, v in expected.items())} not at their fix")
+                await deferLater(0.1)
+            # Let the joiner stop serving it, for the next round's join.
+            viewer.leave()
+            while "scan-map" in planes[1].watches:
+                await deferLater(0.05)
+        holder.leave()
+    finally:
+        for plane in planes:
+            await plane.stopService()
         await proxy.stop()
