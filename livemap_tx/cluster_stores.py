@@ -54,12 +54,17 @@ class ClusterStores:
             return defer.fail(ConnectionError(f"{self.link.server_name()} is down"))
         expires_ms = math.inf if expires is None else round(expires * 1000)
 
-        def added(outcome: str) -> str:
-            if outcome == "added":
+        def added(outcome: str) -> Any:
+            if outcome != "added":
+                return outcome
+
+            def replicated(_: Any) -> str:
                 self._publish(b'{"t":"map","n":%s,"m":%s,"x":%s}' % (
                     orjson.dumps(self.node), orjson.dumps(name),
                     b"null" if expires is None else b"%d" % expires_ms))
-            return outcome
+                return outcome
+            # Its link is handed out only once a replica has it too.
+            return self.link.replicate().addCallback(replicated)
         return self.link.add_map(name, expires_ms, cap=cap,
                                  forget_before_ms=round(forget_before * 1000)).addCallback(added)
 
@@ -103,8 +108,11 @@ class ClusterStores:
                    cap: int, now_ms: float) -> defer.Deferred:
         if not self.link.store_linked:
             return defer.fail(ConnectionError(f"{self.link.server_name()} is down"))
+        # A 201 only once a replica has the device too (a failover keeps it).
         return self.device_keys.add_device(token_hash, orjson.dumps(record), expires_ms,
-                                           cap=cap, now_ms=now_ms)
+                                           cap=cap, now_ms=now_ms).addCallback(
+            lambda outcome: self.link.replicate().addCallback(lambda _: outcome)
+            if outcome == "added" else outcome)
 
     def find_device(self, token_hash: str, now_ms: float) -> defer.Deferred:
         if not self.link.store_linked:
@@ -116,11 +124,12 @@ class ClusterStores:
         if not self.link.store_linked:
             return defer.fail(ConnectionError(f"{self.link.server_name()} is down"))
 
-        def removed(existed: bool) -> bool:
+        def removed(existed: bool) -> defer.Deferred:
             self.link.publish_map(map_name, b'{"t":"devgone","n":%s,"m":%s,"i":%s,"k":%s}' % (
                 orjson.dumps(self.node), orjson.dumps(map_name), orjson.dumps([pin_id]),
                 orjson.dumps([token_hash])))
-            return existed
+            # Acknowledged once a replica has the deletion too.
+            return self.link.replicate().addCallback(lambda _: existed)
         return self.device_keys.remove_device(token_hash, map_name).addCallback(removed)
 
     def save_fix(self, token_hash: str, map_name: str, version: int, entry: bytes,

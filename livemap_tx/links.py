@@ -168,6 +168,9 @@ class Link(Protocol):
     def device_keys(self) -> Any:
         """The store of devices on this link (device_store.py)."""
 
+    def replicate(self) -> defer.Deferred:
+        """Fires once the stores' writes so far are on a replica too (if there are replicas)."""
+
 
 # In memory: one process, for tests
 
@@ -362,6 +365,9 @@ class MemoryLink:
 
     def device_keys(self) -> MemoryDeviceKeys:
         return MemoryDeviceKeys(self)
+
+    def replicate(self) -> defer.Deferred:
+        return defer.succeed(None)
 
     def restore_maps(self, maps: list[tuple[str, float]]) -> defer.Deferred:
         if self.linked:

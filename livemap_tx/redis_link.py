@@ -59,6 +59,8 @@ from .sharding import in_agreed_order, servers_fingerprint, shard_of
 RESTORE_CHUNK = 1000
 # Map names whose server is remembered (hashing is per message otherwise).
 PLACED_CACHE = 65536
+# How long a write the cluster must not lose waits for a replica (WAIT).
+REPLICA_WAIT_MS = 2000
 
 
 class RedisLink:
@@ -305,9 +307,32 @@ class RedisLink:
             self.log.error("Redis {address} refused the connection: {why}",
                            address=str(server.address), why=why)
 
+    def replicate(self) -> defer.Deferred:
+        """
+        Fires once the home's replicas (if it has any) hold every write made
+        so far on it (WAIT 1): what a 201 promises survives a failover.
+        """
+        if not self.home.replicas:
+            return defer.succeed(None)
+
+        def waited(count: Any) -> None:
+            if int(count) < 1:
+                raise ConnectionError("no replica of the Redis master took the write in time")
+        return self._query("WAIT", 1, REPLICA_WAIT_MS).addCallback(waited)
+
+    def _check_role(self, server: RedisServerLink) -> None:
+        """How many replicas a server has (ROLE: `master`, offset, replicas)."""
+        def role(reply: Any) -> None:
+            if isinstance(reply, list) and reply and reply[0] in (b"master", "master"):
+                server.replicas = len(reply[2]) if len(reply) > 2 else 0
+            else:
+                server.replicas = 0
+        server.query("ROLE").addCallbacks(role, lambda failure: None)
+
     def _maybe_up(self) -> None:
         for server in self.servers:
             if server not in self.up and server.ready and not self._stopping:
+                self._check_role(server)
                 self.up.add(server)
                 self.linked = True
                 assert self.receiver is not None
@@ -335,6 +360,8 @@ class RedisLink:
         # A Redis that hangs (or a half-open TCP connection) answers no PING:
         # the reply timeout then aborts the connection and we reconnect.
         for server in self.servers:
+            if server in self.up:
+                self._check_role(server)
             for connection in (server.commands, server.subscriber):
                 protocol = connection.protocol
                 if protocol is not None:

@@ -16,6 +16,7 @@ from urllib.parse import unquote, urlsplit
 import txredisapi
 from twisted.application.internet import ClientService
 from twisted.internet import defer, endpoints
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -38,17 +39,68 @@ class RedisAddress:
     tls: bool
     username: Optional[str]
     password: Optional[str]
+    # With Sentinel: the sentinels (host, port) and the name of the master
+    # they watch (host and port are then the first sentinel's).
+    sentinels: tuple[tuple[str, int], ...] = ()
+    master: Optional[str] = None
 
     def __str__(self) -> str:
         """The URL without its secrets, for logs."""
         auth = "***@" if self.password is not None else ""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{'rediss' if self.tls else 'redis'}://{auth}{host}:{self.port}/{self.db}"
+        if self.sentinels:
+            listed = ",".join(_host_port(host, port) for host, port in self.sentinels)
+            return f"sentinel://{auth}{listed}/{self.master}/{self.db}"
+        return (f"{'rediss' if self.tls else 'redis'}://{auth}"
+                f"{_host_port(self.host, self.port)}/{self.db}")
 
     @property
     def place(self) -> str:
         """Where it is, the same for every node that names it (no secrets)."""
+        if self.sentinels:
+            listed = ",".join(sorted(f"{host.lower()}:{port}" for host, port in self.sentinels))
+            return f"sentinel:{listed}/{self.master}/{self.db}"
         return f"{self.host.lower()}:{self.port}/{self.db}"
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_sentinel_url(url: str) -> RedisAddress:
+    """
+    `sentinel://[[user]:password@]host:port[,host:port...]/MASTER[/db]`: the
+    sentinels to ask, and the name of the master they watch (the password
+    is the master's).
+    """
+    rest = url[len("sentinel://"):]
+    auth, _, rest = rest.rpartition("@")
+    hosts, _, path = rest.partition("/")
+    parts = [part for part in path.split("/") if part]
+    if not parts:
+        raise ValueError(f"no master name in {url!r} (sentinel://host:port,.../MASTER)")
+    if len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
+        raise ValueError(f"expected /MASTER or /MASTER/DB after the sentinels in {url!r}")
+    sentinels = []
+    for item in hosts.split(","):
+        parsed = urlsplit(f"//{item.strip()}")
+        try:
+            port = parsed.port or 26379
+        except ValueError:
+            raise ValueError(f"bad port in {item!r} of {url!r}") from None
+        if not parsed.hostname:
+            raise ValueError(f"no host in {item!r} of {url!r}")
+        sentinels.append((parsed.hostname, port))
+    if len({(host.lower(), port) for host, port in sentinels}) != len(sentinels):
+        raise ValueError("the same sentinel is named twice")
+    username, password = None, None
+    if auth:
+        user, colon, secret = auth.partition(":")
+        username = unquote(user) if user else None
+        password = unquote(secret) if colon else None
+    return RedisAddress(host=sentinels[0][0], port=sentinels[0][1],
+                        db=int(parts[1]) if len(parts) == 2 else 0, tls=False,
+                        username=username, password=password, sentinels=tuple(sentinels),
+                        master=unquote(parts[0]))
 
 
 def parse_redis_url(url: str) -> RedisAddress:
@@ -72,7 +124,12 @@ def parse_redis_url(url: str) -> RedisAddress:
 
 
 def parse_redis_urls(value: str) -> list[RedisAddress]:
-    """One URL, or several separated by commas (maps are spread over them)."""
+    """
+    One URL, or several separated by commas (maps are spread over them); or
+    one `sentinel://` URL (its sentinels are separated by commas).
+    """
+    if value.strip().startswith("sentinel://"):
+        return [parse_sentinel_url(value.strip())]
     urls = [url.strip() for url in value.split(",") if url.strip()]
     if not urls:
         raise ValueError("no Redis URL")
@@ -214,6 +271,42 @@ class _RedisConnection:
             self.server.link._connection_lost(self, why)
 
 
+@implementer(IStreamClientEndpoint)
+class SentinelMasterEndpoint:
+    """
+    Connects to the master the sentinels name now (txredisapi's Sentinel
+    asks them all, and takes the first that sees a master up), before every
+    connection attempt: after a failover, the reconnection goes to the
+    promoted replica.
+    """
+
+    log = Logger()
+
+    def __init__(self, link: RedisLink, address: RedisAddress) -> None:
+        self.link = link
+        self.address = address
+        self.sentinel = txredisapi.Sentinel(list(address.sentinels), replyTimeout=2)
+        # Not the 10 s default: while the master is down, retry soon.
+        self.sentinel.discovery_timeout = 1.0
+        self.master: Optional[tuple[str, int]] = None
+
+    def connect(self, factory: Any) -> defer.Deferred:
+        assert self.address.master is not None
+        return self.sentinel.discover_master(self.address.master).addCallback(
+            self._connect, factory)
+
+    def _connect(self, master: tuple[str, int], factory: Any) -> defer.Deferred:
+        if master != self.master:
+            self.log.info("the sentinels name {host}:{port} the master of {name}",
+                          host=master[0], port=master[1], name=self.address.master)
+            self.master = master
+        return endpoints.HostnameEndpoint(self.link.reactor, master[0], master[1],
+                                          timeout=self.link.reply_timeout).connect(factory)
+
+    def stop(self) -> defer.Deferred:
+        return self.sentinel.disconnect()
+
+
 class RedisServerLink:
     """One Redis server of the link: its two connections and its channels."""
 
@@ -225,6 +318,10 @@ class RedisServerLink:
         # Channels this server's subscriber connection must be on.
         self.channels: set[bytes] = set()
         self.subscribed = False
+        # Replicas connected to this server (its ROLE), when it is a master:
+        # a write the cluster must not lose waits for one of them.
+        self.replicas = 0
+        self.sentinel: Optional[SentinelMasterEndpoint] = None
         endpoint = self._endpoint()
         self.commands = _RedisConnection(self, "commands", _CommandProtocol, endpoint,
                                          address.db or None)
@@ -233,6 +330,9 @@ class RedisServerLink:
 
     def _endpoint(self) -> Any:
         address = self.address
+        if address.sentinels:
+            self.sentinel = SentinelMasterEndpoint(self.link, address)
+            return self.sentinel
         endpoint: Any = endpoints.HostnameEndpoint(self.link.reactor, address.host, address.port,
                                                    timeout=self.link.reply_timeout)
         if address.tls:
@@ -253,9 +353,10 @@ class RedisServerLink:
         self.subscriber.service.startService()
 
     def stop(self) -> defer.Deferred:
-        return defer.gatherResults([self.commands.service.stopService(),
-                                    self.subscriber.service.stopService()],
-                                   consumeErrors=True)
+        stopped = [self.commands.service.stopService(), self.subscriber.service.stopService()]
+        if self.sentinel is not None:
+            stopped.append(self.sentinel.stop())
+        return defer.gatherResults(stopped, consumeErrors=True)
 
     def command(self, name: str, *args: Any, **kwargs: Any) -> bool:
         """Send one command if connected; never raises (this runs inside hub ticks)."""
@@ -316,5 +417,5 @@ class RedisServerLink:
             self.link._maybe_up()
 
 
-__all__ = ["PROTOCOL_VERSION", "RedisAddress", "RedisServerLink", "parse_redis_url",
-           "parse_redis_urls"]
+__all__ = ["PROTOCOL_VERSION", "RedisAddress", "RedisServerLink", "SentinelMasterEndpoint",
+           "parse_redis_url", "parse_redis_urls", "parse_sentinel_url"]

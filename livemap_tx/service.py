@@ -162,8 +162,9 @@ class Options(usage.Options):
          "they serve one map: redis://[[user]:password@]host[:port][/db], or rediss:// "
          "for TLS (the password may instead be in $LIVEMAP_REDIS_PASSWORD). Several "
          "comma-separated URLs spread the maps' traffic over several Redis servers "
-         "(every node must list the same ones in the same order). Without it the "
-         "process stands alone."],
+         "(every node must list the same ones, in any order). Or "
+         "sentinel://host:port[,host:port...]/MASTER[/db]: follow the master the "
+         "Redis Sentinels name, through failovers. Without it the process stands alone."],
         ["cluster", None, DEFAULT_CLUSTER,
          "Name of the group of processes that share maps through --redis."],
         ["node-ttl", None, DEFAULT_NODE_TTL,

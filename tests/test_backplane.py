@@ -31,6 +31,7 @@ from livemap_tx.backplane import (
     RedisLink,
     parse_redis_url,
 )
+from livemap_tx.redis_server_link import parse_redis_urls
 from livemap_tx.devices import Devices, Fix
 from livemap_tx.hub import DEVICES, Frame, Hub
 from livemap_tx.links import MapUnavailable
@@ -839,6 +840,20 @@ def test_redis_urls():
             parse_redis_url(bad)
 
 
+def test_sentinel_urls():
+    [address] = parse_redis_urls("sentinel://:p%40ss@s1:26380,S2/mymaster/2")
+    assert address.sentinels == (("s1", 26380), ("s2", 26379))
+    assert (address.master, address.db, address.password) == ("mymaster", 2, "p@ss")
+    assert str(address) == "sentinel://***@s1:26380,s2:26379/mymaster/2"  # no secrets
+    # The same sentinels in another order, in another case: the same place.
+    [again] = parse_redis_urls("sentinel://s2:26379,s1:26380/mymaster/2")
+    assert again.place == address.place
+    for bad in ("sentinel://s1", "sentinel://s1/", "sentinel://s1,s1/m", "sentinel://s1:x/m",
+                "sentinel://s1/m/x", "sentinel://,/m"):
+        with pytest.raises(ValueError):
+            parse_redis_urls(bad)
+
+
 @pytest.mark.parametrize("args, named", [
     (["--redis", "http://x"], "--redis"),
     (["--workers", "2"], "--workers"),
@@ -983,3 +998,48 @@ def test_fixes_that_arrive_while_the_store_answers_are_not_lost():
     assert joined.called
     assert device_positions(hubs[1]) == {old.id: 2.0, new.id: 3.0} == device_positions(hubs[0])
     viewer.leave()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_message_to_a_node_about_a_map_goes_through_the_maps_server(tmp_path):
+    """
+    So that it keeps its order with the map's deltas: an answer to a node's
+    request for a map's pins (`mfull`) must not overtake, nor be overtaken
+    by, the sender's deltas of that map (issue 21, item 3: through the home
+    it came after a departure that followed it, and the pin stayed).
+    """
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed")
+    servers = []
+    for index in range(2):
+        directory = tmp_path / f"r{index}"
+        directory.mkdir()
+        server = RedisServer(directory)
+        server.start()
+        servers.append(server)
+    urls = ",".join(server.url for server in servers)
+    links = [RedisLink(urls, "test", name, reactor, max_backoff=0.3, keepalive=0.3)
+             for name in ("a", "b")]
+    receivers = [Recorder(), Recorder()]
+    try:
+        for link, receiver in zip(links, receivers):
+            link.start(receiver)
+        await eventually(lambda: all(receiver.ups == 2 for receiver in receivers), what="up")
+        sender = links[0]
+        home = sender.home
+        other = next(server for server in sender.servers if server is not home)
+        names = [f"m{n}" for n in range(50)]
+        on_other = next(name for name in names if sender.server_of(name) is other)
+        on_home = next(name for name in names if sender.server_of(name) is home)
+        # The home goes away: only what travels through the other server arrives.
+        next(server for server in servers if server.port == home.address.port).stop()
+        await eventually(lambda: receivers[1].downs == 1, what="home down")
+        await eventually(lambda: home not in sender.up, what="home down for the sender")
+        assert sender.publish(b"about-other", "b", on_other)
+        assert not sender.publish(b"about-home", "b", on_home)
+        await eventually(lambda: receivers[1].messages == [b"about-other"], what="delivery")
+    finally:
+        for link in links:
+            await link.stop()
+        for server in servers:
+            server.stop()

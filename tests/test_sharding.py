@@ -243,7 +243,8 @@ async def test_a_node_with_a_server_missing_or_added_refuses_to_serve(tmp_path, 
         fourth.stop()
 
 
-@pytest.mark.parametrize("value", ["redis://a,redis://a", "redis://a,http://b", ","])
+@pytest.mark.parametrize("value", ["redis://a,redis://a", "redis://a,http://b", ",",
+                                   "sentinel://a", "sentinel://a,a/m"])
 def test_a_bad_redis_list_is_a_usage_error(value):
     with pytest.raises(usage.UsageError, match="--redis"):
         Options().parseOptions(["--redis", value])
