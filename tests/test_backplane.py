@@ -35,6 +35,7 @@ from livemap_tx.redis_server_link import parse_redis_urls
 from livemap_tx.devices import Devices, Fix
 from livemap_tx.hub import DEVICES, Frame, Hub
 from livemap_tx.links import MapUnavailable
+from livemap_tx.links import map_channel as links_map_channel
 from livemap_tx.maps import MapDirectory
 from livemap_tx.service import Options
 from redis_server import REDIS_SERVER, RedisServer
@@ -1043,3 +1044,99 @@ async def test_a_message_to_a_node_about_a_map_goes_through_the_maps_server(tmp_
             await link.stop()
         for server in servers:
             server.stop()
+
+
+class TwoServerBus(MemoryBus):
+    """
+    Two Redis servers in memory, deliveries in the test's hands: each
+    (sender, receiver, server) is a FIFO, and map "b" is on the second
+    server; the cluster's channel (and a message to one node about no map)
+    is on the home.
+    """
+
+    def __init__(self, clock: task.Clock) -> None:
+        super().__init__(clock)
+        self.queues: dict[tuple[str, str, str], list[bytes]] = {}
+
+    def deliver(self, channel: str, message: bytes, sender: str) -> None:
+        self.deliver_via("maps" if channel == links_map_channel("b") else "home", channel,
+                         message, sender)
+
+    def deliver_via(self, server: str, channel: str, message: bytes, sender: str) -> None:
+        for node in sorted(self.channels.get(channel, ())):
+            if node in self.links and self.links[node].linked:
+                self.queues.setdefault((sender, node, server), []).append(message)
+
+    def flush(self, sender: str, receiver: str, server: str) -> None:
+        queue = self.queues.pop((sender, receiver, server), [])
+        link = self.links[receiver]
+        for message in queue:
+            assert link.receiver is not None
+            link.receiver.message_received(message)
+
+    def flush_all(self) -> None:
+        while any(self.queues.values()):
+            for key in sorted(self.queues):
+                self.flush(*key)
+
+
+class TwoServerLink(MemoryLink):
+    bus: TwoServerBus
+
+    def publish(self, message: bytes, to: Optional[str] = None,
+                map_name: Optional[str] = None) -> bool:
+        if not self.linked:
+            return False
+        if to is None:
+            self.bus.deliver_via("home", "all", message, self.node)
+        else:
+            server = "maps" if map_name == "b" else "home"
+            self.bus.deliver_via(server, f"to:{to}", message, self.node)
+        return True
+
+
+def test_an_answer_to_a_node_new_to_a_map_never_comes_after_a_departure_that_follows_it():
+    """
+    Issue 21, item 3, made on purpose: node j serves map "b" (on the second
+    server) when a new node o starts serving it too. j first hears o on the
+    map's channel, so it asks o for its pins; o answers after its client
+    joined, and the client leaves. Everything through the map's server is
+    delivered before anything through the home: the answer must not bring
+    the departed pin back (through the home, it did, for good).
+    """
+    clock = task.Clock()
+    bus = TwoServerBus(clock)
+    hubs: dict[str, Hub] = {}
+    planes: dict[str, Backplane] = {}
+
+    def start(name: str) -> None:
+        hubs[name] = Hub(clock, tick_interval=0.1)
+        planes[name] = Backplane(hubs[name], TwoServerLink(bus, name), clock, node_ttl=3.0,
+                                 reply_delay=0.05)
+        planes[name].startService()
+        clock.advance(0)
+
+    start("j")
+    viewer = hubs["j"].join("b", Watcher())
+    viewer.move(move(5.0, 5.0))
+    for _ in range(5):
+        bus.flush_all()
+        clock.advance(0.1)
+    start("o")  # its hello waits in the home's queue
+    leaving = hubs["o"].join("b", Watcher())
+    clock.advance(0)
+    bus.flush("o", "j", "maps")  # j hears o first here (its full state), and asks it
+    bus.flush("j", "o", "home")  # o gets the ask...
+    leaving.move(move(1.0, 1.0))
+    clock.advance(0.1)  # ...and answers, now with its client's pin, which then leaves
+    leaving.leave()
+    clock.advance(0.2)
+    bus.flush("o", "j", "maps")
+    bus.flush("j", "o", "maps")
+    bus.flush("o", "j", "maps")
+    for _ in range(10):  # then everything, through both servers
+        bus.flush_all()
+        clock.advance(0.1)
+    assert set(positions(hubs["j"], "b")) == {viewer.id}
+    assert set(positions(hubs["o"], "b")) == {viewer.id}
+    viewer.leave()
