@@ -531,8 +531,16 @@ class BackplaneCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         backplane, stats = self.backplane, self.backplane.stats
         yield GaugeMetricFamily("livemap_backplane_connected",
-                                "1 while linked to the other nodes (Redis), else 0.",
+                                "1 while linked to the other nodes (at least one Redis "
+                                "server up), else 0.",
                                 value=1 if backplane.link.linked else 0)
+        yield GaugeMetricFamily("livemap_backplane_servers_down",
+                                "Redis servers of the link that are down now (their maps "
+                                "answer 503).", value=len(backplane.link.down_servers()))
+        yield GaugeMetricFamily("livemap_backplane_refusing",
+                                "1 while this node refuses to serve (another node has "
+                                "another set of Redis servers), else 0.",
+                                value=1 if backplane.mismatch is not None else 0)
         yield GaugeMetricFamily("livemap_backplane_nodes",
                                 "Other nodes heard from within the node TTL.",
                                 value=backplane.nodes())

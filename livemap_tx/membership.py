@@ -65,7 +65,9 @@ class Membership:
 
     def refusal(self) -> Optional[str]:
         """Why this node refuses to serve (/healthz is 503), or None."""
-        bound = self.clock.seconds() - self.node_ttl
+        # Twice the TTL: a check that comes late (a busy node) does not make
+        # it flap between refusing and serving.
+        bound = self.clock.seconds() - 2 * self.node_ttl
         for node, (seen, _) in list(self.disagreeing.items()):
             if seen < bound:
                 del self.disagreeing[node]

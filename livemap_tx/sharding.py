@@ -29,8 +29,15 @@ def in_agreed_order(places: Sequence[str]) -> list[str]:
 
 
 def servers_fingerprint(places: Sequence[str]) -> str:
-    """Names a set of servers (where each is, no secrets): nodes compare theirs."""
-    return hashlib.sha256("|".join(in_agreed_order(places)).encode()).hexdigest()[:16]
+    """
+    Names a set of servers (where each is, no secrets): nodes compare theirs.
+    With several, it names the way maps are placed too: a node that placed
+    them another way (an older version, by the order of its list) differs.
+    """
+    ordered = "|".join(in_agreed_order(places))
+    if len(places) > 1:
+        ordered = f"rendezvous|{ordered}"
+    return hashlib.sha256(ordered.encode()).hexdigest()[:16]
 
 
 __all__ = ["in_agreed_order", "servers_fingerprint", "shard_of"]

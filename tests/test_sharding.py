@@ -222,6 +222,7 @@ async def test_a_node_with_a_server_missing_or_added_refuses_to_serve(tmp_path, 
                 assert response.code == 503
                 assert "refusing to serve" in await response.text()
             assert odd.log().count("refusing to serve: node") == 1, odd.log()
+            assert await metric(first, "livemap_backplane_refusing") == 1
             assert first.log().count("refusing to serve: node") == round_ + 1, first.log()
             # A client already connected is not cut off.
             mover.move(1.0, 2.0 + round_)
@@ -317,6 +318,7 @@ async def test_one_dead_server_takes_only_its_maps_and_they_recover(tmp_path, th
             response = await treq.get(f"{node.url}/api/maps/{dead_map}/pins")
             assert response.code == 503
             assert f"127.0.0.1:{dead.port}" in await response.text()
+            assert await metric(node, "livemap_backplane_servers_down") == 1
         # The maps of the servers that are up: moves, newcomers, the API.
         for name in maps:
             if name == dead_map:
@@ -337,6 +339,7 @@ async def test_one_dead_server_takes_only_its_maps_and_they_recover(tmp_path, th
         dead.start()
         for node in nodes:
             await until_health(node, lambda code, text: (code, text) == (200, "ok"))
+            assert await metric(node, "livemap_backplane_servers_down") == 0
         await converge(dead_map, 3.0)
         response = await treq.get(f"{nodes[1].url}/api/maps/{dead_map}/pins")
         assert response.code == 200
