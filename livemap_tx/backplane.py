@@ -333,7 +333,15 @@ class Backplane(MapWatching, Membership, ClusterStores, service.Service):
                 # long stall): whatever it holds of the maps we serve, we
                 # do not have. Ask, in one message.
                 self._ask_all(origin)
-            if kind in ("delta", "mfull", "mhello", "dev", "devgone"):
+            if kind == "devgone":
+                map_name = decoded["m"]
+                if not isinstance(map_name, str):
+                    raise ValueError("bad map")
+                if self.devices is not None:
+                    # Whichever channel it came on: held while the map's
+                    # devices load, so that the store's answer cannot undo it.
+                    self.device_message(map_name, kind, decoded)
+            elif kind in ("delta", "mfull", "mhello", "dev"):
                 map_name = decoded["m"]
                 if not isinstance(map_name, str):
                     raise ValueError("bad map")

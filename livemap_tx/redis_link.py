@@ -97,8 +97,6 @@ class RedisLink:
         self.key_prefix = f"{prefix}:node:"
         self.maps_key = f"{prefix}:maps"
         self.store_prefix = prefix
-        self.all_channel = self.home.channel("all")
-        self.own_channel = self._node_channel(node)
         for server in self.servers:
             server.channels.update({server.channel("all"), server.channel(f"to:{node}")})
         self.watched: set[str] = set()
@@ -109,9 +107,6 @@ class RedisLink:
 
     def describe(self) -> str:
         return ", ".join(str(server.address) for server in self.servers)
-
-    def _node_channel(self, node: str) -> bytes:
-        return self.home.channel(f"to:{node}")
 
     def server_of(self, map_name: str) -> RedisServerLink:
         server = self._placed.get(map_name)
