@@ -23,7 +23,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from conftest import eventually, server_options
-from livemap_tx import wire
+from livemap_tx import map_watching, wire
 from livemap_tx.backplane import (
     Backplane,
     MemoryBus,
@@ -1139,4 +1139,24 @@ def test_an_answer_to_a_node_new_to_a_map_never_comes_after_a_departure_that_fol
         clock.advance(0.1)
     assert set(positions(hubs["j"], "b")) == {viewer.id}
     assert set(positions(hubs["o"], "b")) == {viewer.id}
+    viewer.leave()
+
+
+def test_too_many_devices_messages_during_a_load_make_the_map_load_again(monkeypatch):
+    """The devices' messages held during a load are bounded: beyond, load again."""
+    monkeypatch.setattr(map_watching, "MAX_HELD_DEVICE_MESSAGES", 2)
+    clock, hubs, planes, devices = device_nodes()
+    viewer = hubs[0].join("m", Watcher())
+    made = [settle(clock, devices[0].create("m", f"D{n}", f"10.0.0.{n}"))[1] for n in range(3)]
+    held = hold_loads(planes[1])
+    joined = planes[1].watch("m")
+    clock.pump([0.05] * 2)  # the store has read: no fix yet
+    for number, device in enumerate(made):
+        report_fix(clock, devices[0], device, 1.0 + number)
+    clock.pump([0.05] * 4)
+    release(clock, held)  # three messages held at most two: a second load
+    assert not joined.called
+    release(clock, held)
+    assert joined.called
+    assert device_positions(hubs[1]) == {d.id: 1.0 + n for n, d in enumerate(made)}
     viewer.leave()
