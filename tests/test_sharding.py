@@ -352,3 +352,15 @@ async def test_one_dead_server_takes_only_its_maps_and_they_recover(tmp_path, th
     finally:
         for node in nodes:
             node.stop()
+
+
+def test_the_cache_of_map_placements_is_bounded(monkeypatch):
+    from livemap_tx import redis_link
+    from twisted.internet import reactor
+    monkeypatch.setattr(redis_link, "PLACED_CACHE", 4)
+    link = redis_link.RedisLink("redis://b:1/0,redis://a:1/0,redis://c:1/0", "t", "n", reactor)
+    placed = {name: link.server_of(name) for name in MAPS}
+    assert len(link._placed) <= 4
+    assert {name: link.server_of(name) for name in MAPS} == placed  # the same after forgetting
+    assert [server.address.place for server in link.servers] == ["a:1/0", "b:1/0", "c:1/0"]
+    assert link.home.address.place == "a:1/0"  # the first in agreed order, not as listed
