@@ -11,17 +11,20 @@ any more for a few seconds is unwatched, and its remote pins dropped.
 
 What travels (JSON objects, one per bus message; `n` is the sender's node id):
 
-On the cluster's channel:
-- `hello`: `{"t": "hello", "n", "f": SERVERS}`: "I (re)joined". `f` names
-  the sender's list of Redis servers: nodes with different lists would put
-  maps on different servers, and say so loudly (`health_problem`).
-- `beat`: `{"t": "beat", "n", "f"}`: "I am alive", when the node published
+On the cluster's channel (on every server that is up):
+- `hello`: `{"t": "hello", "n", "f": SERVERS, "s": DESCRIBED}`: "I
+  (re)joined". `f` names the sender's set of Redis servers (`s` lists
+  them): nodes with different sets would put maps on different servers, so
+  they refuse to serve and say so (membership.py).
+- `beat`: `{"t": "beat", "n", "f", "s"}`: "I am alive", when the node published
   nothing else on this channel for a while.
 - `bye`: `{"t": "bye", "n"}`: the node is stopping; its pins go at once.
 - `map`: `{"t": "map", "n", "m": NAME, "x": EXPIRES_MS or null}`: the sender
   created a private map (already in the link's store of maps).
 - `devgone`: `{"t": "devgone", "n", "m": MAP, "i": [PIN ID], "k": [TOKEN HASH]}`:
-  a device deleted (already gone from the store): every node refuses it.
+  a device deleted (already gone from the store): every node refuses it,
+  whether or not it serves the map (held, like `dev`, while the map's
+  devices load).
 
 On a map's channel:
 - `delta`: `{"t": "delta", "n", "m": MAP, "p": [[VERSION, PIN], ...], "g": [ID, ...]}`,
@@ -33,7 +36,8 @@ On a map's channel:
 - `mfull`: `{"t": "mfull", "n", "m": MAP, "k": CHUNK, "end": BOOL, "r": [NODE, ...],
   "p": [[VERSION, PIN], ...]}`, every pin of the sender on that map, in
   chunks; the chunks up to `end` *replace* what a receiver holds of the
-  sender on that map. Sent to the asker's own channel, or on the map's
+  sender on that map. Sent to the asker's own channel on the map's server
+  (so that the sender's later deltas never overtake it), or on the map's
   channel (when several asked, and to everyone after (re)linking); `r`
   names the askers it answers (none: the sender started serving the map).
 - `dev`: a device's newest fix (devices.py).
@@ -62,7 +66,6 @@ lost its data (a new epoch), the devices it knows.
 from __future__ import annotations
 
 import math
-import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence
 
@@ -71,12 +74,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from twisted.application import service
 from twisted.internet import defer, task
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .device_store import fix_value
-from .hub import DEVICES, Hub, Pin
+from .cluster_stores import ClusterStores
+from .hub import Hub, Pin
 from .links import (
     DEFAULT_CLUSTER,
     Link,
@@ -85,7 +88,9 @@ from .links import (
     MemoryLink,
     new_node_id,
 )
+from .map_watching import DEVICE_LEASE, LINGER, REQUEST_LEASE, MapWatch, MapWatching
 from .maps import MapDirectory
+from .membership import DEFAULT_NODE_TTL, Membership
 from .redis_link import PROTOCOL_VERSION, RedisAddress, RedisLink, parse_redis_url
 
 if TYPE_CHECKING:
@@ -94,16 +99,6 @@ if TYPE_CHECKING:
 # Pins per `mfull` message: keeps each bus message (and each parse on the
 # receiving reactor) small.
 FULL_CHUNK = 1000
-DEFAULT_NODE_TTL = 6.0
-# How long a map stays watched after the last thing that needed it.
-LINGER = 3.0
-# How long a request's need of a map lasts (until a WebSocket upgrade's
-# client has joined, while an API answer is written; a connected client
-# holds the map by itself); a phone app's report keeps its map for
-# `DEVICE_LEASE`, so that its next report (and OwnTracks' Friends) finds
-# the map in sync.
-REQUEST_LEASE = 2.0
-DEVICE_LEASE = 600.0
 
 
 @dataclass
@@ -123,34 +118,15 @@ def _state_entries(pins: Iterable[Pin]) -> bytes:
     return b",".join(b"[%d,%s]" % (pin.version, pin.json()) for pin in pins)
 
 
-class MapWatch:
-    """A map this node watches: whether it is in sync, who needs it, until when."""
-
-    __slots__ = ("name", "synced", "waiters", "awaiting", "answered", "devices_loaded",
-                 "timer", "lease_until", "linger", "generation")
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.synced = False
-        self.waiters: list[defer.Deferred] = []
-        # Nodes that must answer before the map is in sync (None: unknown yet).
-        self.awaiting: Optional[int] = None
-        self.answered: set[str] = set()
-        self.devices_loaded = False
-        self.timer: Optional[IDelayedCall] = None
-        self.lease_until = -math.inf
-        self.linger: Optional[IDelayedCall] = None
-        # Counts syncs: an answer of an older sync never completes a newer one.
-        self.generation = 0
-
-
-class Backplane(service.Service):
+class Backplane(MapWatching, Membership, ClusterStores, service.Service):
     """
     Shares this node's pins of the maps it serves with the other nodes that
     serve them, and applies theirs to the hub. A twisted Service: start it,
     and the hub's ticks are published; stop it, and the other nodes drop
     this node's pins at once. It is also the cluster's store of private maps
-    (`share_maps`) and devices (`share_devices`).
+    (`share_maps`) and devices (`share_devices`). Its parts: map_watching.py
+    (the maps it serves), membership.py (the other nodes), cluster_stores.py
+    (private maps and devices); here, the messages between nodes.
     """
 
     log = Logger()
@@ -188,12 +164,19 @@ class Backplane(service.Service):
         self.replacing: dict[tuple[str, str], set[str]] = {}
         # (node, map) asked for their state that have not sent it yet.
         self.asked: set[tuple[str, str]] = set()
-        # Another node's list of Redis servers, if it differs from ours.
+        # Why this node refuses to serve (another node has another set of
+        # Redis servers), and the nodes that disagree, with when last seen.
         self.mismatch: Optional[str] = None
+        self.disagreeing: dict[str, tuple[float, str]] = {}
         self.last_publish = -math.inf
         self.linked_since: Optional[float] = None
         self.down_since: Optional[float] = clock.seconds()
         self.ever_linked = False
+        # The link's servers that are down, and since when.
+        self.servers_down: dict[str, float] = {
+            server: clock.seconds() for server in link.down_servers()}
+        self._store_checked = False
+        self._servers_seen: set[str] = set()
         # Maps -> nodes (None: everyone) that asked for this node's pins.
         self._reply_to: dict[str, set[str]] = {}
         self._reply_call: Any = None
@@ -206,9 +189,10 @@ class Backplane(service.Service):
         self._beat.clock = clock
         self._sweep = task.LoopingCall(self._guarded, self.sweep)
         self._sweep.clock = clock
-        self._hello = orjson.dumps({"t": "hello", "n": self.node, "f": link.fingerprint})
+        self._hello = orjson.dumps({"t": "hello", "n": self.node, "f": link.fingerprint,
+                                    "s": link.describe()})
         self._beat_message = orjson.dumps({"t": "beat", "n": self.node,
-                                           "f": link.fingerprint})
+                                           "f": link.fingerprint, "s": link.describe()})
 
     # Service
 
@@ -262,317 +246,35 @@ class Backplane(service.Service):
         self._sync_waiters.append(waiter)
         return waiter
 
-    # Watching maps
-
-    def watch(self, map_name: str, lease: float = REQUEST_LEASE) -> defer.Deferred:
-        """
-        Serve `map_name` for at least `lease` seconds; fires once this node
-        holds the other nodes' pins of it (or after `map_sync_timeout`), with
-        how ("complete", "already", "timed out", ...).
-        """
-        watch = self._watch(map_name)
-        watch.lease_until = max(watch.lease_until, self.clock.seconds() + lease)
-        self._release_later(watch, lease)
-        if watch.synced:
-            return defer.succeed("already")
-        waiter: defer.Deferred = defer.Deferred()
-        watch.waiters.append(waiter)
-        return waiter
-
-    def map_in_use(self, map_name: str) -> None:
-        """`Hub.watcher`: a map got its first client on this node."""
-        watch = self._watch(map_name)
-        if watch.linger is not None and watch.linger.active():
-            watch.linger.cancel()
-        watch.linger = None
-
-    def map_out_of_use(self, map_name: str) -> None:
-        """`Hub.watcher`: a map's last client on this node left."""
-        watch = self.watches.get(map_name)
-        if watch is not None:
-            self._release_later(watch, 0.0)
-
-    def _watch(self, map_name: str) -> MapWatch:
-        watch = self.watches.get(map_name)
-        if watch is None:
-            watch = self.watches[map_name] = MapWatch(map_name)
-            self._start_sync(watch)
-        return watch
-
-    def _release_later(self, watch: MapWatch, after: float) -> None:
-        delay = after + self.linger
-        if watch.linger is not None and watch.linger.active():
-            if watch.linger.getTime() >= self.clock.seconds() + delay:
-                return
-            watch.linger.cancel()
-        watch.linger = self.clock.callLater(delay, self._maybe_release, watch)
-
-    def _maybe_release(self, watch: MapWatch) -> None:
-        watch.linger = None
-        if self.watches.get(watch.name) is not watch:
-            return
-        map_state = self.hub.maps.get(watch.name)
-        now = self.clock.seconds()
-        if (map_state is not None and map_state.members) or watch.lease_until > now:
-            if watch.lease_until > now:
-                self._release_later(watch, watch.lease_until - now)
-            return
-        self._unwatch(watch)
-
-    def _unwatch(self, watch: MapWatch) -> None:
-        """Nothing here needs the map: stop listening, drop what others hold of it."""
-        del self.watches[watch.name]
-        if watch.timer is not None and watch.timer.active():
-            watch.timer.cancel()
-        self._map_synced(watch, watch.generation, "unwatched")
-        self.link.unwatch_map(watch.name)
-        self.have = {pair for pair in self.have if pair[1] != watch.name}
-        self.asked = {pair for pair in self.asked if pair[1] != watch.name}
-        for pair in [pair for pair in self.replacing if pair[1] == watch.name]:
-            del self.replacing[pair]
-        self.hub.drop_others(watch.name)
-        self.stats.maps_unwatched += 1
-
-    def _start_sync(self, watch: MapWatch) -> None:
-        watch.generation += 1
-        watch.synced = False
-        watch.awaiting = None
-        watch.answered = set()
-        watch.devices_loaded = self.devices is None
-        if watch.timer is not None and watch.timer.active():
-            watch.timer.cancel()
-        generation = watch.generation
-        watch.timer = self.clock.callLater(self.map_sync_timeout, self._map_synced, watch,
-                                           generation, "timed out")
-        self.stats.map_syncs += 1
-        self.link.watch_map(watch.name).addCallbacks(
-            lambda _: self._listening(watch, generation),
-            lambda failure: self._map_synced(watch, generation, "not linked"))
-
-    def _listening(self, watch: MapWatch, generation: int) -> None:
-        if watch.generation != generation or self.watches.get(watch.name) is not watch:
-            return
-        # Our own pins of it to everyone (they may have missed our deltas),
-        # and a request for theirs, answered by every node it reached: a
-        # node that starts listening later was not asked, and sends its
-        # pins by itself.
-        self._send_map_full(watch.name, None)
-        self.link.ask_map(watch.name, orjson.dumps(
-            {"t": "mhello", "n": self.node, "m": watch.name})).addCallbacks(
-            lambda reached: self._asked(watch, generation, reached),
-            lambda failure: self._map_synced(watch, generation, "not linked"))
-        if self.devices is not None:
-            defer.Deferred.fromCoroutine(self._load_devices(watch, generation)).addErrback(
-                self._devices_failed, watch, generation)
-
-    def _asked(self, watch: MapWatch, generation: int, reached: int) -> None:
-        if watch.generation != generation or self.watches.get(watch.name) is not watch:
-            return
-        watch.awaiting = max(0, reached - 1)
-        self._check_synced(watch)
-
-    async def _load_devices(self, watch: MapWatch, generation: int) -> None:
-        assert self.devices is not None
-        values = await self.device_keys.load_fixes(watch.name, self.clock.seconds() * 1000)
-        if watch.generation != generation or self.watches.get(watch.name) is not watch:
-            return
-        entries = []
-        for value in values:
-            try:
-                decoded = orjson.loads(value)
-                [state] = self._states([decoded["e"]])
-                entries.append(state)
-            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-                self.stats.bad_messages += 1
-        self.devices.replace_map(watch.name, entries)
-        watch.devices_loaded = True
-        self._check_synced(watch)
-
-    def _devices_failed(self, failure: Any, watch: MapWatch, generation: int) -> None:
-        self.log.warn("could not load the devices of a map: {error}",
-                      error=failure.getErrorMessage())
-        if watch.generation == generation:
-            watch.devices_loaded = True
-            self._check_synced(watch)
-
-    def _check_synced(self, watch: MapWatch) -> None:
-        if (not watch.synced and watch.devices_loaded and watch.awaiting is not None
-                and len(watch.answered) >= watch.awaiting):
-            self._map_synced(watch, watch.generation, "complete")
-
-    def _map_synced(self, watch: MapWatch, generation: int, how: str) -> None:
-        if watch.generation != generation or watch.synced:
-            return
-        watch.synced = True
-        if watch.timer is not None and watch.timer.active():
-            watch.timer.cancel()
-        watch.timer = None
-        waiters, watch.waiters = watch.waiters, []
-        for waiter in waiters:
-            waiter.callback(how)
-
-    # The private maps: this backplane is the directory's MapStore
-
-    def share_maps(self, directory: MapDirectory) -> None:
-        """Keep `directory`'s private maps in the link's store, for every node."""
-        self.directory = directory
-        directory.store = self
-
-    def add_map(self, name: str, expires: Optional[float], *, cap: int,
-                forget_before: float) -> defer.Deferred:
-        """`MapStore.add_map`: in the link's store, then told to every node."""
-        if not self.link.linked:
-            return defer.fail(ConnectionError(f"not linked to {self.link.describe()}"))
-        expires_ms = math.inf if expires is None else round(expires * 1000)
-
-        def added(outcome: str) -> str:
-            if outcome == "added":
-                self._publish(b'{"t":"map","n":%s,"m":%s,"x":%s}' % (
-                    orjson.dumps(self.node), orjson.dumps(name),
-                    b"null" if expires is None else b"%d" % expires_ms))
-            return outcome
-        return self.link.add_map(name, expires_ms, cap=cap,
-                                 forget_before_ms=round(forget_before * 1000)).addCallback(added)
-
-    def find_map(self, name: str) -> defer.Deferred:
-        """`MapStore.find_map`: the expiry in the clock's seconds, or None."""
-        if not self.link.linked:
-            return defer.fail(ConnectionError(f"not linked to {self.link.describe()}"))
-        return self.link.find_map(name).addCallback(
-            lambda expires_ms: None if expires_ms is None else expires_ms / 1000)
-
-    def _restore_maps(self) -> None:
-        # Redis may have restarted empty: write back what this node knows
-        # (ZADD NX: nothing that is there is changed).
-        if self.directory is None:
-            return
-        maps = [(name, math.inf if expires is None else round(expires * 1000))
-                for name, expires in self.directory.entries()]
-        if maps:
-            self.link.restore_maps(maps).addErrback(
-                lambda failure: self.log.warn("could not restore {count} private maps: {error}",
-                                              count=len(maps), error=failure.getErrorMessage()))
-
-    def _learn_map(self, message: dict) -> None:
-        name, expires_ms = message["m"], message["x"]
-        if not isinstance(name, str) or not (
-                expires_ms is None or (isinstance(expires_ms, (int, float))
-                                       and not isinstance(expires_ms, bool))):
-            raise ValueError("bad map message")
-        if self.directory is not None:
-            self.directory.learn(name, None if expires_ms is None else expires_ms / 1000)
-
-    # The devices: this backplane is the DeviceStore of the node's Devices
-
-    def share_devices(self, devices: Devices) -> None:
-        """Keep `devices` in the link's store, for every node (device_store.py)."""
-        self.devices = devices
-        self.device_keys = self.link.device_keys()
-        devices.store = self
-
-    def add_device(self, token_hash: str, record: dict, expires_ms: float, *,
-                   cap: int, now_ms: float) -> defer.Deferred:
-        if not self.link.linked:
-            return defer.fail(ConnectionError(f"not linked to {self.link.describe()}"))
-        return self.device_keys.add_device(token_hash, orjson.dumps(record), expires_ms,
-                                           cap=cap, now_ms=now_ms)
-
-    def find_device(self, token_hash: str, now_ms: float) -> defer.Deferred:
-        if not self.link.linked:
-            return defer.fail(ConnectionError(f"not linked to {self.link.describe()}"))
-        return self.device_keys.find_device(token_hash, now_ms).addCallback(
-            lambda found: None if found is None else orjson.loads(found))
-
-    def remove_device(self, token_hash: str, map_name: str, pin_id: str) -> defer.Deferred:
-        if not self.link.linked:
-            return defer.fail(ConnectionError(f"not linked to {self.link.describe()}"))
-
-        def removed(existed: bool) -> bool:
-            # To every node, not only those serving the map: each forgets
-            # the token at once, and never writes it back to the store.
-            self._publish(b'{"t":"devgone","n":%s,"m":%s,"i":%s,"k":%s}' % (
-                orjson.dumps(self.node), orjson.dumps(map_name), orjson.dumps([pin_id]),
-                orjson.dumps([token_hash])))
-            return existed
-        return self.device_keys.remove_device(token_hash, map_name).addCallback(removed)
-
-    def save_fix(self, token_hash: str, map_name: str, version: int, entry: bytes,
-                 now_ms: float, expires_ms: float) -> defer.Deferred:
-        if not self.link.linked:
-            return defer.fail(ConnectionError(f"not linked to {self.link.describe()}"))
-        name = orjson.dumps(map_name)
-
-        def saved(outcome: str) -> str:
-            if outcome == "saved":
-                self.link.publish_map(map_name, b'{"t":"dev","n":%s,"m":%s,"p":[%s]}' % (
-                    orjson.dumps(self.node), name, entry))
-            return outcome
-        return self.device_keys.save_fix(token_hash, map_name, version, fix_value(name, entry),
-                                         now_ms, expires_ms).addCallback(saved)
-
-    async def _check_device_epoch(self) -> None:
-        """If the store lost its data (a new epoch), write back what this node knows."""
-        assert self.devices is not None
-        epoch = await self.device_keys.epoch(secrets.token_hex(8))
-        if self._device_epoch is not None and epoch != self._device_epoch:
-            await self._restore_devices()
-        self._device_epoch = epoch
-
-    async def _restore_devices(self) -> None:
-        assert self.devices is not None
-        records = self.devices.known_records()
-        self.log.info("node {node}: the device store is new; writing back {count} devices",
-                      node=self.node, count=len(records))
-        await self.device_keys.restore(
-            ((key, orjson.dumps(record), until) for key, record, until in records),
-            self.devices.deleted_records())
-        by_id = {record["i"]: (key, until) for key, record, until in records}
-        now_ms = self.clock.seconds() * 1000
-        for map_state in list(self.hub.maps.values()):
-            name = orjson.dumps(map_state.name)
-            for pin in list(map_state.pins.values()):
-                found = by_id.get(pin.id)
-                if pin.origin == DEVICES and found is not None:
-                    entry = b"[%d,%s]" % (pin.version, pin.json())
-                    await self.device_keys.save_fix(found[0], map_state.name, pin.version,
-                                                    fix_value(name, entry), now_ms, found[1])
-
-    # Health and metrics
-
-    def health_problem(self) -> Optional[str]:
-        """None while linked and agreed; else what /healthz should say (still 200)."""
-        if self.mismatch is not None:
-            return self.mismatch
-        if self.link.linked:
-            return None
-        assert self.down_since is not None
-        since = self.clock.seconds() - self.down_since
-        what = "connecting to" if not self.ever_linked else "cut off from"
-        return (f"{what} {self.link.describe()} for {since:.0f} s: serving this node's "
-                f"clients only, reconnecting")
-
-    def nodes(self) -> int:
-        return len(self.last_seen)
-
     # LinkReceiver
 
-    def link_up(self) -> None:
+    def server_up(self, server: str) -> None:
+        """A server of the link is up: resync the maps on it (all of them if it keeps the stores)."""
         now = self.clock.seconds()
-        if self.ever_linked:
-            self.log.info("node {node}: link to {link} is back after {seconds:.1f} s; resyncing",
-                          node=self.node, link=self.link.describe(),
-                          seconds=now - (self.down_since or now))
+        since = self.servers_down.pop(server, now)
+        if server in self._servers_seen:
+            self.log.info("node {node}: link to {server} is back after {seconds:.1f} s; "
+                          "resyncing", node=self.node, server=server, seconds=now - since)
         else:
-            self.log.info("node {node}: linked to {link}", node=self.node,
-                          link=self.link.describe())
+            self.log.info("node {node}: linked to {server}", node=self.node, server=server)
+        self._servers_seen.add(server)
         self.ever_linked = True
-        self.linked_since, self.down_since = now, None
+        if self.linked_since is None:
+            self.linked_since, self.down_since = now, None
         self.stats.resyncs += 1
-        self.asked.clear()
-        self.replacing.clear()
-        self.have.clear()
+        on_server = {name for name in self.watches if self.link.server_name(name) == server}
+        self.asked = {pair for pair in self.asked if pair[1] not in on_server}
+        self.have = {pair for pair in self.have if pair[1] not in on_server}
+        for pair in [pair for pair in self.replacing if pair[1] in on_server]:
+            del self.replacing[pair]
         self.link.announce(self.node_ttl)
         self._publish(self._hello)
+        self._check_agreement()
+        if server != self.link.server_name():
+            for name in on_server:
+                self._start_sync(self.watches[name])
+            self._maybe_finish_sync()
+            return
         self._restore_maps()
         if self.devices is not None:
             defer.Deferred.fromCoroutine(self._check_device_epoch()).addBoth(
@@ -584,17 +286,33 @@ class Backplane(service.Service):
         if isinstance(result, Failure):
             self.log.warn("could not check the device store: {error}",
                           error=result.getErrorMessage())
-        # Every map this node serves is synced again: what was published
-        # while cut off was lost, and the store may be new.
+        # Every map this node serves (on a server that is up) is synced
+        # again: what was published while cut off was lost, and the store
+        # may be new.
         for watch in list(self.watches.values()):
-            self._start_sync(watch)
-        self._finish_sync("linked")
+            if self.link.map_linked(watch.name):
+                self._start_sync(watch)
+        self._store_checked = True
+        self._maybe_finish_sync()
 
-    def link_down(self, reason: str) -> None:
-        self.linked_since, self.down_since = None, self.clock.seconds()
-        self.log.warn("node {node}: lost the link to {link} ({reason}); serving this node's "
-                      "clients, reconnecting", node=self.node, link=self.link.describe(),
-                      reason=reason)
+    def _maybe_finish_sync(self) -> None:
+        if self._store_checked and not self.link.down_servers():
+            self._finish_sync("linked")
+
+    def server_down(self, server: str, reason: str) -> None:
+        now = self.clock.seconds()
+        self.servers_down[server] = now
+        if not self.link.linked:
+            self.linked_since, self.down_since = None, now
+            self.log.warn("node {node}: lost the link to {server} ({reason}); serving this "
+                          "node's clients, reconnecting", node=self.node, server=server,
+                          reason=reason)
+            return
+        stores = (" and the private maps and devices" if server == self.link.server_name()
+                  else "")
+        self.log.warn("node {node}: lost the link to {server} ({reason}): the maps on it"
+                      "{stores} are unavailable until it is back; reconnecting",
+                      node=self.node, server=server, reason=reason, stores=stores)
 
     def message_received(self, message: bytes) -> None:
         try:
@@ -607,17 +325,26 @@ class Backplane(service.Service):
             return
         self.stats.received += 1
         known = origin in self.last_seen
+        if kind == "bye":
+            # Said on every server: the first one counts.
+            if known:
+                self._forget(origin, "said goodbye")
+            return
         self.last_seen[origin] = self.clock.seconds()
         try:
-            if not known and kind != "bye" and self.watches:
+            if not known and self.watches:
                 # A node new to us, or heard again after we dropped it (a
                 # long stall): whatever it holds of the maps we serve, we
                 # do not have. Ask, in one message.
                 self._ask_all(origin)
             if kind == "devgone":
-                if self.devices is not None and isinstance(decoded["m"], str):
-                    self.devices.remote_gone(decoded["m"], list(decoded["i"]),
-                                             list(decoded["k"]))
+                map_name = decoded["m"]
+                if not isinstance(map_name, str):
+                    raise ValueError("bad map")
+                if self.devices is not None:
+                    # Whichever channel it came on: held while the map's
+                    # devices load, so that the store's answer cannot undo it.
+                    self.device_message(map_name, kind, decoded)
             elif kind in ("delta", "mfull", "mhello", "dev"):
                 map_name = decoded["m"]
                 if not isinstance(map_name, str):
@@ -635,15 +362,13 @@ class Backplane(service.Service):
                 elif kind == "mhello":
                     self._reply(origin, map_name)
                 elif self.devices is not None:
-                    self.devices.apply(map_name, self._states(decoded["p"]))
+                    self.device_message(map_name, kind, decoded)
             elif kind in ("hello", "beat"):
-                self._check_servers(origin, decoded.get("f"))
+                self._check_servers(origin, decoded.get("f"), decoded.get("s"))
             elif kind == "ask":
                 for map_name in decoded["ms"]:
                     if isinstance(map_name, str) and map_name in self.watches:
                         self._reply(origin, map_name)
-            elif kind == "bye":
-                self._forget(origin, "said goodbye")
             elif kind == "map":
                 self._learn_map(decoded)
             else:
@@ -655,29 +380,19 @@ class Backplane(service.Service):
             self.stats.bad_messages += 1
             self.log.failure("could not apply a message of node {origin}", origin=origin)
 
-    def _check_servers(self, origin: str, fingerprint: Any) -> None:
-        if fingerprint == self.link.fingerprint:
-            return
-        problem = (f"node {origin} uses another list of Redis servers than this node "
-                   f"({self.link.describe()}): maps would be split between them; give every "
-                   f"node the same --redis list, in the same order")
-        if self.mismatch != problem:
-            self.mismatch = problem
-            self.log.error("{problem}", problem=problem)
-
-    # Publishing
 
     def publish_tick(self, map_name: str, pins: list[Pin], gone: list[str]) -> None:
         """`Hub.publisher`: this node's changes of one map tick, as one message."""
-        if not self.link.linked:
+        if not self.link.map_linked(map_name):
             self.stats.dropped += 1
             return
         self._count(self.link.publish_map(map_name, b'{"t":"delta","n":%s,"m":%s,"p":[%s],"g":%s}' % (
             orjson.dumps(self.node), orjson.dumps(map_name), _state_entries(pins),
             orjson.dumps(gone))))
 
-    def _publish(self, message: bytes, to: Optional[str] = None) -> None:
-        published = self.link.publish(message, to)
+    def _publish(self, message: bytes, to: Optional[str] = None,
+                 map_name: Optional[str] = None) -> None:
+        published = self.link.publish(message, to, map_name)
         self._count(published)
         if published and to is None:
             # Only what every node hears stands in for a beat: deltas go to
@@ -710,13 +425,14 @@ class Backplane(service.Service):
 
     def _send_map_full(self, map_name: str, to: Optional[str],
                        answering: Sequence[str] = ()) -> None:
-        # All chunks in one turn, on one connection: no delta of ours comes
-        # between them.
+        # All chunks in one turn, on one connection (the map's server, also
+        # when sent to one node): no delta of ours comes between them, and
+        # none that follows overtakes them.
         for message in self.map_full_messages(map_name, answering):
             if to is None:
                 self._count(self.link.publish_map(map_name, message))
             else:
-                self._publish(message, to)
+                self._publish(message, to, map_name)
         self.stats.full_states_sent += 1
 
     def _reply(self, origin: str, map_name: str) -> None:
@@ -728,10 +444,8 @@ class Backplane(service.Service):
 
     def _send_replies(self) -> None:
         replies, self._reply_to = self._reply_to, {}
-        if not self.link.linked:
-            return
         for map_name, targets in replies.items():
-            if map_name not in self.watches:
+            if map_name not in self.watches or not self.link.map_linked(map_name):
                 continue
             if len(targets) > 2:
                 self._send_map_full(map_name, None, sorted(targets))
@@ -741,17 +455,19 @@ class Backplane(service.Service):
 
     def _ask_all(self, origin: str) -> None:
         """Ask a node for its pins of every map this node serves (it answers for those it serves)."""
-        wanted = [name for name in self.watches if (origin, name) not in self.asked]
-        if wanted and self.link.linked:
+        wanted = [name for name in self.watches
+                  if (origin, name) not in self.asked and self.link.map_linked(name)]
+        if wanted:
             self.asked.update((origin, name) for name in wanted)
             self._publish(orjson.dumps({"t": "ask", "n": self.node, "ms": wanted}), origin)
 
     def _ask(self, origin: str, map_name: str) -> None:
         """We hold only part of a node's pins of a map (we missed its `mfull`): ask for it."""
         pair = (origin, map_name)
-        if pair not in self.asked and self.link.linked:
+        if pair not in self.asked and self.link.map_linked(map_name):
             self.asked.add(pair)
-            self._publish(orjson.dumps({"t": "mhello", "n": self.node, "m": map_name}), origin)
+            self._publish(orjson.dumps({"t": "mhello", "n": self.node, "m": map_name}), origin,
+                          map_name)
 
     def _guarded(self, job: Any) -> None:
         # A LoopingCall stops for good at its first exception: log and go on.
@@ -759,13 +475,6 @@ class Backplane(service.Service):
             job()
         except Exception:
             self.log.failure("backplane {job} failed", job=getattr(job, "__name__", job))
-
-    def _heartbeat(self) -> None:
-        if not self.link.linked:
-            return
-        self.link.announce(self.node_ttl)
-        if self.clock.seconds() - self.last_publish >= self.beat_interval:
-            self._publish(self._beat_message)
 
     # Applying
 
@@ -803,24 +512,6 @@ class Backplane(service.Service):
                 watch.answered.add(origin)
                 self._check_synced(watch)
 
-    def sweep(self) -> None:
-        """Drop the pins of nodes not heard from within the node TTL."""
-        bound = self.clock.seconds() - self.node_ttl
-        for origin, seen in list(self.last_seen.items()):
-            if seen < bound:
-                self.stats.nodes_expired += 1
-                self._forget(origin, f"silent for {self.node_ttl:g} s")
-
-    def _forget(self, origin: str, why: str) -> None:
-        self.last_seen.pop(origin, None)
-        self.have = {pair for pair in self.have if pair[0] != origin}
-        self.asked = {pair for pair in self.asked if pair[0] != origin}
-        for pair in [pair for pair in self.replacing if pair[0] == origin]:
-            del self.replacing[pair]
-        dropped = self.hub.drop_origin(origin)
-        self.log.info("node {origin} {why}: dropped its {count} pins", origin=origin, why=why,
-                      count=dropped)
-
     def _bad(self, message: bytes) -> None:
         self.stats.bad_messages += 1
         if self.stats.bad_messages == 1 or self.stats.bad_messages % 1000 == 0:
@@ -852,8 +543,16 @@ class BackplaneCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         backplane, stats = self.backplane, self.backplane.stats
         yield GaugeMetricFamily("livemap_backplane_connected",
-                                "1 while linked to the other nodes (Redis), else 0.",
+                                "1 while linked to the other nodes (at least one Redis "
+                                "server up), else 0.",
                                 value=1 if backplane.link.linked else 0)
+        yield GaugeMetricFamily("livemap_backplane_servers_down",
+                                "Redis servers of the link that are down now (their maps "
+                                "answer 503).", value=len(backplane.link.down_servers()))
+        yield GaugeMetricFamily("livemap_backplane_refusing",
+                                "1 while this node refuses to serve (another node has "
+                                "another set of Redis servers), else 0.",
+                                value=1 if backplane.mismatch is not None else 0)
         yield GaugeMetricFamily("livemap_backplane_nodes",
                                 "Other nodes heard from within the node TTL.",
                                 value=backplane.nodes())
@@ -889,6 +588,7 @@ def make_backplane(hub: Hub, reactor: Any, urls: str, *, cluster: str = DEFAULT_
     return Backplane(hub, link, reactor, node_ttl=node_ttl)
 
 
-__all__ = ["Backplane", "BackplaneCollector", "BackplaneStats", "DEVICE_LEASE", "Link",
-           "LinkReceiver", "MemoryBus", "MemoryLink", "PROTOCOL_VERSION", "REQUEST_LEASE",
+__all__ = ["Backplane", "BackplaneCollector", "BackplaneStats", "DEFAULT_NODE_TTL",
+           "DEVICE_LEASE", "LINGER", "Link", "LinkReceiver", "MapWatch", "MemoryBus",
+           "MemoryLink", "PROTOCOL_VERSION", "REQUEST_LEASE",
            "RedisAddress", "RedisLink", "make_backplane", "new_node_id", "parse_redis_url"]

@@ -30,6 +30,14 @@ from .privacy import map_digest
 DEFAULT_CLUSTER = "livemap"
 
 
+class MapUnavailable(Exception):
+    """A map this node cannot serve now (its Redis server is down, or the node refuses)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 def score(expires_ms: float) -> str:
     """A map's expiry as Redis writes a sorted-set score ("inf": never)."""
     return "inf" if math.isinf(expires_ms) else str(int(expires_ms))
@@ -43,25 +51,36 @@ def new_node_id() -> str:
 
 
 class LinkReceiver(Protocol):
-    """What a link calls back (the backplane)."""
+    """
+    What a link calls back (the backplane): each server of the link comes
+    up and goes down by itself (`server` is its name, as `server_name` says).
+    """
 
-    def link_up(self) -> None: ...
+    def server_up(self, server: str) -> None: ...
 
-    def link_down(self, reason: str) -> None: ...
+    def server_down(self, server: str, reason: str) -> None: ...
 
     def message_received(self, message: bytes) -> None: ...
 
 
 class Link(Protocol):
     """
-    A bus between the nodes of one cluster. Messages from one sender arrive
-    in the order sent; a message published while not `linked` is dropped
-    (the backplane resynchronises when the link comes back). After a
-    reconnection the link listens to every map it was watching again.
+    A bus between the nodes of one cluster, on one or several servers. A
+    map's channel is on one server; messages from one sender on one server
+    arrive in the order sent; a message published while its server is down
+    is dropped (the backplane resynchronises the maps of a server when it
+    comes back). After a reconnection the link listens to every map it was
+    watching again. The cluster's channel and each node's own channel are
+    on every server.
     """
 
     node: str
+    # At least one server is up.
     linked: bool
+
+    @property
+    def store_linked(self) -> bool:
+        """The server of the stores (private maps, devices) is up."""
     # Names the list of servers maps are spread over: every node of a
     # cluster must have the same.
     fingerprint: str
@@ -72,8 +91,28 @@ class Link(Protocol):
     def stop(self) -> defer.Deferred:
         """Disconnect for good (after writing what was published)."""
 
-    def publish(self, message: bytes, to: Optional[str] = None) -> bool:
-        """Send on the cluster's channel (`to` None, the sender included) or to one node."""
+    def publish(self, message: bytes, to: Optional[str] = None,
+                map_name: Optional[str] = None) -> bool:
+        """
+        Send on the cluster's channel (`to` None, the sender included; on
+        every server up) or to one node: through `map_name`'s server if
+        given, so that it keeps its order with that map's messages.
+        """
+
+    def server_name(self, map_name: Optional[str] = None) -> str:
+        """The server of a map (None: of the stores), for logs and health (no secrets)."""
+
+    def map_linked(self, map_name: str) -> bool:
+        """Whether the server of `map_name` is up."""
+
+    def down_servers(self) -> list[str]:
+        """The names of the servers that are down now."""
+
+    def fingerprints(self) -> defer.Deferred:
+        """
+        The servers' names that every present node announced (a Deferred of
+        {node: (fingerprint, description)}), read from every server up.
+        """
 
     def publish_map(self, map_name: str, message: bytes) -> bool:
         """Send to every node that watches `map_name` (the sender too, if it does)."""
@@ -120,6 +159,9 @@ class Link(Protocol):
 
     def device_keys(self) -> Any:
         """The store of devices on this link (device_store.py)."""
+
+    def replicate(self) -> defer.Deferred:
+        """Fires once the stores' writes so far are on a replica too (if there are replicas)."""
 
 
 # In memory: one process, for tests
@@ -204,6 +246,7 @@ class MemoryLink:
         self.node = node
         self.fingerprint = fingerprint
         self.linked = False
+        self.store_linked = False
         self.receiver: Optional[LinkReceiver] = None
         self.watched: set[str] = set()
         self._inbox: list[bytes] = []
@@ -212,6 +255,23 @@ class MemoryLink:
 
     def describe(self) -> str:
         return "memory"
+
+    def server_name(self, map_name: Optional[str] = None) -> str:
+        return "memory"
+
+    def map_linked(self, map_name: str) -> bool:
+        return self.linked
+
+    def down_servers(self) -> list[str]:
+        return [] if self.linked else ["memory"]
+
+    def fingerprints(self) -> defer.Deferred:
+        if not self.linked:
+            return defer.fail(ConnectionError("not linked"))
+        now = self.bus.clock.seconds()
+        return self._reply(lambda: {
+            node: (link.fingerprint, link.describe()) for node, link in self.bus.links.items()
+            if link.linked and self.bus.expires.get(node, -math.inf) > now})
 
     def start(self, receiver: LinkReceiver) -> None:
         self.receiver = receiver
@@ -225,11 +285,12 @@ class MemoryLink:
         for call in (self._connect_call, self._drain_call):
             if call is not None and call.active():
                 call.cancel()
-        self.linked = False
+        self.linked = self.store_linked = False
         self._inbox = []
         return defer.succeed(None)
 
-    def publish(self, message: bytes, to: Optional[str] = None) -> bool:
+    def publish(self, message: bytes, to: Optional[str] = None,
+                map_name: Optional[str] = None) -> bool:
         if not self.linked:
             return False
         self.bus.deliver(ALL if to is None else node_channel(to), message, self.node)
@@ -300,6 +361,9 @@ class MemoryLink:
     def device_keys(self) -> MemoryDeviceKeys:
         return MemoryDeviceKeys(self)
 
+    def replicate(self) -> defer.Deferred:
+        return defer.succeed(None)
+
     def restore_maps(self, maps: list[tuple[str, float]]) -> defer.Deferred:
         if self.linked:
             for name, expires_ms in maps:
@@ -317,13 +381,13 @@ class MemoryLink:
     def _connect(self) -> None:
         self._connect_call = None
         if self.bus.up and self.node in self.bus.links and not self.linked:
-            self.linked = True
+            self.linked = self.store_linked = True
             self.bus.subscribe(self.node, ALL)
             self.bus.subscribe(self.node, node_channel(self.node))
             for map_name in self.watched:
                 self.bus.subscribe(self.node, map_channel(map_name))
             assert self.receiver is not None
-            self.receiver.link_up()
+            self.receiver.server_up("memory")
 
     def _reconnect_later(self) -> None:
         if self._connect_call is None or not self._connect_call.active():
@@ -332,9 +396,9 @@ class MemoryLink:
     def _lost(self, reason: str) -> None:
         self._inbox = []
         if self.linked:
-            self.linked = False
+            self.linked = self.store_linked = False
             assert self.receiver is not None
-            self.receiver.link_down(reason)
+            self.receiver.server_down("memory", reason)
 
     def _queue(self, message: bytes, sender: str) -> None:
         # One FIFO per receiver, drained in a later turn: like a socket,

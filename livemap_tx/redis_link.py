@@ -2,350 +2,69 @@
 The link between nodes through Redis (txredisapi, on the reactor), spread
 over one or several Redis servers.
 
-A map's channel lives on one server, chosen by a stable hash of its name,
-so the pub/sub traffic of many maps is spread over the servers; the first
-server (the "home") also carries the cluster's channel, each node's own
-channel, the presence keys, the private maps and the devices (a little
-traffic, kept in one place). Every node must be given the same list of
-servers in the same order: the link's `fingerprint` names it, and nodes
-compare theirs (backplane.py).
+A map's channel lives on one server, chosen by a stable hash of its name
+(sharding.py), so the pub/sub traffic of many maps is spread over the
+servers; one server (the "home", the first in the agreed order) also keeps
+the private maps and the devices. Every node must be given the same set of
+servers, in any order: the link's `fingerprint` names the set, every node
+announces its own with its presence on every server, and nodes compare
+(membership.py).
 
-Per server: one connection for commands and publishing, one that
-subscribes; each reconnects with capped, jittered back-off, and the link is
-up only while all of them are. Channels and keys, with C the cluster and D
-a server's database (pub/sub is not per database, so D is in channel names):
+Each server comes up and goes down by itself: while one is down, only the
+maps on it (and, for the home, the stores) are unavailable. The cluster's
+channel and each node's own channel are on every server, so nodes keep
+hearing each other through the servers that are up (the cluster's
+messages go on the home, or on every server up while it is down); a
+message to one node
+about a map goes through that map's server, in order with its deltas.
 
-- `livemap:v2:C:D:all`, `livemap:v2:C:D:to:NODE` (home);
+Per server (redis_server_link.py): one connection for commands and
+publishing, one that subscribes; a server is up while both are. Channels
+and keys, with C the cluster and D a server's database (pub/sub is not per
+database, so D is in channel names):
+
+- `livemap:v2:C:D:all`, `livemap:v2:C:D:to:NODE` (every server);
 - `livemap:v2:C:D:map:SHA1(MAP)` (the map's server);
-- `livemap:v2:C:node:NODE` (presence, expiring), `livemap:v2:C:maps`
-  (private maps), and the device keys of device_store.py (home).
+- `livemap:v2:C:node:NODE` (presence, expiring; every server),
+  `livemap:v2:C:maps` (private maps), and the device keys of
+  device_store.py (home).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import random
 import socket
-from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Optional
-from urllib.parse import unquote, urlsplit
 
 import orjson
 import txredisapi
-from twisted.application.internet import ClientService
-from twisted.internet import defer, endpoints, task
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import ILogObserver, Logger
+from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from .device_store import RedisDeviceKeys
 from .links import LinkReceiver, map_digest, score
-
-# Bumped when messages or channels change shape: nodes of different
-# versions never share a channel.
-PROTOCOL_VERSION = 2
+from .redis_server_link import (
+    PROTOCOL_VERSION,
+    RedisAddress,
+    RedisServerLink,
+    _RedisConnection,
+    parse_redis_url,
+    parse_redis_urls,
+)
+from .sharding import in_agreed_order, servers_fingerprint, shard_of
 # Private maps written back per command after a reconnection.
 RESTORE_CHUNK = 1000
-# Commands Redis answers with one reply per channel or pattern named.
-_PER_CHANNEL_COMMANDS = frozenset({"SUBSCRIBE", "UNSUBSCRIBE", "PSUBSCRIBE", "PUNSUBSCRIBE"})
-
-
-@dataclass(frozen=True)
-class RedisAddress:
-    host: str
-    port: int
-    db: int
-    tls: bool
-    username: Optional[str]
-    password: Optional[str]
-
-    def __str__(self) -> str:
-        """The URL without its secrets, for logs."""
-        auth = "***@" if self.password is not None else ""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{'rediss' if self.tls else 'redis'}://{auth}{host}:{self.port}/{self.db}"
-
-    @property
-    def place(self) -> str:
-        """Where it is, the same for every node that names it (no secrets)."""
-        return f"{self.host.lower()}:{self.port}/{self.db}"
-
-
-def parse_redis_url(url: str) -> RedisAddress:
-    """`redis://[[user]:password@]host[:port][/db]`, or `rediss://` for TLS."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("redis", "rediss"):
-        raise ValueError(f"not a redis:// or rediss:// URL: {url!r}")
-    try:
-        port = parts.port or 6379
-    except ValueError:
-        raise ValueError(f"bad port in {url!r}") from None
-    if not parts.hostname:
-        raise ValueError(f"no host in {url!r}")
-    path = parts.path.strip("/")
-    if path and not path.isdigit():
-        raise ValueError(f"the database must be a number, not {path!r}")
-    return RedisAddress(
-        host=parts.hostname, port=port, db=int(path or 0), tls=parts.scheme == "rediss",
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password is not None else None)
-
-
-def parse_redis_urls(value: str) -> list[RedisAddress]:
-    """One URL, or several separated by commas (maps are spread over them)."""
-    urls = [url.strip() for url in value.split(",") if url.strip()]
-    if not urls:
-        raise ValueError("no Redis URL")
-    addresses = [parse_redis_url(url) for url in urls]
-    places = [address.place for address in addresses]
-    if len(set(places)) != len(places):
-        raise ValueError("the same Redis server is named twice")
-    return addresses
-
-
-def shard_of(map_name: str, count: int) -> int:
-    """Which of `count` servers carries a map's channel: stable, and the same on every node."""
-    digest = hashlib.sha256(map_name.encode("utf-8", "surrogatepass")).digest()
-    return int.from_bytes(digest[:8], "big") % count
-
-
-@implementer(ILogObserver)
-def _discard(event: dict) -> None:
-    pass
-
-
-class _QuietClientService(ClientService):
-    """ClientService logs every retry; the link logs a loss once instead."""
-
-    _log = Logger(observer=_discard)
-
-
-class _RedisFactory(txredisapi.RedisFactory):
-    """Builds the protocols of one of the link's connections (no pool: one each)."""
-
-    def __init__(self, connection: _RedisConnection, address: RedisAddress,
-                 dbid: Optional[int], reply_timeout: float) -> None:
-        super().__init__(None, dbid, 1, isLazy=True, charset=None, password=address.password,
-                         replyTimeout=reply_timeout, convertNumbers=False,
-                         username=address.username)
-        self.connection = connection
-        self.deferred = None  # nobody waits on a pool
-
-    def buildProtocol(self, addr: Any) -> Any:  # noqa: N802 (Twisted's name)
-        protocol = super().buildProtocol(addr)
-        protocol.whenConnected().addCallback(self.connection._ready)
-        return protocol
-
-    def addConnection(self, conn: Any) -> None:  # noqa: N802 (txredisapi's name)
-        """No pool: the link holds its protocol itself."""
-
-    def connectionError(self, why: str) -> None:  # noqa: N802 (txredisapi's name)
-        # AUTH or SELECT failed: the connection is closed and retried later.
-        self.connection.server.link._refused(self.connection.server, why)
-
-
-class _CommandProtocol(txredisapi.RedisProtocol):
-    def connectionLost(self, why: Failure) -> None:  # noqa: N802
-        super().connectionLost(why)
-        self.factory.connection._lost(self, why)
-
-
-class _SubscriberProtocol(txredisapi.SubscriberProtocol):
-    """
-    Replies are matched to commands by count. txredisapi hands every
-    (un)subscribe acknowledgement to the oldest waiting command, so the
-    second acknowledgement of a SUBSCRIBE of two channels fired the next
-    SUBSCRIBE's Deferred before Redis had read it: a node then asked for a
-    map's pins before it listened to the map, and its first welcome there
-    could miss pins.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        # Per command sent, in order: [replies it gets, replies seen].
-        self._owed: deque[list[int]] = deque()
-
-    def execute_command(self, *args: Any, **kwargs: Any) -> defer.Deferred:
-        result = super().execute_command(*args, **kwargs)
-        name = args[0].upper() if isinstance(args[0], str) else args[0]
-        # One acknowledgement per channel, each a reply of its own.
-        replies = max(1, len(args) - 1) if name in _PER_CHANNEL_COMMANDS else 1
-        self._owed.append([replies, 0])
-        return result
-
-    def replyReceived(self, reply: Any) -> None:  # noqa: N802 (txredisapi's name)
-        if isinstance(reply, list):
-            if len(reply) >= 3 and reply[-3] == b"message":
-                self.messageReceived(None, *reply[-2:])
-                return
-            if len(reply) >= 4 and reply[-4] == b"pmessage":
-                self.messageReceived(*reply[-3:])
-                return
-        if not self._owed:
-            if isinstance(reply, Exception):
-                self.replyQueue.put(reply)  # connectionLost fails what still waits
-            return
-        owed = self._owed[0]
-        owed[1] += 1
-        if isinstance(reply, Exception) or owed[1] >= owed[0]:
-            self._owed.popleft()  # an error is the command's only reply
-        if owed[1] == 1:
-            # Redis subscribes every channel of the command before it
-            # acknowledges the first one.
-            self.replyQueue.put(reply[-3:] if isinstance(reply, list) else reply)
-
-    def messageReceived(self, pattern: Any, channel: bytes, message: bytes) -> None:  # noqa: N802
-        self.factory.connection.server.link._message(message)
-
-    def connectionLost(self, why: Failure) -> None:  # noqa: N802
-        super().connectionLost(why)
-        self.factory.connection._lost(self, why)
-
-
-class _RedisConnection:
-    """One Redis connection kept open: reconnects with capped exponential back-off."""
-
-    def __init__(self, server: RedisServerLink, name: str, protocol: type,
-                 endpoint: Any, dbid: Optional[int]) -> None:
-        self.server = server
-        self.name = name
-        self.protocol: Any = None
-        self._unready = 0
-        factory = _RedisFactory(self, server.address, dbid, server.link.reply_timeout)
-        factory.protocol = protocol
-        self.service = _QuietClientService(endpoint, factory, retryPolicy=self._delay,
-                                           clock=server.link.clock,
-                                           prepareConnection=self._prepare)
-
-    def _delay(self, attempt: int) -> float:
-        # A connection that is accepted and then refused (AUTH) counts as a
-        # failure too, or the retries would not back off.
-        attempt = max(attempt, self._unready)
-        delay = min(self.server.link.max_backoff, 0.25 * 2 ** min(attempt - 1, 16))
-        return delay * random.uniform(0.8, 1.2)
-
-    def _prepare(self, protocol: Any) -> None:
-        self._unready += 1
-
-    def _ready(self, protocol: Any) -> None:
-        self._unready = 0
-        if protocol.connected:
-            self.protocol = protocol
-            self.server._connection_ready(self)
-
-    def _lost(self, protocol: Any, why: Failure) -> None:
-        if protocol is self.protocol:
-            self.protocol = None
-            self.server.link._connection_lost(self, why)
-
-
-class RedisServerLink:
-    """One Redis server of the link: its two connections and its channels."""
-
-    def __init__(self, link: RedisLink, address: RedisAddress, home: bool) -> None:
-        self.link = link
-        self.address = address
-        self.home = home
-        self.channel_prefix = f"livemap:v{PROTOCOL_VERSION}:{link.cluster}:{address.db}"
-        # Channels this server's subscriber connection must be on.
-        self.channels: set[bytes] = set()
-        self.subscribed = False
-        endpoint = self._endpoint()
-        self.commands = _RedisConnection(self, "commands", _CommandProtocol, endpoint,
-                                         address.db or None)
-        self.subscriber = _RedisConnection(self, "subscriber", _SubscriberProtocol,
-                                           endpoint, None)
-
-    def _endpoint(self) -> Any:
-        address = self.address
-        endpoint: Any = endpoints.HostnameEndpoint(self.link.reactor, address.host, address.port,
-                                                   timeout=self.link.reply_timeout)
-        if address.tls:
-            from twisted.internet.ssl import optionsForClientTLS
-            endpoint = endpoints.wrapClientTLS(optionsForClientTLS(address.host), endpoint)
-        return endpoint
-
-    def channel(self, suffix: str) -> bytes:
-        return f"{self.channel_prefix}:{suffix}".encode()
-
-    @property
-    def ready(self) -> bool:
-        return (self.commands.protocol is not None and self.subscriber.protocol is not None
-                and self.subscribed)
-
-    def start(self) -> None:
-        self.commands.service.startService()
-        self.subscriber.service.startService()
-
-    def stop(self) -> defer.Deferred:
-        return defer.gatherResults([self.commands.service.stopService(),
-                                    self.subscriber.service.stopService()],
-                                   consumeErrors=True)
-
-    def command(self, name: str, *args: Any, **kwargs: Any) -> bool:
-        """Send one command if connected; never raises (this runs inside hub ticks)."""
-        protocol = self.commands.protocol
-        if protocol is None:
-            return False
-        try:
-            sent = getattr(protocol, name)(*args, **kwargs)
-        except txredisapi.ConnectionError:
-            return False
-        sent.addErrback(self.link._failed, name.upper())
-        return True
-
-    def query(self, *args: Any) -> defer.Deferred:
-        """One command's reply, or a failure if not connected (never raises)."""
-        protocol = self.commands.protocol
-        if protocol is None:
-            return defer.fail(ConnectionError("not connected to Redis"))
-        try:
-            return protocol.execute_command(*args)
-        except Exception:
-            return defer.fail()
-
-    def listen(self, channel: bytes) -> defer.Deferred:
-        """Subscribe now (if connected) and after every reconnection."""
-        self.channels.add(channel)
-        protocol = self.subscriber.protocol
-        if protocol is None or not self.subscribed:
-            return defer.fail(ConnectionError("not connected to Redis"))
-        return protocol.subscribe([channel])
-
-    def unlisten(self, channel: bytes) -> None:
-        self.channels.discard(channel)
-        protocol = self.subscriber.protocol
-        if protocol is not None and self.subscribed:
-            protocol.unsubscribe([channel]).addErrback(self.link._failed, "UNSUBSCRIBE")
-
-    def _connection_ready(self, connection: _RedisConnection) -> None:
-        self.link._refusal.pop(self.address.place, None)
-        if self.link._stopping:
-            return
-        if connection is self.subscriber:
-            protocol = connection.protocol
-            self.subscribed = False
-
-            def subscribed(_: Any) -> None:
-                self.subscribed = True
-                self.link._maybe_up()
-
-            def refused(failure: Failure) -> None:
-                self.link._failed(failure, "SUBSCRIBE")
-                protocol.transport.abortConnection()
-            if self.channels:
-                protocol.subscribe(sorted(self.channels)).addCallbacks(subscribed, refused)
-            else:
-                subscribed(None)  # a map server with no map watched yet
-        else:
-            self.link._maybe_up()
+# Map names whose server is remembered (hashing is per message otherwise).
+PLACED_CACHE = 65536
+# How long a write the cluster must not lose waits for a replica (WAIT).
+REPLICA_WAIT_MS = 2000
 
 
 class RedisLink:
-    """A `Link` through one or several Redis servers (the first is the home)."""
+    """A `Link` through one or several Redis servers (the first in agreed order is the home)."""
 
     log = Logger()
 
@@ -365,18 +84,21 @@ class RedisLink:
         self.keepalive = keepalive
         self.linked = False
         self.receiver: Optional[LinkReceiver] = None
-        self.servers = [RedisServerLink(self, address, home=index == 0)
-                        for index, address in enumerate(addresses)]
+        by_place = {address.place: address for address in addresses}
+        self.places = in_agreed_order(list(by_place))
+        self.servers = [RedisServerLink(self, by_place[place], home=index == 0)
+                        for index, place in enumerate(self.places)]
         self.home = self.servers[0]
-        self.fingerprint = hashlib.sha256(
-            "|".join(server.address.place for server in self.servers).encode()).hexdigest()[:16]
+        self.fingerprint = servers_fingerprint(self.places)
+        # The servers that are up (both connections ready and subscribed).
+        self.up: set[RedisServerLink] = set()
+        self._placed: dict[str, RedisServerLink] = {}
         prefix = f"livemap:v{PROTOCOL_VERSION}:{cluster}"
         self.key_prefix = f"{prefix}:node:"
         self.maps_key = f"{prefix}:maps"
         self.store_prefix = prefix
-        self.all_channel = self.home.channel("all")
-        self.own_channel = self._node_channel(node)
-        self.home.channels.update({self.all_channel, self.own_channel})
+        for server in self.servers:
+            server.channels.update({server.channel("all"), server.channel(f"to:{node}")})
         self.watched: set[str] = set()
         self._stopping = False
         self._refusal: dict[str, str] = {}
@@ -386,11 +108,26 @@ class RedisLink:
     def describe(self) -> str:
         return ", ".join(str(server.address) for server in self.servers)
 
-    def _node_channel(self, node: str) -> bytes:
-        return self.home.channel(f"to:{node}")
-
     def server_of(self, map_name: str) -> RedisServerLink:
-        return self.servers[shard_of(map_name, len(self.servers))]
+        server = self._placed.get(map_name)
+        if server is None:
+            if len(self._placed) >= PLACED_CACHE:
+                self._placed.clear()
+            server = self._placed[map_name] = self.servers[shard_of(map_name, self.places)]
+        return server
+
+    @property
+    def store_linked(self) -> bool:
+        return self.home in self.up
+
+    def server_name(self, map_name: Optional[str] = None) -> str:
+        return str((self.home if map_name is None else self.server_of(map_name)).address)
+
+    def map_linked(self, map_name: str) -> bool:
+        return self.server_of(map_name) in self.up
+
+    def down_servers(self) -> list[str]:
+        return [str(server.address) for server in self.servers if server not in self.up]
 
     def _map_channel(self, map_name: str) -> tuple[RedisServerLink, bytes]:
         server = self.server_of(map_name)
@@ -407,36 +144,49 @@ class RedisLink:
     def stop(self) -> defer.Deferred:
         self._stopping = True
         self.linked = False
+        self.up.clear()
         if self._keepalive.running:
             self._keepalive.stop()
         return defer.gatherResults([server.stop() for server in self.servers],
                                    consumeErrors=True).addCallback(lambda _: None)
 
-    def publish(self, message: bytes, to: Optional[str] = None) -> bool:
-        if not self.linked:
+    def publish(self, message: bytes, to: Optional[str] = None,
+                map_name: Optional[str] = None) -> bool:
+        if to is None:
+            # On the home while it is up (every node listens on every
+            # server, so once is enough), else on every server that is up.
+            targets = [self.home] if self.home in self.up else [
+                server for server in self.servers if server in self.up]
+            sent = [server.command("publish", server.channel("all"), message)
+                    for server in targets]
+            return any(sent)
+        if map_name is not None:
+            server = self.server_of(map_name)
+        else:
+            server = self.home if self.home in self.up else next(
+                (server for server in self.servers if server in self.up), self.home)
+        if server not in self.up:
             return False
-        channel = self.all_channel if to is None else self._node_channel(to)
-        return self.home.command("publish", channel, message)
+        return server.command("publish", server.channel(f"to:{to}"), message)
 
     def publish_map(self, map_name: str, message: bytes) -> bool:
-        if not self.linked:
-            return False
         server, channel = self._map_channel(map_name)
+        if server not in self.up:
+            return False
         return server.command("publish", channel, message)
 
     def watch_map(self, map_name: str) -> defer.Deferred:
         self.watched.add(map_name)
         server, channel = self._map_channel(map_name)
-        if not self.linked:
+        if server not in self.up:
             server.channels.add(channel)
-            return defer.fail(ConnectionError("not linked to Redis"))
-
+            return defer.fail(ConnectionError(f"{server.address} is down"))
         return server.listen(channel).addCallback(lambda _: None)
 
     def ask_map(self, map_name: str, message: bytes) -> defer.Deferred:
-        if not self.linked:
-            return defer.fail(ConnectionError("not linked to Redis"))
         server, channel = self._map_channel(map_name)
+        if server not in self.up:
+            return defer.fail(ConnectionError(f"{server.address} is down"))
         # PUBLISH answers how many subscribers got the message; on the
         # connection of every other command, so in order with the deltas.
         return server.query("PUBLISH", channel, message).addCallback(int)
@@ -447,29 +197,53 @@ class RedisLink:
         server.unlisten(channel)
 
     def announce(self, ttl: float) -> None:
+        # On every server: a node given another set of servers shares at
+        # least one of them with the others, and is seen there.
         value = orjson.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                              "servers": self.fingerprint})
-        self.home.command("set", self.key_prefix + self.node, value,
-                          pexpire=max(1, int(ttl * 1000)))
+                              "servers": self.fingerprint, "redis": self.describe()})
+        for server in self.servers:
+            if server in self.up:
+                server.command("set", self.key_prefix + self.node, value,
+                               pexpire=max(1, int(ttl * 1000)))
 
     def withdraw(self) -> None:
-        self.home.command("delete", self.key_prefix + self.node)
+        for server in self.servers:
+            if server in self.up:
+                server.command("delete", self.key_prefix + self.node)
 
     def present(self) -> defer.Deferred:
         return defer.Deferred.fromCoroutine(self._present())
 
     async def _present(self) -> set[str]:
-        nodes: set[str] = set()
+        return set(await self._fingerprints(self.home))
+
+    def fingerprints(self) -> defer.Deferred:
+        async def every_server() -> dict[str, tuple[str, str]]:
+            found: dict[str, tuple[str, str]] = {}
+            for server in self.servers:
+                if server in self.up:
+                    found.update(await self._fingerprints(server))
+            return found
+        return defer.Deferred.fromCoroutine(every_server())
+
+    async def _fingerprints(self, server: RedisServerLink) -> dict[str, tuple[str, str]]:
+        """The presence keys on one server: node -> (fingerprint, its servers)."""
+        found: dict[str, tuple[str, str]] = {}
         cursor = 0
         pattern = self.key_prefix + "*"
         while True:
-            cursor, keys = await self.home.query("SCAN", cursor, "MATCH", pattern,
-                                                 "COUNT", 1000)
+            cursor, keys = await server.query("SCAN", cursor, "MATCH", pattern, "COUNT", 1000)
             cursor = int(cursor)
-            for key in keys:
-                nodes.add(key.decode("utf-8", "replace")[len(self.key_prefix):])
+            values = await server.query("MGET", *keys) if keys else []
+            for key, value in zip(keys, values):
+                node = key.decode("utf-8", "replace")[len(self.key_prefix):]
+                try:
+                    decoded = orjson.loads(value)
+                    found[node] = (str(decoded["servers"]), str(decoded.get("redis", "")))
+                except (orjson.JSONDecodeError, KeyError, TypeError):
+                    found[node] = ("", "")
             if cursor == 0:
-                return nodes
+                return found
 
     # Private maps: one sorted set on the home server, so that a Lua script
     # can count, prune and add atomically (the cluster-wide cap), a lookup
@@ -484,9 +258,9 @@ class RedisLink:
     """
 
     def _query(self, *args: Any) -> defer.Deferred:
-        """A command on the home server, or a failure if not linked (never raises)."""
-        if not self.linked:
-            return defer.fail(ConnectionError("not connected to Redis"))
+        """A command on the home server, or a failure if it is down (never raises)."""
+        if self.home not in self.up:
+            return defer.fail(ConnectionError(f"{self.home.address} is down"))
         return self.home.query(*args)
 
     def add_map(self, name: str, expires_ms: float, *, cap: int,
@@ -503,8 +277,8 @@ class RedisLink:
         return RedisDeviceKeys(self, self.store_prefix)
 
     def restore_maps(self, maps: list[tuple[str, float]]) -> defer.Deferred:
-        if not self.linked:
-            return defer.fail(ConnectionError("not connected to Redis"))
+        if self.home not in self.up:
+            return defer.fail(ConnectionError(f"{self.home.address} is down"))
         sent = []
         for start in range(0, len(maps), RESTORE_CHUNK):
             pairs: list[str] = []
@@ -528,32 +302,61 @@ class RedisLink:
             self.log.error("Redis {address} refused the connection: {why}",
                            address=str(server.address), why=why)
 
+    def replicate(self) -> defer.Deferred:
+        """
+        Fires once the home's replicas (if it has any) hold every write made
+        so far on it (WAIT 1): what a 201 promises survives a failover.
+        """
+        if not self.home.replicas:
+            return defer.succeed(None)
+
+        def waited(count: Any) -> None:
+            if int(count) < 1:
+                raise ConnectionError("no replica of the Redis master took the write in time")
+        return self._query("WAIT", 1, REPLICA_WAIT_MS).addCallback(waited)
+
+    def _check_role(self, server: RedisServerLink) -> None:
+        """How many replicas a server has (ROLE: `master`, offset, replicas)."""
+        def role(reply: Any) -> None:
+            if isinstance(reply, list) and reply and reply[0] in (b"master", "master"):
+                server.replicas = len(reply[2]) if len(reply) > 2 else 0
+            else:
+                server.replicas = 0
+        server.query("ROLE").addCallbacks(role, lambda failure: None)
+
     def _maybe_up(self) -> None:
-        if (not self.linked and not self._stopping
-                and all(server.ready for server in self.servers)):
-            self.linked = True
-            assert self.receiver is not None
-            self.receiver.link_up()
+        for server in self.servers:
+            if server not in self.up and server.ready and not self._stopping:
+                self._check_role(server)
+                self.up.add(server)
+                self.linked = True
+                assert self.receiver is not None
+                self.receiver.server_up(str(server.address))
 
     def _connection_lost(self, connection: _RedisConnection, why: Failure) -> None:
-        # Any connection's loss unlinks: the others stay up, and when this
-        # one is back, one resync covers whatever was missed.
-        if connection is connection.server.subscriber:
-            connection.server.subscribed = False
-        if self.linked and not self._stopping:
-            self.linked = False
+        # Either connection's loss takes its server down: the other stays
+        # up, and when this one is back, one resync of the server's maps
+        # covers whatever was missed.
+        server = connection.server
+        if connection is server.subscriber:
+            server.subscribed = False
+        if server in self.up and not self._stopping:
+            self.up.discard(server)
+            self.linked = bool(self.up)
             assert self.receiver is not None
-            self.receiver.link_down(f"{connection.server.address} {connection.name} "
-                                    f"connection: {why.getErrorMessage()}")
+            self.receiver.server_down(str(server.address), f"{connection.name} connection: "
+                                      f"{why.getErrorMessage()}")
 
     def _message(self, message: Any) -> None:
-        if self.linked and self.receiver is not None and isinstance(message, bytes):
+        if self.receiver is not None and isinstance(message, bytes):
             self.receiver.message_received(message)
 
     def _ping(self) -> None:
         # A Redis that hangs (or a half-open TCP connection) answers no PING:
         # the reply timeout then aborts the connection and we reconnect.
         for server in self.servers:
+            if server in self.up:
+                self._check_role(server)
             for connection in (server.commands, server.subscriber):
                 protocol = connection.protocol
                 if protocol is not None:

@@ -22,6 +22,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 from twisted.web.resource import IResource
 from zope.interface import implementer
 
@@ -43,8 +44,9 @@ from .backplane import (
 )
 from .client import DEFAULT_RATE
 from .app_routes import PhoneApps
-from .devices import Devices
+from .devices import Devices, Unavailable
 from .hub import Hub
+from .links import MapUnavailable
 from .logfiles import ReopenLogsOnHangup
 from .maps import MAX_TTL, MIN_TTL, MapDirectory
 from .metrics import AdmissionCollector, DeviceCollector, make_registry
@@ -184,8 +186,9 @@ class Options(usage.Options):
          "they serve one map: redis://[[user]:password@]host[:port][/db], or rediss:// "
          "for TLS (the password may instead be in $LIVEMAP_REDIS_PASSWORD). Several "
          "comma-separated URLs spread the maps' traffic over several Redis servers "
-         "(every node must list the same ones in the same order). Without it the "
-         "process stands alone."],
+         "(every node must list the same ones, in any order). Or "
+         "sentinel://host:port[,host:port...]/MASTER[/db]: follow the master the "
+         "Redis Sentinels name, through failovers. Without it the process stands alone."],
         ["store", None, "sqlite",
          "Where a node without --redis keeps its devices, private maps and devices' last "
          "positions: sqlite (a file in --data-dir, kept across restarts) or memory "
@@ -495,6 +498,12 @@ class Node:
     store: Optional[SqliteStore] = None
 
 
+def device_map_unavailable(failure: Failure) -> None:
+    """A phone app's report to a map that cannot be served now: a 503 it retries."""
+    failure.trap(MapUnavailable)
+    raise Unavailable(failure.value.reason)
+
+
 def make_node(reactor: Any, options: Options, *,
               route_sockjs: Optional[Callable[[IResource], IResource]] = None,
               trusted: Sequence[Network] = (), store: Optional[SqliteStore] = None) -> Node:
@@ -566,12 +575,15 @@ def make_node(reactor: Any, options: Options, *,
         backplane.share_devices(devices)
         # Degraded, not down: /healthz stays 200 while Redis is away.
         site.health_checks["redis"] = backplane.health_problem
+        # A node given other Redis servers than the others refuses (503).
+        site.refusals["redis"] = backplane.refusal
         # A node holds the pins of the maps it serves: a request that needs
         # a map's pins waits until this node serves it (a phone app's report
         # keeps it served longer: its next report and OwnTracks' Friends).
         site.map_ready = backplane.watch
         if site.apps is not None:
-            site.apps.map_ready = lambda name: backplane.watch(name, DEVICE_LEASE)
+            site.apps.map_ready = lambda name: backplane.watch(name, DEVICE_LEASE).addErrback(
+                device_map_unavailable)
     return Node(hub, factory, site, backplane, local_sockjs, directory, store)
 
 

@@ -35,6 +35,7 @@ from .admission import Admission
 from .app_routes import PhoneApps
 from .connections import ConnectionTable, socket_budget
 from .hub import Hub
+from .links import MapUnavailable
 from .maps import DirectoryFull, DirectoryUnavailable, MapDirectory, PrivateMap, parse_ttl
 
 # The page is the installed package livemap_web (web/ in the checkout), found
@@ -450,6 +451,9 @@ class LiveMapSite:
         # name -> check returning None when fine, else what is wrong (the
         # Redis link, say): /healthz then says "degraded", still with 200.
         self.health_checks: dict[str, Callable[[], Optional[str]]] = {}
+        # The same, for what makes this node refuse to serve (its Redis
+        # servers differ from the other nodes'): /healthz then answers 503.
+        self.refusals: dict[str, Callable[[], Optional[str]]] = {}
         self.directory = directory or MapDirectory(hub.clock)
         self.stale = stale
         self.websocket = websocket
@@ -491,12 +495,16 @@ class LiveMapSite:
             failure.trap(DirectoryUnavailable)
             return DIRECTORY_UNAVAILABLE
 
+        def map_unavailable(failure: Failure) -> IResource:
+            failure.trap(MapUnavailable)
+            return pages.errorPage(503, "Service Unavailable", failure.value.reason)
+
         def exists(found: bool) -> Any:
             if not found:
                 return NO_SUCH_MAP
             if not pins:
                 return serve()
-            return self.map_ready(map_name).addCallback(lambda _: serve())
+            return self.map_ready(map_name).addCallbacks(lambda _: serve(), map_unavailable)
         return self.directory.resolve(map_name).addCallbacks(exists, unavailable)
 
     @app.route("/m/<map_name>", methods=["GET", "HEAD"])
@@ -594,6 +602,11 @@ class LiveMapSite:
     def healthz(self, request: Request) -> bytes:
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
         request.setHeader(b"Cache-Control", b"no-store")
+        refusals = [f"{name}: {problem}" for name, check in sorted(self.refusals.items())
+                    if (problem := check()) is not None]
+        if refusals:
+            request.setResponseCode(503)
+            return ("refusing\n" + "\n".join(refusals) + "\n").encode()
         problems = [f"{name}: {problem}" for name, check in sorted(self.health_checks.items())
                     if (problem := check()) is not None]
         if problems:

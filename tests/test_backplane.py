@@ -20,9 +20,10 @@ import pytest_twisted
 import treq
 from twisted.internet import defer, reactor, task
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from conftest import eventually, server_options
-from livemap_tx import wire
+from livemap_tx import map_watching, wire
 from livemap_tx.backplane import (
     Backplane,
     MemoryBus,
@@ -30,7 +31,12 @@ from livemap_tx.backplane import (
     RedisLink,
     parse_redis_url,
 )
-from livemap_tx.hub import Frame, Hub
+from livemap_tx.redis_server_link import parse_redis_urls
+from livemap_tx.devices import Devices, Fix
+from livemap_tx.hub import DEVICES, Frame, Hub
+from livemap_tx.links import MapUnavailable
+from livemap_tx.links import map_channel as links_map_channel
+from livemap_tx.maps import MapDirectory
 from livemap_tx.service import Options
 from redis_server import REDIS_SERVER, RedisServer
 
@@ -121,10 +127,10 @@ class Recorder:
         self.ups = 0
         self.downs = 0
 
-    def link_up(self) -> None:
+    def server_up(self, server: str) -> None:
         self.ups += 1
 
-    def link_down(self, reason: str) -> None:
+    def server_down(self, server: str, reason: str) -> None:
         self.downs += 1
 
     def message_received(self, message: bytes) -> None:
@@ -335,7 +341,7 @@ def test_each_subscription_is_acknowledged_by_its_own_reply():
     """
     from twisted.internet.testing import StringTransport
 
-    from livemap_tx.redis_link import _SubscriberProtocol
+    from livemap_tx.redis_server_link import _SubscriberProtocol
 
     clock = task.Clock()
     protocol = _SubscriberProtocol(charset=None)
@@ -698,18 +704,30 @@ def test_a_node_serves_only_the_maps_it_needs_and_lets_go_of_them():
     assert "busy" not in planes[1].watches and "busy" not in hubs[1].maps
 
 
-def test_nodes_with_different_redis_lists_say_so():
+def test_nodes_with_different_redis_sets_refuse_to_serve_until_they_agree():
     clock = task.Clock()
     bus = MemoryBus(clock)
     planes = []
-    for name, servers in (("a", "one"), ("b", "two")):
+    for name, servers in (("a", "one"), ("b", "two"), ("c", "one")):
         plane = Backplane(Hub(clock), MemoryLink(bus, name, fingerprint=servers), clock,
                           node_ttl=2)
         plane.startService()
         planes.append(plane)
-    clock.pump([0.05] * 20)  # hellos, and beats (they carry the list too)
+    clock.pump([0.05] * 20)  # hellos, and beats (they carry the set too)
     for plane in planes:
-        assert "another list of Redis servers" in (plane.health_problem() or "")
+        assert "another set of Redis servers" in (plane.health_problem() or "")
+        assert "refusing to serve" in (plane.refusal() or "")
+        failed = plane.watch("m")
+        assert isinstance(failed.result.value, MapUnavailable)
+        failed.addErrback(lambda failure: None)
+    # The odd one stops: the others agree again once its presence is gone.
+    planes[1].stopService()
+    clock.pump([0.05] * 100)
+    for plane in (planes[0], planes[2]):
+        assert plane.refusal() is None and plane.health_problem() is None
+        served = plane.watch("m")
+        clock.pump([0.05] * 30)
+        assert served.result == "complete"
 
 
 def test_a_full_state_replaces_what_a_node_held_in_chunks():
@@ -823,6 +841,20 @@ def test_redis_urls():
             parse_redis_url(bad)
 
 
+def test_sentinel_urls():
+    [address] = parse_redis_urls("sentinel://:p%40ss@s1:26380,S2/mymaster/2")
+    assert address.sentinels == (("s1", 26380), ("s2", 26379))
+    assert (address.master, address.db, address.password) == ("mymaster", 2, "p@ss")
+    assert str(address) == "sentinel://***@s1:26380,s2:26379/mymaster/2"  # no secrets
+    # The same sentinels in another order, in another case: the same place.
+    [again] = parse_redis_urls("sentinel://s2:26379,s1:26380/mymaster/2")
+    assert again.place == address.place
+    for bad in ("sentinel://s1", "sentinel://s1/", "sentinel://s1,s1/m", "sentinel://s1:x/m",
+                "sentinel://s1/m/x", "sentinel://,/m"):
+        with pytest.raises(ValueError):
+            parse_redis_urls(bad)
+
+
 @pytest.mark.parametrize("args, named", [
     (["--redis", "http://x"], "--redis"),
     (["--workers", "2"], "--workers"),
@@ -859,3 +891,272 @@ def test_a_node_heard_again_after_it_was_dropped_is_asked_for_every_map_it_serve
     assert positions(hubs[1], "b") == {}
     clock.pump([0.1] * 12)  # n0 sits still: no delta, only heartbeats
     assert set(positions(hubs[1], "b")) == {sitter.id}
+
+
+# Order-proof joins (issue 21, items 3 and 4): the store's answer to a node
+# that starts serving a map may come after the devices' messages that
+# followed it (the store may be on a slower server than the map's channel).
+# The orderings are made on purpose here: the load's answer is held back.
+
+
+def device_nodes() -> tuple[task.Clock, list[Hub], list[Backplane], list[Devices]]:
+    clock, bus, hubs, planes = clocked()
+    devices = []
+    for hub, plane in zip(hubs, planes):
+        # The clock starts at 0: a fix's time must be within --expire of now.
+        made = Devices(hub, MapDirectory(clock), clock, rate=100.0, expire=1e12)
+        plane.share_devices(made)
+        devices.append(made)
+    clock.pump([0.05] * 4)
+    return clock, hubs, planes, devices
+
+
+def settle(clock: task.Clock, deferred: Any) -> Any:
+    """Runs a coroutine (or Deferred) on the clock until it is done."""
+    if not isinstance(deferred, defer.Deferred):
+        deferred = defer.Deferred.fromCoroutine(deferred)
+    for _ in range(200):
+        if deferred.called:
+            break
+        clock.advance(0.01)
+    results: list = []
+    deferred.addBoth(results.append)
+    assert results, "never done"
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    return results[0]
+
+
+def hold_loads(plane: Backplane) -> list[defer.Deferred]:
+    """The store's answers to `plane`'s loads of a map's devices, held until released."""
+    held: list[defer.Deferred] = []
+    load = plane.device_keys.load_fixes
+
+    def held_load(map_name: str, now_ms: float) -> defer.Deferred:
+        answer: defer.Deferred = defer.Deferred()
+        # The store reads now; its answer arrives when the test says.
+        defer.ensureDeferred(load(map_name, now_ms)).addCallback(lambda values: held.append(
+            defer.Deferred().addCallback(lambda _: answer.callback(values))))
+        return answer
+    plane.device_keys.load_fixes = held_load
+    return held
+
+
+def release(clock: task.Clock, held: list[defer.Deferred]) -> None:
+    for _ in range(50):
+        if held:
+            break
+        clock.advance(0.01)
+    assert held, "no load was made"
+    held.pop(0).callback(None)
+    clock.pump([0.05] * 10)
+
+
+def device_positions(hub: Hub) -> dict[str, float]:
+    map_state = hub.maps.get("m")
+    return {} if map_state is None else {
+        pin.id: pin.lat for pin in map_state.pins.values() if pin.origin == DEVICES}
+
+
+def report_fix(clock: task.Clock, devices: Devices, device: Any, lat: float) -> None:
+    fix = Fix(lat, 13.4, int(clock.seconds() * 1000), "owntracks")
+    assert settle(clock, devices.report(device, fix)) == "moved"
+
+
+def test_a_deletion_that_overtakes_the_stores_answer_leaves_no_ghost():
+    clock, hubs, planes, devices = device_nodes()
+    viewer = hubs[0].join("m", Watcher())
+    token, device = settle(clock, devices[0].create("m", "Ada", "10.0.0.1"))
+    report_fix(clock, devices[0], device, 1.0)
+    clock.pump([0.05] * 4)
+    assert device_positions(hubs[0]) == {device.id: 1.0}
+    held = hold_loads(planes[1])
+    joined = planes[1].watch("m")
+    clock.pump([0.05] * 2)  # node 1 listens, and the store has read its fixes
+    assert not joined.called
+    settle(clock, devices[0].delete(token))
+    clock.pump([0.05] * 4)  # the deletion reaches node 1 before the store's answer
+    release(clock, held)
+    assert joined.called
+    assert device_positions(hubs[1]) == {} and device_positions(hubs[0]) == {}
+    viewer.leave()
+
+
+def test_fixes_that_arrive_while_the_store_answers_are_not_lost():
+    clock, hubs, planes, devices = device_nodes()
+    viewer = hubs[0].join("m", Watcher())
+    _, old = settle(clock, devices[0].create("m", "Old", "10.0.0.1"))
+    report_fix(clock, devices[0], old, 1.0)
+    _, new = settle(clock, devices[0].create("m", "New", "10.0.0.2"))
+    held = hold_loads(planes[1])
+    joined = planes[1].watch("m")
+    clock.pump([0.05] * 2)  # the store has read: only the old device's first fix
+    clock.advance(1)
+    report_fix(clock, devices[0], old, 2.0)  # moved during the load
+    report_fix(clock, devices[0], new, 3.0)  # a first fix during the load
+    clock.pump([0.05] * 4)
+    release(clock, held)
+    assert joined.called
+    assert device_positions(hubs[1]) == {old.id: 2.0, new.id: 3.0} == device_positions(hubs[0])
+    viewer.leave()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_message_to_a_node_about_a_map_goes_through_the_maps_server(tmp_path):
+    """
+    So that it keeps its order with the map's deltas: an answer to a node's
+    request for a map's pins (`mfull`) must not overtake, nor be overtaken
+    by, the sender's deltas of that map (issue 21, item 3: through the home
+    it came after a departure that followed it, and the pin stayed).
+    """
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed")
+    servers = []
+    for index in range(2):
+        directory = tmp_path / f"r{index}"
+        directory.mkdir()
+        server = RedisServer(directory)
+        server.start()
+        servers.append(server)
+    urls = ",".join(server.url for server in servers)
+    links = [RedisLink(urls, "test", name, reactor, max_backoff=0.3, keepalive=0.3)
+             for name in ("a", "b")]
+    receivers = [Recorder(), Recorder()]
+    try:
+        for link, receiver in zip(links, receivers):
+            link.start(receiver)
+        await eventually(lambda: all(receiver.ups == 2 for receiver in receivers), what="up")
+        sender = links[0]
+        home = sender.home
+        other = next(server for server in sender.servers if server is not home)
+        names = [f"m{n}" for n in range(50)]
+        on_other = next(name for name in names if sender.server_of(name) is other)
+        on_home = next(name for name in names if sender.server_of(name) is home)
+        # The home goes away: only what travels through the other server arrives.
+        next(server for server in servers if server.port == home.address.port).stop()
+        await eventually(lambda: receivers[1].downs == 1, what="home down")
+        await eventually(lambda: home not in sender.up, what="home down for the sender")
+        assert sender.publish(b"about-other", "b", on_other)
+        assert not sender.publish(b"about-home", "b", on_home)
+        await eventually(lambda: receivers[1].messages == [b"about-other"], what="delivery")
+    finally:
+        for link in links:
+            await link.stop()
+        for server in servers:
+            server.stop()
+
+
+class TwoServerBus(MemoryBus):
+    """
+    Two Redis servers in memory, deliveries in the test's hands: each
+    (sender, receiver, server) is a FIFO, and map "b" is on the second
+    server; the cluster's channel (and a message to one node about no map)
+    is on the home.
+    """
+
+    def __init__(self, clock: task.Clock) -> None:
+        super().__init__(clock)
+        self.queues: dict[tuple[str, str, str], list[bytes]] = {}
+
+    def deliver(self, channel: str, message: bytes, sender: str) -> None:
+        self.deliver_via("maps" if channel == links_map_channel("b") else "home", channel,
+                         message, sender)
+
+    def deliver_via(self, server: str, channel: str, message: bytes, sender: str) -> None:
+        for node in sorted(self.channels.get(channel, ())):
+            if node in self.links and self.links[node].linked:
+                self.queues.setdefault((sender, node, server), []).append(message)
+
+    def flush(self, sender: str, receiver: str, server: str) -> None:
+        queue = self.queues.pop((sender, receiver, server), [])
+        link = self.links[receiver]
+        for message in queue:
+            assert link.receiver is not None
+            link.receiver.message_received(message)
+
+    def flush_all(self) -> None:
+        while any(self.queues.values()):
+            for key in sorted(self.queues):
+                self.flush(*key)
+
+
+class TwoServerLink(MemoryLink):
+    bus: TwoServerBus
+
+    def publish(self, message: bytes, to: Optional[str] = None,
+                map_name: Optional[str] = None) -> bool:
+        if not self.linked:
+            return False
+        if to is None:
+            self.bus.deliver_via("home", "all", message, self.node)
+        else:
+            server = "maps" if map_name == "b" else "home"
+            self.bus.deliver_via(server, f"to:{to}", message, self.node)
+        return True
+
+
+def test_an_answer_to_a_node_new_to_a_map_never_comes_after_a_departure_that_follows_it():
+    """
+    Issue 21, item 3, made on purpose: node j serves map "b" (on the second
+    server) when a new node o starts serving it too. j first hears o on the
+    map's channel, so it asks o for its pins; o answers after its client
+    joined, and the client leaves. Everything through the map's server is
+    delivered before anything through the home: the answer must not bring
+    the departed pin back (through the home, it did, for good).
+    """
+    clock = task.Clock()
+    bus = TwoServerBus(clock)
+    hubs: dict[str, Hub] = {}
+    planes: dict[str, Backplane] = {}
+
+    def start(name: str) -> None:
+        hubs[name] = Hub(clock, tick_interval=0.1)
+        planes[name] = Backplane(hubs[name], TwoServerLink(bus, name), clock, node_ttl=3.0,
+                                 reply_delay=0.05)
+        planes[name].startService()
+        clock.advance(0)
+
+    start("j")
+    viewer = hubs["j"].join("b", Watcher())
+    viewer.move(move(5.0, 5.0))
+    for _ in range(5):
+        bus.flush_all()
+        clock.advance(0.1)
+    start("o")  # its hello waits in the home's queue
+    leaving = hubs["o"].join("b", Watcher())
+    clock.advance(0)
+    bus.flush("o", "j", "maps")  # j hears o first here (its full state), and asks it
+    bus.flush("j", "o", "home")  # o gets the ask...
+    leaving.move(move(1.0, 1.0))
+    clock.advance(0.1)  # ...and answers, now with its client's pin, which then leaves
+    leaving.leave()
+    clock.advance(0.2)
+    bus.flush("o", "j", "maps")
+    bus.flush("j", "o", "maps")
+    bus.flush("o", "j", "maps")
+    for _ in range(10):  # then everything, through both servers
+        bus.flush_all()
+        clock.advance(0.1)
+    assert set(positions(hubs["j"], "b")) == {viewer.id}
+    assert set(positions(hubs["o"], "b")) == {viewer.id}
+    viewer.leave()
+
+
+def test_too_many_devices_messages_during_a_load_make_the_map_load_again(monkeypatch):
+    """The devices' messages held during a load are bounded: beyond, load again."""
+    monkeypatch.setattr(map_watching, "MAX_HELD_DEVICE_MESSAGES", 2)
+    clock, hubs, planes, devices = device_nodes()
+    viewer = hubs[0].join("m", Watcher())
+    made = [settle(clock, devices[0].create("m", f"D{n}", f"10.0.0.{n}"))[1] for n in range(3)]
+    held = hold_loads(planes[1])
+    joined = planes[1].watch("m")
+    clock.pump([0.05] * 2)  # the store has read: no fix yet
+    for number, device in enumerate(made):
+        report_fix(clock, devices[0], device, 1.0 + number)
+    clock.pump([0.05] * 4)
+    release(clock, held)  # three messages held at most two: a second load
+    assert not joined.called
+    release(clock, held)
+    assert joined.called
+    assert device_positions(hubs[1]) == {d.id: 1.0 + n for n, d in enumerate(made)}
+    viewer.leave()

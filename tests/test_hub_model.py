@@ -46,6 +46,7 @@ from twisted.internet.task import Clock
 
 import hubfakes
 from livemap_tx.backplane import Backplane, MemoryBus, MemoryLink
+from livemap_tx.links import ALL, map_channel, node_channel
 from livemap_tx.hub import Hub, Member
 from livemap_tx.wire import Move
 
@@ -352,21 +353,42 @@ TestHubAgainstTheModel.settings = model_settings(examples=400, steps=60)
 
 class ShuffledBus(MemoryBus):
     """
-    The bus with its deliveries in the test's hands: each (sender, receiver)
-    pair is a FIFO, as Redis keeps one publisher's order for a subscriber;
-    which pair delivers next, and how many, is the test's choice.
+    The bus with its deliveries in the test's hands: each (sender, receiver,
+    server) is a FIFO, as Redis keeps one publisher's order for a subscriber
+    on one server; map "a" is on the home, map "b" (and the others) on a
+    second server, as with two --redis servers. Which queue delivers next,
+    and how many, is the test's choice: what travels through one server
+    may overtake what travels through the other.
     """
 
     def __init__(self, clock: Clock) -> None:
         super().__init__(clock)
-        self.queues: dict[tuple[str, str], deque[bytes]] = {}
+        self.queues: dict[tuple[str, str, str], deque[bytes]] = {}
 
-    def pending(self) -> list[tuple[str, str]]:
-        return sorted(pair for pair, queue in self.queues.items() if queue)
+    @staticmethod
+    def server_of(map_name: Optional[str]) -> str:
+        return "home" if map_name is None or map_name == MAPS[0] else "maps"
 
-    def deliver_from(self, pair: tuple[str, str], count: int) -> None:
-        queue = self.queues[pair]
-        link = self.links.get(pair[1])
+    def pending(self) -> list[tuple[str, str, str]]:
+        return sorted(key for key, queue in self.queues.items() if queue)
+
+    def deliver(self, channel: str, message: bytes, sender: str) -> None:
+        # The cluster's channel is on the home; a map's on its server.
+        server = "home"
+        if channel.startswith("map:"):
+            server = "maps" if channel != map_channel(MAPS[0]) else "home"
+        self.deliver_via(server, channel, message, sender)
+
+    def deliver_via(self, server: str, channel: str, message: bytes, sender: str) -> None:
+        self.published += 1
+        for node in sorted(self.channels.get(channel, ())):
+            link = self.links.get(node)
+            if link is not None and link.linked:
+                self.queues.setdefault((sender, node, server), deque()).append(message)
+
+    def deliver_from(self, key: tuple[str, str, str], count: int) -> None:
+        queue = self.queues[key]
+        link = self.links.get(key[1])
         for _ in range(min(count, len(queue))):
             message = queue.popleft()
             if link is not None and link.linked and link.receiver is not None:
@@ -374,13 +396,20 @@ class ShuffledBus(MemoryBus):
 
 
 class ShuffledLink(MemoryLink):
-    """Its messages wait in the bus's (sender, receiver) queue, not in a timer."""
+    """Its messages wait in the bus's queues, not in a timer; to one node via the map's server."""
 
     bus: ShuffledBus
 
-    def _queue(self, message: bytes, sender: str) -> None:
-        if self.linked:
-            self.bus.queues.setdefault((sender, self.node), deque()).append(message)
+    def publish(self, message: bytes, to: Optional[str] = None,
+                map_name: Optional[str] = None) -> bool:
+        if not self.linked:
+            return False
+        if to is None:
+            self.bus.deliver_via("home", ALL, message, self.node)
+        else:
+            self.bus.deliver_via(self.bus.server_of(map_name), node_channel(to), message,
+                                 self.node)
+        return True
 
 
 NODE_TTL = 2.0
