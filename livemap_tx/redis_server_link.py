@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional, Protocol
 from urllib.parse import unquote, urlsplit
 
 import txredisapi
@@ -21,8 +21,29 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-if TYPE_CHECKING:
-    from .redis_link import RedisLink
+
+
+class RedisLink(Protocol):
+    """What a server's link asks of the link that owns it (redis_link.py),
+    named here so that the owner imports this module and not the reverse."""
+
+    reactor: Any
+    clock: Any
+    cluster: str
+    max_backoff: float
+    reply_timeout: float
+    _stopping: bool
+    _refusal: dict
+
+    def _connection_lost(self, connection: Any, why: Failure) -> None: ...
+
+    def _failed(self, failure: Failure, command: str) -> None: ...
+
+    def _maybe_up(self) -> None: ...
+
+    def _message(self, message: Any) -> None: ...
+
+    def _refused(self, server: Any, why: str) -> None: ...
 
 # Bumped when messages or channels change shape: nodes of different
 # versions never share a channel.
