@@ -41,7 +41,8 @@ from .backplane import (
 )
 from .client import DEFAULT_RATE
 from .app_routes import PhoneApps
-from .devices import Devices
+from .apps import DEFAULT_MAX_FRIENDS
+from .devices import CREATE_BURST, Devices
 from .hub import Hub
 from .logfiles import ReopenLogsOnHangup
 from .maps import MAX_TTL, MIN_TTL, MapDirectory
@@ -202,6 +203,13 @@ class Options(usage.Options):
         ["expire", None, 3600.0,
          "Seconds without a new fix after which a pin is removed from its map.",
          _positive("expire", 0.0, 7 * 86_400.0)],
+        ["device-burst", None, CREATE_BURST,
+         "Phone-app devices one client address may set up at once (a venue's audience "
+         "behind one NAT address); after that, one every 30 s.",
+         _count("device-burst", 100_000)],
+        ["max-friends", None, DEFAULT_MAX_FRIENDS,
+         "People an OwnTracks phone is shown as Friends, the nearest first.",
+         _count("max-friends", 10_000)],
         ["min-ttl", None, MIN_TTL,
          "Shortest life (?ttl=, seconds) a private map may be given; below 15 minutes "
          "only for tests.", _positive("min-ttl", 0.0, MAX_TTL)],
@@ -367,7 +375,8 @@ def make_node(reactor: Any, options: Options, *,
         reactor, open_maps=not options["no-open-maps"], public=not options["no-public"],
         min_ttl=options.get("min-ttl", MIN_TTL), in_use=in_use, on_expire=expired)
     devices = Devices(hub, directory, reactor, rate=options["rate"],
-                      precision=options["precision"], expire=options["expire"])
+                      precision=options["precision"], expire=options["expire"],
+                      create_burst=options.get("device-burst", CREATE_BURST))
     factory = LiveMapFactory(hub, reactor, rate=options["rate"], precision=options["precision"],
                              ping_interval=options["ping"], ping_timeout=options["ping"],
                              handshake_timeout=options["handshake-timeout"],
@@ -381,7 +390,8 @@ def make_node(reactor: Any, options: Options, *,
     site = LiveMapSite(hub, WebSocketResource(factory), registry, tiles=options["tiles"],
                        attribution=options["attribution"], rate=options["rate"],
                        sockjs=sockjs, directory=directory, stale=options["stale"],
-                       apps=PhoneApps(devices, admission))
+                       apps=PhoneApps(devices, admission,
+                                      max_friends=options.get("max-friends", DEFAULT_MAX_FRIENDS)))
     registry.register(DeviceCollector(devices))
     backplane = None
     if options.get("redis"):
