@@ -17,8 +17,10 @@ the map's other people as Friends.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import heapq
+import json
 import math
 import struct
 import zlib
@@ -170,7 +172,13 @@ def _json_object(body: bytes, what: str) -> dict:
     try:
         decoded = orjson.loads(body)
     except orjson.JSONDecodeError:
-        raise BadReport(f"{what} is not JSON") from None
+        # orjson is strict; the standard parser also reads NaN, Infinity and
+        # integers beyond 64 bits, so that a batch with one such number is
+        # a batch with one bad point (skipped), not a body refused forever.
+        try:
+            decoded = json.loads(body)
+        except (ValueError, RecursionError):
+            raise BadReport(f"{what} is not JSON") from None
     if not isinstance(decoded, dict):
         raise BadReport(f"{what} must be a JSON object")
     return decoded
@@ -415,6 +423,7 @@ def owntracks_friends(pins: list[dict], assigned: dict[str, str]) -> bytes:
     return orjson.dumps(answer)
 
 
+@functools.lru_cache(maxsize=20_000)
 def face(pin_id: str, size: int = 40) -> str:
     """A card's picture: a square of a colour drawn from the pin's id, as base64 PNG."""
     red, green, blue = hashlib.sha256(pin_id.encode()).digest()[:3]

@@ -249,10 +249,8 @@ async def test_extremes_in_any_field_never_500_and_never_break_others(server, fi
         template["locations"][0]["properties"]["timestamp"] = iso(now_s())
         code, answer = await post(f"{base}/apps/overland/{token}",
                                   json_with(template, path, value))
-        if isinstance(value, str) and value in ("NaN", "Infinity", "-Infinity", "1e400"):
-            assert code == 400  # not JSON: not a batch at all (the app never writes these)
-        else:
-            assert (code, answer) == (200, b'{"result":"ok"}')  # a bad point never refuses it
+        # A bad point never refuses the batch (Overland would resend it forever).
+        assert (code, answer) == (200, b'{"result":"ok"}'), (path, value)
     elif entry == "osmand":
         params = {"id": token, "lat": "1.0", "lon": "1.0", "timestamp": str(now_s()),
                   "speed": "1", "bearing": "10", "accuracy": "5", "batt": "50"}
@@ -263,10 +261,13 @@ async def test_extremes_in_any_field_never_500_and_never_break_others(server, fi
         code, answer = 200, b""
     assert code < 500, (entry, path, value, answer)
     # Everyone else on the map is still served: another app's report, its
-    # Friends answer, and the pin it moves for a viewer.
+    # Friends answer (which shows the sender's pin, whatever it sent), and a
+    # viewer's map. (Reports within one second of each other are ordered by
+    # content, so the viewer is asked for the bystander's pin, not a lat.)
     lat = round(time.time() % 80, 3)
     code, answer = await post(bystander["apps"]["owntracks"]["url"],
                               {"_type": "location", "lat": lat, "lon": 3.0, "tst": now_s()})
     assert code == 200, answer
     assert isinstance(orjson.loads(answer), list)
-    await watcher.until(lambda pins: pins.get(bystander["id"], (None,))[0] == lat)
+    await watcher.until(lambda pins: bystander["id"] in pins)
+    assert all(-90 <= p[0] <= 90 and -180 <= p[1] <= 180 for p in watcher.pins.values())
