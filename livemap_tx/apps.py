@@ -319,6 +319,14 @@ class Neighbours:
         scale = max(math.cos(math.radians(lat)), 1e-3)
         found: list[tuple[float, int, Any]] = []
         for ring in range(last_ring + 1):
+            if (2 * ring + 1) ** 2 > 4 * len(self.cells):
+                # The rings would visit more empty cells than there are
+                # pins (an asker far from everyone, or a grid made when the
+                # map was one spot): rank every pin instead, once.
+                found = [(_distance(lat, lng, pin), n, pin)
+                         for n, pin in enumerate(p for pins in self.cells.values()
+                                                 for p in pins if wanted(p))]
+                break
             for key in _ring(row, col, ring):
                 for pin in self.cells.get(key, ()):
                     if wanted(pin):

@@ -186,6 +186,14 @@ def test_friends_on_a_map_of_10000_are_the_nearest_within_the_cap_with_distinct_
     assert len(set(book.of.values())) == len(book.of)
 
 
+def test_neighbours_of_a_grid_made_on_one_spot_are_found_at_once():
+    """A grid built when the map was one spot has tiny cells: no walk over millions of rings."""
+    index = Neighbours([pin("a", 1.0, 0.0), pin("b", 1.0, 0.0)], 0.0)
+    assert index.cell <= 1e-3
+    assert [p.id for p in index.nearest(1.0, 2.0, 100, lambda p: True)] == ["a", "b"]
+    assert [p.id for p in index.nearest(-80.0, 179.0, 1, lambda p: p.id == "b")] == ["b"]
+
+
 def test_neighbours_find_pins_that_moved_or_are_far_away():
     far = pin("far", -40.0, 170.0)
     near = pin("near", 10.0, 10.0)
