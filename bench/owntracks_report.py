@@ -73,25 +73,30 @@ def measure(size: int, reports: int, seed: int) -> dict:
     token, device = run(devices.create("city", "Ada", "10.0.0.1"))
     friends = Friends(DEFAULT_MAX_FRIENDS)
     pins = hub.maps["city"].pins
-    ours, walked = [], []
-    for n in range(reports):
-        clock.advance(0.05)  # 20 reports a second on the map: the grid is rebuilt every 2 s
-        lat, lng = 48.7 + rng.random() * 0.3, 2.2 + rng.random() * 0.4
-        fix = Fix(lat, lng, int(clock.seconds() * 1000), "owntracks", accuracy=5.0, tid="AL")
-        started = time.perf_counter()
-        run(devices.report(device, fix))
-        answer = friends.answer("city", pins, device.id, fix.tid, lat, lng, clock.seconds())
-        ours.append(time.perf_counter() - started)
-        if n % 10 == 0:
+    places = [(48.7 + rng.random() * 0.3, 2.2 + rng.random() * 0.4) for _ in range(reports)]
+    ours, warm, walked = [], [], []
+    # Twice over the same places: the first pass pays each person's first
+    # tid and face once; the second is the steady state of a live map.
+    for times in (ours, warm):
+        for n, (lat, lng) in enumerate(places):
+            clock.advance(0.05)  # 20 reports a second on the map: the grid is rebuilt every 2 s
+            fix = Fix(lat, lng, int(clock.seconds() * 1000), "owntracks", accuracy=5.0, tid="AL")
             started = time.perf_counter()
-            walk_every_pin(pins, device.id, lat, lng, DEFAULT_MAX_FRIENDS)
-            walked.append(time.perf_counter() - started)
+            run(devices.report(device, fix))
+            answer = friends.answer("city", pins, device.id, fix.tid, lat, lng, clock.seconds())
+            times.append(time.perf_counter() - started)
+            if times is ours and n % 10 == 0:
+                started = time.perf_counter()
+                walk_every_pin(pins, device.id, lat, lng, DEFAULT_MAX_FRIENDS)
+                walked.append(time.perf_counter() - started)
     friends_shown = sum(1 for m in json.loads(answer) if m["_type"] == "location")
     return {"size": size, "reports": reports, "friends": friends_shown,
             "median_ms": statistics.median(ours) * 1000,
             "p95_ms": sorted(ours)[int(len(ours) * 0.95)] * 1000,
             "mean_ms": statistics.fmean(ours) * 1000,
             "max_ms": max(ours) * 1000,
+            "warm_median_ms": statistics.median(warm) * 1000,
+            "warm_p95_ms": sorted(warm)[int(len(warm) * 0.95)] * 1000,
             "walk_median_ms": statistics.median(walked) * 1000}
 
 
@@ -103,12 +108,13 @@ def main() -> None:
     args = parser.parse_args()
     reports = max(10, min(args.reports, 2000))
     results = [measure(size, reports, args.seed) for size in SIZES]
-    print("| people on the map | friends sent | median | p95 | mean | max "
-          "| walking every pin (median) |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| people on the map | friends sent | first pass: median | p95 | mean | max "
+          "| second pass: median | p95 | walking every pin (median) |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
         print(f"| {r['size']:,} | {r['friends']} | {r['median_ms']:.2f} ms | {r['p95_ms']:.2f} ms "
-              f"| {r['mean_ms']:.2f} ms | {r['max_ms']:.2f} ms | {r['walk_median_ms']:.2f} ms |")
+              f"| {r['mean_ms']:.2f} ms | {r['max_ms']:.2f} ms | {r['warm_median_ms']:.2f} ms "
+              f"| {r['warm_p95_ms']:.2f} ms | {r['walk_median_ms']:.2f} ms |")
     if args.json:
         with open(args.json, "w") as out:
             json.dump(results, out, indent=1)

@@ -207,16 +207,14 @@ def parse_owntracks(body: bytes) -> Optional[Fix]:
                tid=tid if isinstance(tid, str) and 1 <= len(tid) <= 2 else None)
 
 
-def _tid_candidates(pin_id: str) -> Iterator[str]:
-    """
-    Tids for a pin, drawn from its id: a few of two characters (what the
-    apps' own screens show), then longer ones, so that a free one is found
-    in a few tries whatever the map's size.
-    """
+TID_LENGTHS = (2, 3, 4, 6)
+
+
+def _tid_candidates(pin_id: str, length: int, tries: int) -> Iterator[str]:
+    """`tries` tids of `length` characters for a pin, drawn from its id."""
     base = len(TID_ALPHABET)
-    for attempt in range(1_000_000):
-        length = 2 if attempt < 8 else 3 if attempt < 24 else 4 if attempt < 64 else 6
-        digest = hashlib.sha256(f"{attempt}:{pin_id}".encode()).digest()
+    for attempt in range(tries):
+        digest = hashlib.sha256(f"{length}:{attempt}:{pin_id}".encode()).digest()
         number = int.from_bytes(digest[:8], "big") % base ** length
         tid = ""
         for _ in range(length):
@@ -236,33 +234,61 @@ class MapTids:
     def __init__(self) -> None:
         self.of: dict[str, str] = {}
         self.owner: dict[str, str] = {}
+        # Tids given out by length: a length three quarters full is skipped,
+        # so a new tid takes a few tries on any map.
+        self.used = dict.fromkeys(TID_LENGTHS, 0)
 
     def claim(self, pin_id: str, tid: str) -> None:
         """A device keeps the tid it sends; a pin that had it gets another when next shown."""
         if self.of.get(pin_id) == tid:
             return
-        holder = self.owner.pop(tid, None)
+        holder = self.owner.get(tid)
         if holder is not None:
-            del self.of[holder]
-        old = self.of.pop(pin_id, None)
-        if old is not None:
-            del self.owner[old]
-        self.of[pin_id] = tid
-        self.owner[tid] = pin_id
+            self._drop(holder)
+        if pin_id in self.of:
+            self._drop(pin_id)
+        self._give(pin_id, tid)
 
     def tid(self, pin_id: str) -> str:
         tid = self.of.get(pin_id)
         if tid is None:
-            tid = next(t for t in _tid_candidates(pin_id) if t not in self.owner)
-            self.of[pin_id] = tid
-            self.owner[tid] = pin_id
+            tid = self._free(pin_id)
+            self._give(pin_id, tid)
         return tid
+
+    def _free(self, pin_id: str) -> str:
+        base = len(TID_ALPHABET)
+        for length in TID_LENGTHS:
+            if self.used.get(length, 0) < base ** length * 3 // 4:
+                for tid in _tid_candidates(pin_id, length, 8):
+                    if tid not in self.owner:
+                        return tid
+        # Six characters are 2 billion tids: this ends in a try or two.
+        attempt = 8
+        while True:
+            for tid in _tid_candidates(f"{attempt}/{pin_id}", 6, 8):
+                if tid not in self.owner:
+                    return tid
+            attempt += 1
+
+    def _give(self, pin_id: str, tid: str) -> None:
+        self.of[pin_id] = tid
+        self.owner[tid] = pin_id
+        self.used[len(tid)] = self.used.get(len(tid), 0) + 1
+
+    def _drop(self, pin_id: str) -> None:
+        tid = self.of.pop(pin_id)
+        del self.owner[tid]
+        self.used[len(tid)] -= 1
 
     def prune(self, present: Mapping[str, Any]) -> None:
         """Forget the pins that left, once they make up half of the book (amortized)."""
         if len(self.of) > 2 * len(present) + 64:
             self.of = {pin_id: tid for pin_id, tid in self.of.items() if pin_id in present}
             self.owner = {tid: pin_id for pin_id, tid in self.of.items()}
+            self.used = dict.fromkeys(TID_LENGTHS, 0)
+            for tid in self.owner:
+                self.used[len(tid)] = self.used.get(len(tid), 0) + 1
 
 
 def _distance(lat: float, lng: float, pin: Any) -> float:
