@@ -60,8 +60,8 @@ def owntracks_ios(device: dict, now: int) -> tuple[str, dict]:
 
 def traccar_flutter(device: dict, now: int) -> tuple[str, dict]:
     """
-    Traccar Client 9 (traccar/traccar-client, lib/preferences.dart,
-    geolocationConfig): the background geolocation SDK posts its location
+    Traccar Client 9 (traccar/traccar-client 9.6.2, its Flutter app:
+    lib/preferences.dart, geolocationConfig): the background geolocation SDK posts its location
     template as JSON with `device_id` beside it; timestamp ISO 8601, speed
     m/s, heading -1 when unknown, battery level 0..1.
     """
@@ -87,7 +87,11 @@ def traccar_classic(device: dict, now: int) -> tuple[str, dict]:
 
 
 def traccar_form(device: dict, now: int) -> tuple[str, dict]:
-    """Traccar Client 10: the same fields as a form post (what livemap takes as OsmAnd's)."""
+    """
+    Traccar Client 10 (React Native): the OsmAnd fields as a form post, as
+    issue 22's review of its SDK describes it. Its source was not in the
+    index read for this test: this shape is the issue's, not checked here.
+    """
     form = urlencode({"id": device["token"], "timestamp": now * 1000, "lat": 52.56,
                       "lon": 13.44, "speed": 1.0, "bearing": 45.0, "accuracy": 9.0,
                       "batt": 55})

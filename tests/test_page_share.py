@@ -202,7 +202,9 @@ def test_share_from_a_phone_app_sets_up_each_app_and_deletes_the_device(
         assert box is not None and box["width"] >= 44 and box["height"] >= 44, box
 
     # Traccar Client: the server URL and the token as device id, both in its QR
-    # code (its scanner, lib/qr_code_screen.dart: the URL's origin and path, and `id`).
+    # code (Traccar Client 9.6.2's scanner, lib/qr_code_screen.dart: the URL's origin
+    # and path, and `id`; its org.traccar.client: link, lib/configuration_service.dart:
+    # `url` and `id`).
     traccar = app_section(dialog, "traccar")
     expect(owntracks.locator(".app-body")).to_be_hidden()  # one app at a time
     tc = shown(traccar)
