@@ -365,6 +365,8 @@ def test_the_dialog_says_what_each_app_needs_on_phone_and_desktop_over_http_and_
                 owntracks = dialog.locator('details[data-app="owntracks"]')
                 expect(owntracks.locator('[data-value="url"]')).to_have_text(
                     re.compile(f"^{scheme}://"), timeout=WAIT_MS)
+                expect(owntracks.locator(".app-hint")).to_have_text(
+                    re.compile("once it allows external configuration"))
                 how = owntracks.locator(".app-how").inner_text()
                 assert how.index("Allow external configuration") < how.index(
                     "Set up OwnTracks"), (where, how)

@@ -20,7 +20,7 @@ const APPS = [
   {
     key: 'owntracks',
     name: 'OwnTracks',
-    hint: 'iPhone and Android \u00b7 one tap sets it up',
+    hint: 'iPhone and Android \u00b7 one tap, once it allows external configuration',
     link: {value: 'config', label: 'Set up OwnTracks'},
     qr: {value: 'config', what: 'the OwnTracks setup link'},
     // Android 2.6.0 and iPhone 26.2.1 refuse a configuration from a link
