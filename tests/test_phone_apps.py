@@ -318,6 +318,9 @@ async def test_a_burst_of_owntracks_reports_gets_only_200s_and_the_pin_ends_at_t
         assert codes == [200] * 12
         await seen(view, device["id"], lat=21)  # the newest, once the rate allows
         assert live.site.apps.devices.stats["held"] >= 6, live.site.apps.devices.stats
+        metrics = (await (await treq.get(f"{live.url}/metrics")).content()).decode()
+        held = [line for line in metrics.splitlines() if line.startswith("livemap_devices_held")]
+        assert held and float(held[0].split()[-1]) >= 6, held
         view.client.close()
         await view.client.wait_closed()
     finally:
