@@ -3,7 +3,11 @@ The HTTP face of devices: making and deleting them (the API), and the
 endpoints the phone apps report to, each in its own format (apps.py), all
 on the page's port. Answers are what each app expects; every refusal is a
 4xx with a short reason (5xx only when the cluster's store is away), and a
-refused report never changes a pin. Tokens are never logged.
+refused report never changes a pin. A report is refused only for a bad
+token or a body not in the app's format: one that comes too soon, or holds
+points that cannot be used, is answered as taken (docs/protocol.md says
+which answers make each app resend and which make it drop). Tokens are
+never logged.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 from typing import Any, Callable, Optional
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, quote, urlencode
 
 import orjson
 from klein import Klein
@@ -22,12 +26,12 @@ from twisted.web.server import Request
 from . import wire
 from .admission import Admission, Refused
 from .apps import (
+    DEFAULT_MAX_FRIENDS,
     MAX_BATCH_BYTES,
     MAX_REPORT_BYTES,
     BadReport,
-    TidBook,
+    Friends,
     owntracks_config,
-    owntracks_friends,
     parse_osmand,
     parse_overland,
     parse_owntracks,
@@ -80,10 +84,11 @@ class PhoneApps:
     app = Klein()
     log = Logger()
 
-    def __init__(self, devices: Devices, admission: Admission) -> None:
+    def __init__(self, devices: Devices, admission: Admission, *,
+                 max_friends: int = DEFAULT_MAX_FRIENDS) -> None:
         self.devices = devices
         self.admission = admission
-        self.tids = TidBook()
+        self.friends = Friends(max_friends)
         # Unknown tokens cost their sender (token_misses.py): every report finds its device here.
         self.misses = MissLimiter(devices, admission)
         # Fires once this node holds a map's pins (in a cluster, a report
@@ -116,15 +121,25 @@ class PhoneApps:
         overland = f"{base}/apps/overland"
         return {
             # HTTP mode; the token is in the URL, so no user or password.
-            "owntracks": {"url": owntracks_url, "mode": "HTTP", "tid": tid,
+            # The values in the order of the app's Connection screen.
+            "owntracks": {"mode": "HTTP", "url": owntracks_url, "device_id": "livemap",
+                          "tid": tid,
                           "config": owntracks_config(owntracks_url, device.name, tid)},
             # Traccar Client: its server URL, and the token as device identifier.
-            "traccar": {"server_url": osmand, "device_id": token},
-            # OsmAnd's online tracking template ({3} is its accuracy, {11} battery).
+            # Its QR scanner takes the URL's origin and path as the server URL
+            # and its `id` parameter as the identifier; its link
+            # (org.traccar.client:) takes `url` and `id`.
+            "traccar": {"server_url": osmand, "device_id": token,
+                        "qr": f"{osmand}?id={token}",
+                        "link": "org.traccar.client://setup?url="
+                                f"{quote(osmand, safe='')}&id={token}"},
+            # OsmAnd's online tracking template ({3} is its accuracy, {5}
+            # speed, {11} battery).
             "osmand": {"url": f"{osmand}?id={token}&lat={{0}}&lon={{1}}&timestamp={{2}}"
-                              "&hdop={3}&altitude={4}&bearing={6}&batt={11}"},
+                              "&hdop={3}&altitude={4}&speed={5}&bearing={6}&batt={11}"},
             "gpslogger": {"url": f"{osmand}?id={token}&lat=%LAT&lon=%LON&timestamp=%TIMESTAMP"
-                                 "&accuracy=%ACC&altitude=%ALT&bearing=%DIR&batt=%BATT",
+                                 "&accuracy=%ACC&altitude=%ALT&speed=%SPD&bearing=%DIR"
+                                 "&batt=%BATT",
                           "method": "GET"},
             # Overland: its receiver endpoint and access token, or its setup link.
             "overland": {"url": f"{overland}/{token}", "endpoint": overland,
@@ -211,15 +226,20 @@ class PhoneApps:
                 return _answer(request, 200, b"[]")
             await self.map_ready(device.map)
             await self.devices.report(device, fix)
-            pins = self.devices.hub.pins(device.map)
-            assigned = self.tids.assign(device.map, [pin["id"] for pin in pins], device.id,
-                                        fix.tid)
-            return _answer(request, 200, owntracks_friends(pins, assigned))
+            map_state = self.devices.hub.maps.get(device.map)
+            answer = self.friends.answer(
+                device.map, map_state.pins if map_state is not None else {}, device.id,
+                fix.tid, fix.lat, fix.lng, self.devices.clock.seconds())
+            return _answer(request, 200, answer)
         return self._guarded(request, report)
 
     @app.route("/osmand", methods=["GET", "POST"])
     def osmand(self, request: Request) -> defer.Deferred:
-        """The OsmAnd protocol: query parameters, a form body, or Traccar Client 9's JSON."""
+        """
+        The OsmAnd protocol: query parameters (OsmAnd, GPSLogger, the
+        classic Traccar Client), a form body (Traccar Client 10), or
+        Traccar Client 9's JSON.
+        """
         async def report() -> bytes:
             query = request.uri.split(b"?", 1)[1] if b"?" in request.uri else b""
             body = _body(request, MAX_REPORT_BYTES) if request.method == b"POST" else b""
@@ -255,11 +275,13 @@ class PhoneApps:
         async def report() -> bytes:
             if not token:
                 return _error(request, 401, "the device's token is required")
-            fix = parse_overland(_body(request, MAX_BATCH_BYTES))
+            batch = parse_overland(_body(request, MAX_BATCH_BYTES),
+                                   int(self.devices.clock.seconds() * 1000))
             device = await self.misses.find(request, token)
-            if fix is not None:
+            self.devices.stats["skipped"] += batch.skipped
+            if batch.fix is not None:
                 await self.map_ready(device.map)
-                await self.devices.report(device, fix)
+                await self.devices.report(device, batch.fix)
             # Exactly this, or the app keeps the batch and sends it again.
             return _answer(request, 200, b'{"result":"ok"}')
         return self._guarded(request, report)

@@ -31,8 +31,9 @@ from typing import Optional, Protocol, Sequence
 
 import orjson
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from . import wire
 from .hub import DEVICES, Hub
@@ -42,13 +43,15 @@ from .privacy import coarsen
 SOURCES = ("owntracks", "osmand", "overland")
 # 24 random bytes: 192 bits, 32 characters.
 TOKEN_BYTES = 24
-# A fix further than this in the device's future is refused.
+# A fix further than this in the device's future is skipped (and counted).
 MAX_FUTURE = 300.0
 # A device that reports nothing for this long is forgotten.
 DEVICE_IDLE = 30 * 24 * 3600.0
 DEFAULT_MAX_DEVICES = 100_000
-# Devices one client address may make: a burst, then one per period.
-CREATE_BURST = 10
+# Devices one client address may make: a burst (--device-burst: a venue's
+# audience behind one NAT address sets up its phones at once), then one per
+# period.
+CREATE_BURST = 120
 CREATE_PERIOD = 30.0
 # Client addresses whose creations are counted (least recently seen go first).
 MAX_CREATORS = 10_000
@@ -103,6 +106,9 @@ class Device:
     # The report rate limit of this node for the device (a token bucket).
     tokens: float = 0.0
     updated: float = -math.inf
+    # The newest fix that came too soon, applied when the bucket allows.
+    held: Optional[Fix] = None
+    release: Optional[IDelayedCall] = None
 
     def record(self) -> dict:
         return {"m": self.map, "i": self.id, "n": self.name,
@@ -235,7 +241,7 @@ class Devices:
 
     def __init__(self, hub: Hub, maps: MapDirectory, clock: IReactorTime, *,
                  rate: float = 10.0, precision: float = 0.0, expire: float = 3600.0,
-                 max_devices: int = DEFAULT_MAX_DEVICES,
+                 max_devices: int = DEFAULT_MAX_DEVICES, create_burst: int = CREATE_BURST,
                  store: Optional[DeviceStore] = None) -> None:
         self.hub = hub
         self.maps = maps
@@ -258,7 +264,12 @@ class Devices:
         self.deleted_pins: set[str] = set()
         # Creations per client address: (tokens, last update).
         self.creators: dict[str, tuple[float, float]] = {}
-        self.stats = {"created": 0, "deleted": 0, "reports": 0, "refused": 0}
+        self.create_burst = create_burst
+        # held: reports that came too soon (the newest is applied later);
+        # skipped: fixes that cannot be used (from the future, an unusable
+        # point of a batch); both answered as taken, so the apps drop them.
+        self.stats = {"created": 0, "deleted": 0, "reports": 0, "refused": 0, "held": 0,
+                      "skipped": 0}
 
     # Making and finding
 
@@ -342,7 +353,9 @@ class Devices:
         as deleted, so that this node never writes it back to a store that
         lost its data, nor shows a fix of it that arrives late.
         """
-        self.known.pop(key, None)
+        device = self.known.pop(key, None)
+        if device is not None and device.release is not None and device.release.active():
+            device.release.cancel()  # its held fix goes with it
         self.deleted.pop(key, None)
         self.deleted[key] = (pin_id, map_name, self.clock.seconds() + DEVICE_IDLE)
         self.deleted_pins.add(pin_id)
@@ -359,14 +372,20 @@ class Devices:
 
     async def report(self, device: Device, fix: Fix) -> str:
         """
-        Apply a fix: "moved", "older" (a newer one is shown) or "expired"
-        (older than --expire: it would vanish at once). Raises TooFast, or
-        DeviceError for a fix in the future.
+        Apply a fix: "moved", "older" (a newer one is shown), "expired"
+        (older than --expire: it would vanish at once), "held" (it came
+        sooner than --rate allows: the newest such fix is applied as soon as
+        the rate does) or "future" (more than MAX_FUTURE ahead: skipped).
+        Never refused for its timing: the apps drop or retry a refused
+        report (docs/protocol.md), and none of that helps.
         """
         now = self.clock.seconds()
         if fix.ts > (now + MAX_FUTURE) * 1000:
-            raise DeviceError("fix more than 5 minutes in the future")
-        self._check_rate(device, now)
+            self.stats["skipped"] += 1
+            return "future"
+        if not self._take_token(device, now):
+            self._hold(device, fix, now)
+            return "held"
         self.stats["reports"] += 1
         if fix.ts < (now - self.expire) * 1000:
             return "expired"
@@ -465,25 +484,48 @@ class Devices:
 
     def _check_creator(self, address: str) -> None:
         now = self.clock.seconds()
-        tokens, updated = self.creators.pop(address, (float(CREATE_BURST), now))
-        tokens = min(float(CREATE_BURST), tokens + (now - updated) / CREATE_PERIOD)
+        burst = float(self.create_burst)
+        tokens, updated = self.creators.pop(address, (burst, now))
+        tokens = min(burst, tokens + (now - updated) / CREATE_PERIOD)
         if tokens < 1.0:
             self.creators[address] = (tokens, now)
             self.stats["refused"] += 1
-            raise TooFast(f"at most {CREATE_BURST} devices at once from one address, "
+            raise TooFast(f"at most {self.create_burst} devices at once from one address, "
                           f"then one every {CREATE_PERIOD:g} s")
         self.creators[address] = (tokens - 1.0, now)
         while len(self.creators) > MAX_CREATORS:
             del self.creators[next(iter(self.creators))]
 
-    def _check_rate(self, device: Device, now: float) -> None:
+    def _take_token(self, device: Device, now: float) -> bool:
         capacity = max(1.0, self.rate)
         device.tokens = min(capacity, device.tokens + (now - device.updated) * self.rate)
         device.updated = now
         if device.tokens < 1.0:
-            self.stats["refused"] += 1
-            raise TooFast(f"more than {self.rate:g} reports a second")
+            return False
         device.tokens -= 1.0
+        return True
+
+    def _hold(self, device: Device, fix: Fix, now: float) -> None:
+        """Keep the newest fix that came too soon, and apply it when the rate allows."""
+        self.stats["held"] += 1
+        if device.held is None or fix.ts >= device.held.ts:
+            device.held = fix
+        if device.release is None:
+            wait = (1.0 - device.tokens) / self.rate
+            device.release = self.clock.callLater(max(wait, 0.0), self._release, device)
+
+    def _release(self, device: Device) -> None:
+        device.release = None
+        fix, device.held = device.held, None
+        if fix is None:
+            return
+        applied = defer.Deferred.fromCoroutine(self.report(device, fix))
+        applied.addErrback(self._release_failed, device)
+
+    def _release_failed(self, failure: Failure, device: Device) -> None:
+        if not failure.check(DeviceError):  # deleted meanwhile, or the store is away: as a report
+            self.log.failure("a held fix of device {device} was not applied", failure,
+                             device=device.id)
 
     def _keep_until(self, device: Device, now: float) -> float:
         until = now + DEVICE_IDLE

@@ -98,7 +98,11 @@ class DeviceCollector(Collector):
         stats = self.devices.stats
         for name, text in (("created", "Devices made."), ("deleted", "Devices deleted."),
                            ("reports", "Reports of devices applied."),
-                           ("refused", "Device creations and reports refused as too fast.")):
+                           ("refused", "Device creations refused as too fast."),
+                           ("held", "Device reports that came sooner than --rate allows "
+                                    "(answered as taken; the newest is applied later)."),
+                           ("skipped", "Device fixes that could not be used (from the "
+                                       "future, a bad point of a batch), answered as taken.")):
             yield CounterMetricFamily(f"livemap_devices_{name}", text, value=stats[name])
         yield GaugeMetricFamily(
             "livemap_device_pins", "Pins of phone apps on all maps.",

@@ -44,7 +44,8 @@ from .backplane import (
 )
 from .client import DEFAULT_RATE
 from .app_routes import PhoneApps
-from .devices import Devices, Unavailable
+from .apps import DEFAULT_MAX_FRIENDS
+from .devices import CREATE_BURST, Devices, Unavailable
 from .hub import Hub
 from .links import MapUnavailable
 from .logfiles import ReopenLogsOnHangup
@@ -245,6 +246,13 @@ class Options(usage.Options):
         ["expire", None, 3600.0,
          "Seconds without a new fix after which a pin is removed from its map.",
          _positive("expire", 0.0, 7 * 86_400.0)],
+        ["device-burst", None, CREATE_BURST,
+         "Phone-app devices one client address may set up at once (a venue's audience "
+         "behind one NAT address); after that, one every 30 s.",
+         _count("device-burst", 100_000)],
+        ["max-friends", None, DEFAULT_MAX_FRIENDS,
+         "People an OwnTracks phone is shown as Friends, the nearest first.",
+         _count("max-friends", 10_000)],
         ["min-ttl", None, MIN_TTL,
          "Shortest life (?ttl=, seconds) a private map may be given; below 15 minutes "
          "only for tests.", _positive("min-ttl", 0.0, MAX_TTL)],
@@ -538,7 +546,8 @@ def make_node(reactor: Any, options: Options, *,
         persist=None if store is None else store.add_map)
     disk = None if store is None else DiskDevices(store)
     devices = Devices(hub, directory, reactor, rate=options["rate"],
-                      precision=options["precision"], expire=options["expire"], store=disk)
+                      precision=options["precision"], expire=options["expire"], store=disk,
+                      create_burst=options.get("device-burst", CREATE_BURST))
     if store is not None and disk is not None and store.contents is not None:
         restore_store(store.contents, directory, devices, disk, reactor.seconds())
         store.contents = None
@@ -555,7 +564,8 @@ def make_node(reactor: Any, options: Options, *,
     site = LiveMapSite(hub, WebSocketResource(factory), registry, tiles=options["tiles"],
                        attribution=options["attribution"], rate=options["rate"],
                        sockjs=sockjs, directory=directory, stale=options["stale"],
-                       apps=PhoneApps(devices, admission))
+                       apps=PhoneApps(devices, admission,
+                                      max_friends=options.get("max-friends", DEFAULT_MAX_FRIENDS)))
     registry.register(DeviceCollector(devices))
     if site.apps is not None:
         registry.register(MissCollector(site.apps.misses))

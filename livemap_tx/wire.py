@@ -24,6 +24,10 @@ MAX_MESSAGE_BYTES = 4096
 MAX_NAME_CHARS = 64
 MAX_SEQ = 2**53
 MAX_PRECISION = 100_000.0
+# An accuracy (metres) beyond this says nothing: 10,000 km, a quarter of
+# the Earth's circumference. Phone apps' larger values are unknown; a move's
+# is out_of_range.
+MAX_ACCURACY = 10_000_000.0
 MAP_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 DEFAULT_MAP = "public"
 
@@ -121,7 +125,7 @@ def _parse_move(obj: dict) -> Move:
     lat = _number(obj, "lat", -90.0, 90.0)
     lng = _number(obj, "lng", -180.0, 180.0)
     heading = _number(obj, "heading", 0.0, 360.0, high_open=True, optional=True)
-    accuracy = _number(obj, "accuracy", 0.0, math.inf, optional=True)
+    accuracy = _number(obj, "accuracy", 0.0, MAX_ACCURACY, optional=True)
     seq = obj.get("seq")
     if seq is not None:
         # A JSON number with an integral value is an integer, however written

@@ -16,8 +16,11 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from livemap_tx.apps import (
+    Batch,
     BadReport,
-    TidBook,
+    Friends,
+    MapTids,
+    Neighbours,
     face,
     owntracks_config,
     owntracks_friends,
@@ -25,10 +28,10 @@ from livemap_tx.apps import (
     parse_overland,
     parse_owntracks,
     parse_traccar_json,
-    tids,
     timestamp_ms,
 )
 from livemap_tx.devices import Fix
+from livemap_tx.hub import Pin
 
 APPS = Path(__file__).parent / "apps"
 NOW_MS = 1_800_000_000_000
@@ -52,9 +55,9 @@ def query(name: str) -> dict[str, str]:
     ("owntracks_location_ios_style.json",
      Fix(-25.762245, 126.074502, 1721896446000, "owntracks", accuracy=5.0, heading=277.0,
          battery=34, tid="AA")),
+    # cog 0 with vel 0: standing still, no heading (not north).
     ("owntracks_location_android_http_log.json",
-     Fix(48.85833, 2.29513, 1737558539000, "owntracks", accuracy=4.0, heading=0.0, battery=6,
-         tid="64")),
+     Fix(48.85833, 2.29513, 1737558539000, "owntracks", accuracy=4.0, battery=6, tid="64")),
     ("owntracks_location_minimal_booklet.json",
      Fix(48.85833, 2.29513, 1497476456000, "owntracks", tid="JJ")),
     ("owntracks_location_topic_no_tid_android.json",
@@ -89,30 +92,28 @@ def test_broken_owntracks_locations_are_refused(body):
         parse_owntracks(body)
 
 
-def test_tids_are_unique_stable_and_keep_the_devices_own():
-    ids = [f"pin{n}" for n in range(300)]
-    first = tids(ids, "pin7", "AL")
-    assert first["pin7"] == "AL"
-    assert len(set(first.values())) == 300
-    assert all(len(tid) == 2 for tid in first.values())
-    assert tids(reversed(ids), "pin7", "AL") == first  # any order, same answer
+def pin(pin_id: str, lat: float, lng: float, **state) -> Pin:
+    made = Pin(pin_id)
+    made.lat, made.lng, made.ts = lat, lng, state.pop("ts", NOW_MS)
+    for key, value in state.items():
+        setattr(made, key, value)
+    return made
 
 
-def test_a_tid_stays_while_its_pin_does():
-    book = TidBook()
-    ids = [f"pin{n}" for n in range(300)]
-    first = book.assign("m", ids, "pin7", "AL")
-    fewer = book.assign("m", ids[:50], "pin7", "AL")
-    assert all(fewer[i] == first[i] for i in ids[:50])
-    more = book.assign("m", ids[:50] + ["new1", "new2"], "pin7", "AL")
-    assert all(more[i] == first[i] for i in ids[:50])
-    assert len(set(more.values())) == 52
-    # The device takes back the tid it sends, whoever had it.
-    other = next(i for i in ids[:50] if i != "pin7")
-    moved = book.assign("m", ids[:50], "pin7", first[other])
-    assert moved["pin7"] == first[other] and moved[other] != first[other]
-    assert len(set(moved.values())) == 50
-    assert book.assign("m", [], "pin7", "AL") == {} and "m" not in book.maps
+def test_tids_are_distinct_kept_and_the_devices_own_is_its_own():
+    book = MapTids()
+    ids = [f"pin{n}" for n in range(5000)]  # far more than 36 * 36 two-letter tids
+    given = {pin_id: book.tid(pin_id) for pin_id in ids}
+    assert len(set(given.values())) == 5000
+    assert all(book.tid(pin_id) == tid for pin_id, tid in given.items())
+    assert sum(len(tid) == 2 for tid in given.values()) > 900  # short ones first
+    # The device takes back the tid it sends, whoever had it; the other gets a new one.
+    book.claim("pin7", given["pin9"])
+    assert book.tid("pin7") == given["pin9"] and book.tid("pin9") not in (given["pin9"],
+                                                                          given["pin7"])
+    # Pins that left are forgotten once they are most of the book.
+    book.prune({pin_id: None for pin_id in ids[:10]})
+    assert set(book.of) == set(ids[:10])
 
 
 def test_the_friends_answer_is_what_the_apps_validate():
@@ -122,19 +123,84 @@ def test_the_friends_answer_is_what_the_apps_validate():
         {"id": "b", "lat": 1.5, "lng": 2.5, "heading": None, "accuracy": None, "name": None,
          "seq": 3, "ts": 1_800_000_001_999},
     ]
-    answer = orjson.loads(owntracks_friends(pins, tids(["a", "b"], "a", "ZZ")))
+    answer = orjson.loads(owntracks_friends(pins, {"a": "ZZ", "b": "B1"}))
     assert [m["_type"] for m in answer] == ["card", "location", "location"]
-    card, mine, theirs = answer
+    card, first, second = answer
     assert (card["tid"], card["name"]) == ("ZZ", "Ada")
     assert base64.b64decode(card["face"]).startswith(b"\x89PNG\r\n\x1a\n")
-    assert mine == {"_type": "location", "tid": "ZZ", "lat": 52.5, "lon": 13.4,
-                    "tst": 1_800_000_000, "acc": 4, "cog": 0, "batt": 80}
-    assert theirs["tid"] != "ZZ" and theirs["tst"] == 1_800_000_001
-    assert set(theirs) == {"_type", "tid", "lat", "lon", "tst"}
+    assert first == {"_type": "location", "tid": "ZZ", "lat": 52.5, "lon": 13.4,
+                     "tst": 1_800_000_000, "acc": 4, "cog": 0, "batt": 80}
+    assert second == {"_type": "location", "tid": "B1", "lat": 1.5, "lon": 2.5,
+                      "tst": 1_800_000_001}
     # iOS's schema: integers are integers.
     for message in answer:
         for key in ("tst", "acc", "cog", "batt"):
             assert key not in message or type(message[key]) is int
+
+
+@pytest.mark.parametrize("bad", [1e20, 1e308, float("inf"), float("nan"), -500.0, 10**400, "x"])
+def test_one_pins_bad_number_never_spoils_the_friends_answer(bad):
+    """A value out of range is left out of the answer; the others are whole."""
+    pins = [{"id": "a", "lat": 1.0, "lng": 2.0, "accuracy": bad, "heading": bad,
+             "battery": bad, "name": "A", "ts": bad},
+            {"id": "b", "lat": bad, "lng": 2.0, "accuracy": 5.0, "name": "B", "ts": NOW_MS},
+            {"id": "c", "lat": 3.0, "lng": 4.0, "accuracy": 5.0, "name": None, "ts": NOW_MS}]
+    answer = orjson.loads(owntracks_friends(pins, {"a": "AA", "b": "BB", "c": "CC"}))
+    locations = {m["tid"]: m for m in answer if m["_type"] == "location"}
+    assert set(locations) == {"AA", "CC"}
+    assert set(locations["AA"]) == {"_type", "tid", "lat", "lon", "tst"}
+    assert locations["CC"]["acc"] == 5
+
+
+def test_friends_leave_out_the_asker_and_show_everyone_else():
+    pins = {p.id: p for p in (pin("me", 1.0, 1.0, name="Me"), pin("ada", 1.1, 1.0, name="Ada"),
+                              pin("bob", 5.0, 5.0))}
+    answer = orjson.loads(Friends().answer("m", pins, "me", "ME", 1.0, 1.0, 0.0))
+    cards = {m["name"] for m in answer if m["_type"] == "card"}
+    locations = [m for m in answer if m["_type"] == "location"]
+    assert cards == {"Ada"} and len(locations) == 2
+    assert "ME" not in {m["tid"] for m in locations}
+
+
+def test_friends_on_a_map_of_10000_are_the_nearest_within_the_cap_with_distinct_tids():
+    rows = [pin(f"p{n}", 48.0 + (n // 100) * 0.01, 2.0 + (n % 100) * 0.01) for n in range(10_000)]
+    pins = {p.id: p for p in rows}
+    friends = Friends(max_friends=50)
+    seen: dict[str, str] = {}
+    for asker in ("p0", "p5050", "p9999", "p4242"):
+        me = pins[asker]
+        answer = orjson.loads(friends.answer("big", pins, asker, None, me.lat, me.lng, 0.0))
+        assert len(answer) == 50
+        ids = {(m["lat"], m["lon"]): m["tid"] for m in answer}
+        # The nearest 50, by walking every pin (what the grid must match).
+        expected = sorted(rows, key=lambda p: ((p.lat - me.lat) ** 2
+                                               + ((p.lng - me.lng) * 0.67) ** 2))
+        distances = sorted(((p.lat - me.lat) ** 2 + ((p.lng - me.lng) * 0.67) ** 2)
+                           for p in expected[1:])
+        worst = max(((lat - me.lat) ** 2 + ((lng - me.lng) * 0.67) ** 2) for lat, lng in ids)
+        assert worst <= distances[49] * 1.05
+        assert (me.lat, me.lng) not in ids
+        for where, tid in ids.items():
+            assert seen.setdefault(tid, str(where)) == str(where)  # a tid is one person's
+    book = friends.maps["big"][0]
+    assert len(set(book.of.values())) == len(book.of)
+
+
+def test_neighbours_of_a_grid_made_on_one_spot_are_found_at_once():
+    """A grid built when the map was one spot has tiny cells: no walk over millions of rings."""
+    index = Neighbours([pin("a", 1.0, 0.0), pin("b", 1.0, 0.0)], 0.0)
+    assert index.cell <= 1e-3
+    assert [p.id for p in index.nearest(1.0, 2.0, 100, lambda p: True)] == ["a", "b"]
+    assert [p.id for p in index.nearest(-80.0, 179.0, 1, lambda p: p.id == "b")] == ["b"]
+
+
+def test_neighbours_find_pins_that_moved_or_are_far_away():
+    far = pin("far", -40.0, 170.0)
+    near = pin("near", 10.0, 10.0)
+    index = Neighbours([far, near], 0.0)
+    assert index.nearest(-41.0, 171.0, 1, lambda p: True) == [far]
+    assert index.nearest(0.0, 0.0, 5, lambda p: p.id != "near") == [far]
+    assert Neighbours([], 0.0).nearest(0.0, 0.0, 5, lambda p: True) == []
 
 
 def test_owntracks_configuration_link_imports_on_both_apps():
@@ -163,10 +229,9 @@ def test_face_is_a_png_of_a_colour_of_the_pin():
     ("osmand_query_millis_timestamp.txt",
      Fix(42.06288, -88.23412, 1442068686579, "osmand", accuracy=6.0)),
     ("osmand_query_space_datetime.txt", Fix(49.60688, 6.15788, 1401873011000, "osmand")),
-    ("osmand_query_seconds_bearing_hdop.txt",
-     Fix(60.0, 30.0, 1377177267000, "osmand", heading=0.0)),
-    ("osmand_query_deviceid_heading_no_timestamp.txt",
-     Fix(60.0, 30.0, NOW_MS, "osmand", heading=0.0)),
+    # bearing 0.0 with speed 0.0: no heading.
+    ("osmand_query_seconds_bearing_hdop.txt", Fix(60.0, 30.0, 1377177267000, "osmand")),
+    ("osmand_query_deviceid_heading_no_timestamp.txt", Fix(60.0, 30.0, NOW_MS, "osmand")),
     ("osmand_query_batt_no_timestamp.txt",
      Fix(41.666667, -0.883333, NOW_MS, "osmand", battery=87)),
     ("osmand_query_location_param.txt", Fix(60.0, 30.0, 1377177267000, "osmand")),
@@ -223,16 +288,48 @@ def test_traccar_client_9_json_as_traccars_own_tests_send_it(name, expected):
 
 
 def test_overlands_batch_from_its_readme():
-    fix = parse_overland(recorded("overland_batch_readme.json"))
-    assert fix == Fix(37.3318, -122.030581, 1443711600000, "overland", accuracy=30.0, battery=80)
+    batch = parse_overland(recorded("overland_batch_readme.json"), NOW_MS)
+    assert batch == Batch(Fix(37.3318, -122.030581, 1443711600000, "overland", accuracy=30.0,
+                              battery=80), 0)
+
+
+def overland_point(when: str, lng: float, **properties) -> dict:
+    return {"type": "Feature", "geometry": {"type": "Point", "coordinates": [lng, 1.0]},
+            "properties": {"timestamp": when, **properties}}
+
+
+def test_overlands_current_wins_over_an_old_backlog():
+    """
+    Overland-iOS GLManager.m (sendQueueNow, 2024 releases): with more than a
+    batch queued it adds `current`, a point like the others.
+    """
+    backlog = [overland_point(f"2026-11-30T08:{m:02d}:00Z", float(m)) for m in range(50)]
+    body = {"locations": backlog, "current": overland_point("2026-11-30T10:00:00Z", 99.0)}
+    assert parse_overland(orjson.dumps(body), NOW_MS).fix.lng == 99.0
+    # A `current` older than the batch's newest point changes nothing.
+    body["current"] = overland_point("2026-11-30T07:00:00Z", 77.0)
+    assert parse_overland(orjson.dumps(body), NOW_MS).fix.lng == 49.0
+
+
+def test_overland_skips_and_counts_points_from_the_future_and_bad_points():
+    now = 1_796_000_000_000  # 2026-11-29
+    body = {"locations": [
+        overland_point("2026-11-29T08:53:20Z", 1.0),
+        overland_point("2027-05-01T00:00:00Z", 2.0),  # a phone with a wrong clock
+        overland_point("yesterday", 3.0),
+        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [500, 1]},
+         "properties": {"timestamp": "2026-11-29T08:00:00Z"}},
+        overland_point("2026-11-29T08:00:00Z", 4.0),
+    ]}
+    batch = parse_overland(orjson.dumps(body), now)
+    assert batch.skipped == 3 and batch.fix is not None and batch.fix.lng == 1.0
 
 
 def test_overland_keeps_the_newest_point_of_a_batch_whatever_its_order():
     def point(minute: int, lng: float) -> dict:
-        return {"type": "Feature", "geometry": {"type": "Point", "coordinates": [lng, 1.0]},
-                "properties": {"timestamp": f"2026-11-30T10:{minute:02d}:00Z"}}
+        return overland_point(f"2026-11-30T10:{minute:02d}:00Z", lng)
     batch = {"locations": [point(5, 5.0), point(9, 9.0), point(1, 1.0)]}
-    assert parse_overland(orjson.dumps(batch)).lng == 9.0
+    assert parse_overland(orjson.dumps(batch), NOW_MS).fix.lng == 9.0
 
 
 def test_overland_skips_what_is_not_a_point_and_refuses_what_is_not_a_batch():
@@ -240,12 +337,13 @@ def test_overland_skips_what_is_not_a_point_and_refuses_what_is_not_a_batch():
             "properties": {"type": "trip", "mode": "car", "start": "2026-11-30T10:00:00Z"}}
     action = {"type": "Feature", "properties": {"action": "paused_location_updates",
                                                 "timestamp": "2026-11-30T10:00:00Z"}}
-    assert parse_overland(orjson.dumps({"locations": [trip, action, 5, "x"]})) is None
-    assert parse_overland(b'{"locations": []}') is None
+    assert parse_overland(orjson.dumps({"locations": [trip, action, 5, "x"]}), NOW_MS) == \
+        Batch(None, 2)
+    assert parse_overland(b'{"locations": []}', NOW_MS) == Batch(None, 0)
     for body in (b"[]", b'{"locations": 5}', b"nope",
                  orjson.dumps({"locations": [action] * 1001})):
         with pytest.raises(BadReport):
-            parse_overland(body)
+            parse_overland(body, NOW_MS)
 
 
 # Times
@@ -282,7 +380,7 @@ def structured(value: object) -> bytes:
 @settings(max_examples=400, deadline=None)
 @given(st.one_of(st.binary(max_size=200), JSON.map(structured)))
 def test_fuzzed_bodies_give_a_fix_or_a_refusal(body):
-    for parse in (parse_owntracks, parse_traccar_json, parse_overland):
+    for parse in (parse_owntracks, parse_traccar_json, lambda b: parse_overland(b, NOW_MS)):
         try:
             parse(body)
         except BadReport:
@@ -303,8 +401,8 @@ def test_fuzzed_queries_give_a_fix_or_a_refusal(params):
     assert fix.battery is None or 0 <= fix.battery <= 100
 
 
-def test_the_tid_book_is_bounded():
-    book = TidBook(max_maps=3)
+def test_the_friends_book_is_bounded():
+    friends = Friends(max_maps=3)
     for n in range(10):
-        book.assign(f"map{n}", ["a"], "a", "AA")
-    assert list(book.maps) == ["map7", "map8", "map9"]
+        friends.answer(f"map{n}", {"a": pin("a", 1.0, 1.0)}, "a", "AA", 1.0, 1.0, 0.0)
+    assert list(friends.maps) == ["map7", "map8", "map9"]

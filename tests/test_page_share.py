@@ -20,6 +20,7 @@ import time
 import urllib.error
 import urllib.request
 import zlib
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -27,7 +28,8 @@ import pytest
 
 from test_browser import BERLIN, WAIT_MS, Viewer, open_viewer
 from test_browser import base_url, browser, map_name  # noqa: F401 (fixtures)
-from test_page import AXE, PHONE, SCREENSHOTS, api, axe_violations, check_controls
+from conftest import start_twistd
+from test_page import AXE, DESKTOP, PHONE, SCREENSHOTS, api, axe_violations, check_controls
 from playwright.sync_api import Browser, Locator, expect
 
 zxingcpp = pytest.importorskip("zxingcpp")
@@ -179,7 +181,7 @@ def test_share_from_a_phone_app_sets_up_each_app_and_deletes_the_device(
     config = json.loads(base64.b64decode(inline, validate=True))
     assert config["_type"] == "configuration" and config["mode"] == 3, config
     assert config["url"] == ot["url"] and config["tid"] == "AL", config
-    assert ot["mode"] == "HTTP"
+    assert ot["mode"] == "HTTP" and ot["device_id"] == "livemap" and ot["tid"] == "AL"
     token = ot["url"].rsplit("/", 1)[1]
     assert ot["url"] == f"{base_url}/apps/owntracks/{token}" and len(token) == 32, ot
     qr = owntracks.get_by_role("img", name="QR code of the OwnTracks setup link")
@@ -199,13 +201,21 @@ def test_share_from_a_phone_app_sets_up_each_app_and_deletes_the_device(
         box = target.bounding_box()
         assert box is not None and box["width"] >= 44 and box["height"] >= 44, box
 
-    # Traccar Client: the server URL (as a QR code too) and the token as device id.
+    # Traccar Client: the server URL and the token as device id, both in its QR
+    # code (Traccar Client 9.6.2's scanner, lib/qr_code_screen.dart: the URL's origin
+    # and path, and `id`; its org.traccar.client: link, lib/configuration_service.dart:
+    # `url` and `id`).
     traccar = app_section(dialog, "traccar")
     expect(owntracks.locator(".app-body")).to_be_hidden()  # one app at a time
     tc = shown(traccar)
     assert tc == {"server_url": f"{base_url}/apps/osmand", "device_id": token}, tc
-    assert read_qr(traccar.get_by_role("img", name="QR code of the Traccar server URL")) == \
-        tc["server_url"]
+    scanned = urlsplit(read_qr(traccar.get_by_role(
+        "img", name="QR code of the Traccar Client setup address")))
+    assert f"{scanned.scheme}://{scanned.netloc}{scanned.path}" == tc["server_url"], scanned
+    assert parse_qs(scanned.query) == {"id": [token]}, scanned
+    traccar_link = urlsplit(traccar.locator("[data-link]").get_attribute("href") or "")
+    assert traccar_link.scheme == "org.traccar.client", traccar_link
+    assert parse_qs(traccar_link.query) == {"url": [tc["server_url"]], "id": [token]}
     copy = traccar.locator('[data-value="device_id"] + button')
     expect(copy).to_have_accessible_name("Copy the Traccar Client device identifier")
     copy.tap()
@@ -313,3 +323,78 @@ def test_a_refusal_is_shown_in_the_dialog_and_can_be_tried_again(
     expect(dialog.get_by_role("status")).to_have_text(re.compile(r"^Deleted\."), timeout=WAIT_MS)
     ada.assert_clean()
     ada.context.close()
+
+
+def clicked_section(dialog: Locator, app: str) -> Locator:
+    """An app's section opened with a click (a desktop has no touch)."""
+    section = dialog.locator(f'details[data-app="{app}"]')
+    if section.get_attribute("open") is None:
+        section.locator("summary").click()
+    expect(section.locator(".app-body")).to_be_visible()
+    return section
+
+
+def test_the_dialog_says_what_each_app_needs_on_phone_and_desktop_over_http_and_https(
+        browser: Browser, tmp_path: Path) -> None:
+    """
+    Issue 22 items 3, 4, 6, 7: OwnTracks asks for "Allow external
+    configuration" first and lists its values in its Connection screen's
+    order, and warns iPhone users when the address is http (iOS blocks it);
+    Traccar Client's code and link carry the id; OsmAnd is Android only and
+    needs trip recording. On a phone and on a desktop, over http and over
+    https (a trusted proxy's X-Forwarded-Proto, as in production).
+    """
+    server = start_twistd(tmp_path, "--pirate", "none", "--trust-proxy", "127.0.0.1")
+    try:
+        for layout, options in (("phone", PHONE), ("desktop", DESKTOP)):
+            for scheme in ("http", "https"):
+                headers = {"X-Forwarded-Proto": scheme}
+                viewer = open_viewer(
+                    browser, f"{server.url}/m/t-{layout}-{scheme}", geolocation=BERLIN,
+                    name="Ada Lovelace", viewport=options["viewport"],
+                    mobile=options.get("mobile", False), scale=options.get("scale"),
+                    before_load=lambda page: page.set_extra_http_headers(headers))
+                viewer.own_id()
+                page = viewer.page
+                if layout == "phone":
+                    dialog = open_share(viewer)
+                else:
+                    page.get_by_role("button", name="Share from a phone app").click()
+                    dialog = page.get_by_role("dialog", name="Share from a phone app")
+                where = f"{layout} {scheme}"
+                owntracks = dialog.locator('details[data-app="owntracks"]')
+                expect(owntracks.locator('[data-value="url"]')).to_have_text(
+                    re.compile(f"^{scheme}://"), timeout=WAIT_MS)
+                expect(owntracks.locator(".app-hint")).to_have_text(
+                    re.compile("once it allows external configuration"))
+                how = owntracks.locator(".app-how").inner_text()
+                assert how.index("Allow external configuration") < how.index(
+                    "Set up OwnTracks"), (where, how)
+                labels = owntracks.locator(".values dt").all_inner_texts()
+                assert labels == ["Mode", "URL", "Device ID", "Tracker ID"], (where, labels)
+                note = owntracks.get_by_text("On iPhone, OwnTracks needs an https address")
+                if scheme == "http":
+                    expect(note).to_be_visible()
+                else:
+                    expect(note).to_be_hidden()
+
+                traccar = clicked_section(dialog, "traccar")
+                token = traccar.locator('[data-value="device_id"]').inner_text()
+                scanned = urlsplit(read_qr(traccar.get_by_role(
+                    "img", name="QR code of the Traccar Client setup address")))
+                assert (scanned.scheme, parse_qs(scanned.query)) == (scheme, {"id": [token]}), \
+                    where
+                link = traccar.get_by_role("link", name="Set up Traccar Client")
+                expect(link).to_be_visible()
+                assert (link.get_attribute("href") or "").startswith("org.traccar.client:"), where
+
+                osmand = clicked_section(dialog, "osmand")
+                expect(osmand.locator(".app-hint")).to_have_text(re.compile("Android only"))
+                osmand_how = osmand.locator(".app-how").inner_text()
+                assert "OsmAnd for iPhone has no online tracking" in osmand_how, where
+                assert "start trip recording too" in osmand_how, where
+                assert axe_violations(viewer) == [], where
+                viewer.assert_clean()
+                viewer.context.close()
+    finally:
+        server.stop()

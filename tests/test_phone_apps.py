@@ -78,7 +78,7 @@ async def test_owntracks_in_http_mode_and_its_friends(server):
     assert setup["url"] == f"{server.url}/apps/owntracks/{device['token']}"
     # The Android app's own recorded body, sent now.
     body = recorded("owntracks_location_android_http_log.json")
-    body.update(tst=now_s(), cog=270, tid="AL")
+    body.update(tst=now_s(), cog=270, vel=12, tid="AL")
     code, answer = await post(setup["url"], body, headers={
         "Content-Type": ["application/json; charset=utf-8"], "X-Limit-U": ["x"],
         "X-Limit-D": ["phone"]})
@@ -88,11 +88,8 @@ async def test_owntracks_in_http_mode_and_its_friends(server):
         2.29513, 270.0, 4.0, "Ada Lovelace")
     assert (pin["source"], pin["battery"], pin["seq"]) == ("owntracks", 6, None)
     assert pin["ts"] == body["tst"] * 1000
-    friends = orjson.loads(answer)
-    assert {"_type": "location", "tid": "AL", "lat": 48.85833, "lon": 2.29513,
-            "tst": body["tst"], "acc": 4, "cog": 270, "batt": 6} in friends
-    assert any(m["_type"] == "card" and m["tid"] == "AL" and m["name"] == "Ada Lovelace"
-               for m in friends)
+    # Alone on the map: no friends (the device is never its own friend).
+    assert orjson.loads(answer) == []
     # Other messages, and the "clear" empty post: [] and no change.
     for other in ("owntracks_transition_android.json", "owntracks_waypoint_android.json"):
         assert await post(setup["url"], recorded(other)) == (200, b"[]")
@@ -121,7 +118,7 @@ async def test_traccar_client_and_osmand_query_get_and_form_post(server):
     assert device["apps"]["traccar"]["device_id"] == device["token"]
     # Traccar's own recorded query, with this device's id and time now.
     params = dict(id=device["token"], timestamp=str(now_s()), lat="60.0", lon="30.0",
-                  speed="0.0", bearing="45.5", altitude="0", hdop="0.0", batt="87")
+                  speed="3.5", bearing="45.5", altitude="0", hdop="0.0", batt="87")
     code, answer = await post(f"{base}?{urlencode(params)}", method="GET")
     assert (code, answer) == (200, b"")
     pin = await seen(view, device["id"], lat=60.0)
@@ -191,7 +188,7 @@ async def test_overland_batches_keep_the_newest_point_and_answer_ok(server):
 
 
 @pytest_twisted.ensureDeferred
-async def test_an_older_fix_never_moves_it_back_and_a_future_one_is_refused(server):
+async def test_an_older_fix_never_moves_it_back_and_a_future_one_is_skipped(server):
     view = await watch(server, "family")
     device = await make_device(server, "family")
     url = device["apps"]["owntracks"]["url"]
@@ -201,8 +198,9 @@ async def test_an_older_fix_never_moves_it_back_and_a_future_one_is_refused(serv
     await deferLater(0.2)
     # A queued fix from before, sent late: answered 200 (the app drops it), not shown.
     assert (await post(url, {"_type": "location", "lat": 2, "lon": 2, "tst": now - 100}))[0] == 200
+    # From a phone whose clock is wrong: taken (so the app drops it), counted, not shown.
     code, body = await post(url, {"_type": "location", "lat": 3, "lon": 3, "tst": now + 600})
-    assert code == 400 and b"future" in body
+    assert code == 200 and server.site.apps.devices.stats["skipped"] == 1
     await deferLater(0.3)
     view.take_messages()
     assert view.pins[device["id"]][:2] == (1, 1)
@@ -236,13 +234,9 @@ async def test_every_refusal_has_its_code_and_changes_no_pin():
             code, answer = await post(target, body)
             assert code == status, (target, body[:80] if isinstance(body, bytes) else body, answer)
             assert orjson.loads(answer)["error"]
-        # Over the rate: 429, and the pin did not move.
-        statuses = [(await post(url, dict(fine, lat=20, tst=now_s())))[0] for _ in range(6)]
-        assert 429 in statuses
         await deferLater(0.3)
         view.take_messages()
-        assert view.pins[device["id"]][:2] in ((10, 10), (20, 10))
-        assert view.pins[device["id"]][0] != 99
+        assert view.pins[device["id"]][:2] == (10, 10)
         view.client.close()
         await view.client.wait_closed()
     finally:
@@ -264,7 +258,7 @@ async def test_deleting_a_device_is_gone_for_every_viewer_and_its_token_refused(
 
 
 @pytest_twisted.ensureDeferred
-async def test_friends_have_unique_stable_tids_and_cards_and_the_device_keeps_its_own(server):
+async def test_friends_leave_out_the_asker_and_have_unique_stable_tids_and_cards(server):
     people = [await watch(server, "friends") for _ in range(3)]
     for number, person in enumerate(people):
         person.hello(f"Friend {number}")
@@ -280,18 +274,98 @@ async def test_friends_have_unique_stable_tids_and_cards_and_the_device_keeps_it
                                 {"_type": "location", "lat": 2, "lon": 2, "tst": now_s(),
                                  "tid": "AD"})
         answers.append(orjson.loads(body))
-    assert answers[0] == answers[1] or [m["tid"] for m in answers[0]] == [
-        m["tid"] for m in answers[1]]
+    assert answers[0] == answers[1]  # the same tids each time
     locations = [m for m in answers[0] if m["_type"] == "location"]
     cards = {m["tid"]: m["name"] for m in answers[0] if m["_type"] == "card"}
-    assert len(locations) == 5 and len({m["tid"] for m in locations}) == 5
-    mine = next(m for m in locations if (m["lat"], m["lon"]) == (2, 2))
-    assert mine["tid"] == "AD" and cards["AD"] == "Ada"
-    # Grace's own tid is hers to send; to Ada she is whatever tid the map gave.
-    assert sorted(cards.values()) == ["Ada", "Friend 0", "Friend 1", "Friend 2", "Grace"]
+    # Everyone else, each under a tid of its own; never Ada herself (nor her tid).
+    assert len(locations) == 4 and len({m["tid"] for m in locations}) == 4
+    assert (2, 2) not in {(m["lat"], m["lon"]) for m in locations}
+    assert "AD" not in cards and sorted(cards.values()) == [
+        "Friend 0", "Friend 1", "Friend 2", "Grace"]
+    # Nearest first: Grace (at 1, 1) comes before the friends at 50..52.
+    assert locations[0]["lat"] == 1
     for person in people:
         person.client.close()
         await person.client.wait_closed()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_browsers_absurd_accuracy_never_breaks_anyones_owntracks_reports(server):
+    """Issue 22 item 11: accuracy 1e20 from a page made every OwnTracks report 500."""
+    person = await watch(server, "absurd")
+    person.hello("Big")
+    person.move(10, 10, accuracy=1e20)  # out_of_range now: refused, no pin
+    person.move(10, 10, accuracy=5)
+    await person.until(lambda pins: len(pins) == 1)
+    device = await make_device(server, "absurd")
+    code, body = await post(device["apps"]["owntracks"]["url"],
+                            {"_type": "location", "lat": 1, "lon": 1, "tst": now_s()})
+    assert code == 200 and orjson.loads(body)[1]["acc"] == 5, body
+    person.client.close()
+    await person.client.wait_closed()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_burst_of_owntracks_reports_gets_only_200s_and_the_pin_ends_at_the_newest():
+    live = await start_server("--rate", "0.5")  # one report every 2 s
+    try:
+        view = await watch(live, "burst")
+        device = await make_device(live, "burst")
+        url = device["apps"]["owntracks"]["url"]
+        now = now_s()
+        codes = [(await post(url, {"_type": "location", "lat": 10 + n, "lon": 1,
+                                   "tst": now - 30 + n}))[0] for n in range(12)]
+        assert codes == [200] * 12
+        await seen(view, device["id"], lat=21)  # the newest, once the rate allows
+        assert live.site.apps.devices.stats["held"] >= 6, live.site.apps.devices.stats
+        metrics = (await (await treq.get(f"{live.url}/metrics")).content()).decode()
+        held = [line for line in metrics.splitlines() if line.startswith("livemap_devices_held")]
+        assert held and float(held[0].split()[-1]) >= 6, held
+        view.client.close()
+        await view.client.wait_closed()
+    finally:
+        await stop_server(live)
+
+
+@pytest_twisted.ensureDeferred
+async def test_overland_backlog_with_current_moves_the_pin_to_current_at_once(server):
+    view = await watch(server, "backlog")
+    device = await make_device(server, "backlog")
+    setup = device["apps"]["overland"]
+    template = recorded("overland_batch_readme.json")["locations"][0]
+
+    def point(seconds: float, lng: float) -> dict:
+        feature = json.loads(json.dumps(template))
+        feature["geometry"]["coordinates"] = [lng, 37.3318]
+        feature["properties"]["timestamp"] = iso(seconds)
+        return feature
+    now = now_s()
+    # Two hours of backlog (older than --expire), and where the phone is now.
+    batch = {"locations": [point(now - 7200 + n, 1.0 + n / 1000) for n in range(200)],
+             "current": point(now - 1, 42.0)}
+    assert await post(setup["url"], batch) == (200, b'{"result":"ok"}')
+    await seen(view, device["id"], lng=42.0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_overland_batch_with_a_future_and_a_bad_point_is_done_and_the_good_used(server):
+    view = await watch(server, "stuck")
+    device = await make_device(server, "stuck")
+    url = device["apps"]["overland"]["url"]
+    template = recorded("overland_batch_readme.json")["locations"][0]
+
+    def point(when: str, lng: object) -> dict:
+        feature = json.loads(json.dumps(template))
+        feature["geometry"]["coordinates"] = [lng, 37.3318]
+        feature["properties"]["timestamp"] = when
+        return feature
+    now = now_s()
+    batch = {"locations": [point(iso(now - 10), 3.0), point(iso(now + 86400 * 30), 9.0),
+                           point(iso(now - 5), "east"), point(iso(now - 20), 2.0)]}
+    # What Overland treats as done: 200 and exactly this (GLManager.m sendQueueNow).
+    assert await post(url, batch) == (200, b'{"result":"ok"}')
+    await seen(view, device["id"], lng=3.0)
+    assert server.site.apps.devices.stats["skipped"] == 2
 
 
 # Making devices
@@ -336,9 +410,12 @@ async def test_making_devices_answers_what_each_app_needs_and_its_limits():
 
 
 @pytest_twisted.ensureDeferred
-async def test_device_creation_is_rate_limited_per_address(server):
-    codes = [(await post(f"{server.url}/api/maps/lots/devices"))[0] for _ in range(12)]
-    assert codes[:10] == [201] * 10 and codes[10:] == [429, 429]
+async def test_120_creations_from_one_address_within_a_minute_and_a_flood_cut_off(server):
+    """A venue's audience behind one NAT address (issue 22 item 9), by default."""
+    codes = [(await post(f"{server.url}/api/maps/venue/devices"))[0] for _ in range(120)]
+    assert codes == [201] * 120
+    flood = [(await post(f"{server.url}/api/maps/venue/devices"))[0] for _ in range(30)]
+    assert flood.count(429) >= 29
 
 
 @pytest_twisted.ensureDeferred
@@ -400,4 +477,4 @@ async def test_fuzzed_reports_get_2xx_or_4xx_and_a_good_device_keeps_being_serve
     lat = data.draw(st.integers(-80, 80))
     code, _ = await post(device["apps"]["owntracks"]["url"],
                          {"_type": "location", "lat": lat, "lon": 1, "tst": now_s() + 1})
-    assert code in (200, 429)
+    assert code == 200

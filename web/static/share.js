@@ -20,38 +20,50 @@ const APPS = [
   {
     key: 'owntracks',
     name: 'OwnTracks',
-    hint: 'iPhone and Android \u00b7 one tap sets it up',
+    hint: 'iPhone and Android \u00b7 one tap, once it allows external configuration',
     link: {value: 'config', label: 'Set up OwnTracks'},
     qr: {value: 'config', what: 'the OwnTracks setup link'},
+    // Android 2.6.0 and iPhone 26.2.1 refuse a configuration from a link
+    // until the user allows it.
     how: [
-      'On this phone: tap \u201cSet up OwnTracks\u201d and let it import the configuration.',
-      'On another screen: scan the code with the phone\u2019s camera.',
-      'By hand: Settings, Connection: mode HTTP, and this URL.',
+      'First, in OwnTracks: turn on \u201cAllow external configuration\u201d (it is off in recent versions, and the link does nothing until it is on).',
+      'Then on this phone: tap \u201cSet up OwnTracks\u201d and let it import the configuration. On another screen: scan the code with the phone\u2019s camera.',
+      'Or by hand, in Settings, Connection, in this order:',
     ],
+    // In the order of the app's own Connection screen (Mode, URL, Identification).
     values: [
       {value: 'mode', label: 'Mode', copy: false},
       {value: 'url', label: 'URL'},
+      {value: 'device_id', label: 'Device ID'},
+      {value: 'tid', label: 'Tracker ID'},
     ],
+    // iPhone's OwnTracks blocks plain http (and follows no redirect).
+    httpNote: 'On iPhone, OwnTracks needs an https address and this one is http: it will not send from an iPhone. Use it on Android, or Traccar Client on iPhone.',
   },
   {
     key: 'traccar',
     name: 'Traccar Client',
-    hint: 'iPhone and Android',
-    qr: {value: 'server_url', what: 'the Traccar server URL'},
+    hint: 'iPhone and Android \u00b7 one scan sets it up',
+    // The app's scanner takes the address and its `id`; its link does the same.
+    link: {value: 'link', label: 'Set up Traccar Client', scheme: 'org.traccar.client'},
+    qr: {value: 'qr', what: 'the Traccar Client setup address'},
     how: [
-      'In its settings, enter the server URL (or scan it) and the device identifier, then start tracking.',
+      'On this phone: tap \u201cSet up Traccar Client\u201d. On another screen: in the app\u2019s settings, scan the code: it sets the server URL and the device identifier.',
+      'Or by hand, in its settings: the device identifier and the server URL. Then start tracking.',
     ],
     values: [
-      {value: 'server_url', label: 'Server URL'},
       {value: 'device_id', label: 'Device identifier'},
+      {value: 'server_url', label: 'Server URL'},
     ],
   },
   {
     key: 'osmand',
     name: 'OsmAnd',
-    hint: 'Android and iPhone \u00b7 the maps app',
+    hint: 'Android only \u00b7 the maps app',
     how: [
-      'Trip recording plugin, Online tracking: paste this as the web address, then turn online tracking on.',
+      'Android only: OsmAnd for iPhone has no online tracking (use OwnTracks or Traccar Client there).',
+      'Plugins: turn on Trip recording. In its settings, Online tracking: paste this as the web address, and turn online tracking on.',
+      'Then start trip recording too: OsmAnd sends nothing while it is off.',
     ],
     values: [{value: 'url', label: 'Web address'}],
   },
@@ -193,8 +205,13 @@ export class ShareDialog {
     this.sections = new Map();
     for (const app of APPS) {
       const body = el('div', {className: 'app-body'});
-      const parts = {values: new Map(), link: null, qr: null};
+      const parts = {values: new Map(), link: null, qr: null, note: null};
       body.append(el('ul', {className: 'app-how'}, app.how.map((line) => el('li', {text: line}))));
+      if (app.httpNote) {
+        parts.note = el('p', {className: 'app-note', 'data-note': 'http', text: app.httpNote});
+        parts.note.hidden = true;
+        body.append(parts.note);
+      }
       if (app.link) {
         const link = el('a', {className: 'tool primary', href: '#', 'data-link': app.link.value,
                               text: app.link.label});
@@ -340,8 +357,9 @@ export class ShareDialog {
       const values = device.apps[app.key];
       const parts = this.sections.get(app.key);
       for (const [key, node] of parts.values) node.textContent = values[key];
+      if (parts.note) parts.note.hidden = !/^http:/.test(values.url);
       if (parts.link) {
-        const href = appLink(values[app.link.value], app.key);
+        const href = appLink(values[app.link.value], app.link.scheme || app.key);
         parts.link.href = href || '#';
         parts.link.hidden = href === null;
       }
