@@ -15,7 +15,7 @@ On the cluster's channel (on every server that is up):
 - `hello`: `{"t": "hello", "n", "f": SERVERS, "s": DESCRIBED}`: "I
   (re)joined". `f` names the sender's set of Redis servers (`s` lists
   them): nodes with different sets would put maps on different servers, so
-  they refuse to serve and say so (membership.py).
+  they refuse to serve and say so (node_membership.py).
 - `beat`: `{"t": "beat", "n", "f", "s"}`: "I am alive", when the node published
   nothing else on this channel for a while.
 - `bye`: `{"t": "bye", "n"}`: the node is stopping; its pins go at once.
@@ -90,7 +90,7 @@ from .links import (
 )
 from .map_watching import DEVICE_LEASE, LINGER, REQUEST_LEASE, MapWatch, MapWatching
 from .maps import MapDirectory
-from .membership import DEFAULT_NODE_TTL, Membership
+from .node_membership import DEFAULT_NODE_TTL, Membership
 from .redis_link import PROTOCOL_VERSION, RedisAddress, RedisLink, parse_redis_url
 
 if TYPE_CHECKING:
@@ -125,7 +125,7 @@ class Backplane(MapWatching, Membership, ClusterStores, service.Service):
     and the hub's ticks are published; stop it, and the other nodes drop
     this node's pins at once. It is also the cluster's store of private maps
     (`share_maps`) and devices (`share_devices`). Its parts: map_watching.py
-    (the maps it serves), membership.py (the other nodes), cluster_stores.py
+    (the maps it serves), node_membership.py (the other nodes), cluster_stores.py
     (private maps and devices); here, the messages between nodes.
     """
 

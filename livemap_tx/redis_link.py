@@ -8,7 +8,7 @@ servers; one server (the "home", the first in the agreed order) also keeps
 the private maps and the devices. Every node must be given the same set of
 servers, in any order: the link's `fingerprint` names the set, every node
 announces its own with its presence on every server, and nodes compare
-(membership.py).
+(node_membership.py).
 
 Each server comes up and goes down by itself: while one is down, only the
 maps on it (and, for the home, the stores) are unavailable. The cluster's
