@@ -13,6 +13,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from . import wire
+from .grid import PinGrid, ViewIndex
 from .members import Frame, Member
 from .pins import Pin
 from .privacy import map_label as log_name
@@ -40,8 +41,8 @@ class MapCore:
         self.gone: dict[str, Pin] = {}
         self.world: set[Member] = set()
         self.groups: dict[BBox, ViewGroup] = {}
-        self.view_cells: dict[tuple[int, int], set[ViewGroup]] = {}
-        self.pin_cells: dict[tuple[int, int], set[str]] = {}
+        self.view_index: ViewIndex[ViewGroup] = ViewIndex()
+        self.pin_grid = PinGrid()
         self.slow: set[Member] = set()
         # Pins of phone apps on this map (they count toward its places).
         self.device_pins = 0

@@ -43,7 +43,8 @@ class Pin:
         # Position as of the last tick, to tell which views it has left.
         self.sent_lat: Optional[float] = None
         self.sent_lng: Optional[float] = None
-        self.cell: Optional[tuple[int, int]] = None
+        # Its cell in the map's PinGrid.
+        self.cell: Optional[int] = None
         # The hub's serial when it was made (see Member.paused_serial).
         self.born = 0
         self._json: Optional[bytes] = None

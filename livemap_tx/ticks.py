@@ -11,7 +11,7 @@ from typing import Optional
 from . import wire
 from .flow import SlowConsumers
 from .pins import Pin
-from .views import ViewGroup, _cell
+from .views import ViewGroup
 from .wire import in_bbox
 
 
@@ -90,16 +90,10 @@ class Ticks(SlowConsumers):
     def _fan_out_views(self, changed: list[Pin], gone: dict[str, Pin],
                        departed: list[Pin]) -> None:
         touched: set[ViewGroup] = set()
-        cells = self.view_cells
-        nowhere: set[ViewGroup] = set()
+        index = self.view_index
         for pin in changed:
-            groups = cells.get(_cell(pin.lat, pin.lng), nowhere)
             before = self._last_sent(pin, gone.get(pin.id))
-            if before is not None:
-                was = cells.get(_cell(*before))
-                if was and was is not groups:
-                    groups = groups | was
-            for group in groups:
+            for group in index.near(pin.lat, pin.lng, before):
                 if in_bbox(group.bbox, pin.lat, pin.lng):
                     group.pins.append(pin.json())
                 elif before is not None and in_bbox(group.bbox, *before):
@@ -111,8 +105,10 @@ class Ticks(SlowConsumers):
             before = self._last_sent(pin, None)
             if before is None:
                 continue
-            for group in cells.get(_cell(*before), ()):
-                if in_bbox(group.bbox, *before):
+            for groups in index.at(*before):
+                for group in groups:
+                    if not in_bbox(group.bbox, *before):
+                        continue
                     group.gone.append(pin.id)
                     touched.add(group)
         for group in touched:

@@ -6,41 +6,13 @@ snapshots a new view is sent.
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Optional
 
 from . import wire
 from .cohorts import Cohorts
 from .members import Member
 from .pins import Pin
 from .wire import BBox, in_bbox
-
-# Grid cell size, in degrees, of the spatial indexes of pins and views.
-CELL_DEGREES = 10.0
-_COLUMNS = int(360 / CELL_DEGREES)
-_ROWS = int(180 / CELL_DEGREES)
-
-
-
-def _cell(lat: float, lng: float) -> tuple[int, int]:
-    col = min(int((lng + 180.0) // CELL_DEGREES), _COLUMNS - 1)
-    row = min(int((lat + 90.0) // CELL_DEGREES), _ROWS - 1)
-    return col, row
-
-
-def _bbox_cells(bbox: BBox) -> Iterator[tuple[int, int]]:
-    west, south, east, north = bbox
-    row_lo, row_hi = _cell(south, 0.0)[1], _cell(north, 0.0)[1]
-    col_lo, col_hi = _cell(0.0, west)[0], _cell(0.0, east)[0]
-    cols: Iterable[int]
-    if west <= east:
-        cols = range(col_lo, col_hi + 1)
-    else:
-        cols = [*range(col_lo, _COLUMNS), *range(0, col_hi + 1)]
-    for col in cols:
-        for row in range(row_lo, row_hi + 1):
-            yield col, row
-
-
 
 class ViewGroup:
     """Subscribers that watch the same box: one encoded update serves them all."""
@@ -107,11 +79,11 @@ class Views(Cohorts):
         if bbox is None:
             return list(self.pins.values())
         found = []
-        for cell in _bbox_cells(bbox):
-            for pin_id in self.pin_cells.get(cell, ()):
-                pin = self.pins[pin_id]
-                if in_bbox(bbox, pin.lat, pin.lng):
-                    found.append(pin)
+        pins = self.pins
+        for pin_id in self.pin_grid.ids_in(bbox):
+            pin = pins[pin_id]
+            if in_bbox(bbox, pin.lat, pin.lng):
+                found.append(pin)
         return found
 
 
@@ -132,8 +104,7 @@ class Views(Cohorts):
         group = self.groups.get(bbox)
         if group is None:
             group = self.groups[bbox] = ViewGroup(bbox)
-            for cell in _bbox_cells(bbox):
-                self.view_cells.setdefault(cell, set()).add(group)
+            self.view_index.add(group, bbox)
         group.members.add(member)
 
     def _unsubscribe(self, member: Member) -> None:
@@ -151,23 +122,16 @@ class Views(Cohorts):
         group.members.discard(member)
         if not group.members:
             del self.groups[bbox]
-            for cell in _bbox_cells(bbox):
-                cell_groups = self.view_cells[cell]
-                cell_groups.discard(group)
-                if not cell_groups:
-                    del self.view_cells[cell]
+            self.view_index.remove(group)
 
     def _index_pin(self, pin: Pin) -> None:
-        cell = _cell(pin.lat, pin.lng)
+        cell = self.pin_grid.key(pin.lat, pin.lng)
         if cell != pin.cell:
             self._unindex_pin(pin)
             pin.cell = cell
-            self.pin_cells.setdefault(cell, set()).add(pin.id)
+            self.pin_grid.add(cell, pin.id)
 
     def _unindex_pin(self, pin: Pin) -> None:
         if pin.cell is not None:
-            ids = self.pin_cells[pin.cell]
-            ids.discard(pin.id)
-            if not ids:
-                del self.pin_cells[pin.cell]
+            self.pin_grid.discard(pin.cell, pin.id)
             pin.cell = None

@@ -60,11 +60,12 @@ def model_settings(examples: int, steps: int) -> settings:
 
 MAPS = ("a", "b")
 TICK = 0.1
-# Few values, so that pins cross box edges, cells and the antimeridian often.
-LATS = st.sampled_from([-10.0, 0.0, 5.0, 9.99, 10.0, 45.0])
-LNGS = st.sampled_from([-179.5, -175.0, -10.0, 0.0, 5.0, 175.0, 179.5])
+# Few values, so that pins cross box edges, cells (of every level of the
+# view index) and the antimeridian often.
+LATS = st.sampled_from([-10.0, 0.0, 5.0, 5.004, 9.99, 10.0, 45.0])
+LNGS = st.sampled_from([-179.5, -175.0, -10.0, 0.0, 5.0, 5.004, 175.0, 179.5])
 BOXES = st.sampled_from([None, (0.0, -20.0, 10.0, 20.0), (170.0, -20.0, -170.0, 20.0),
-                         (-180.0, -90.0, 180.0, 90.0), (4.0, 4.0, 6.0, 6.0),
+                         (-180.0, -90.0, 180.0, 90.0), (4.0, 4.0, 6.0, 6.0), (5.0, 5.0, 5.01, 5.01),
                          (-20.0, -20.0, 20.0, 20.0)])
 HEADINGS = st.sampled_from([None, 0.0, 90.5, 359.9])
 MARKS = st.sampled_from([10, 300, 2000, 64 * 1024])
