@@ -31,6 +31,11 @@ class SlowConsumers(Views):
             # have passed: it is missed too.
             member.missed.update(cohort.dirty)
             member.missed_gone.update(cohort.gone)
+        if member.zoom is not None:
+            # A clustered view's cells change hands while it waits: it is
+            # caught up with a snapshot of what it shows then.
+            member.resync = True
+            member.missed = member.missed_gone = None
         # `pending` stays: if the member drains before the next tick, that
         # tick must still settle it (else the tick notes it as missed).
         self.slow.add(member)
@@ -67,7 +72,7 @@ class SlowConsumers(Views):
                 pins.append(pin)
             else:
                 gone.append(pin_id)
-        self._set_pending(member, bbox, (pin.id for pin in pins), replace=False)
+        self._set_pending(member, bbox is None, (pin.id for pin in pins), replace=False)
         # If this fills the buffer again, the transport pauses the member
         # from inside the write, and it stays paused.
         self._send(member, wire.encode_update([pin.json() for pin in pins], gone))

@@ -17,7 +17,7 @@ The hub knows nothing of WebSocket, SockJS or Redis: transports give it a
 `MapState` is assembled from one module per concern: membership.py (joins,
 departures, pins), views.py (views and the spatial indexes), ticks.py (the
 tick and sending), flow.py (slow consumers), cohorts.py (a big map's
-world in shares). This module keeps the names transports and tests import.
+world in shares), clusters.py (clustered views and their aggregates). This module keeps the names transports and tests import.
 """
 
 from __future__ import annotations
@@ -28,12 +28,14 @@ from typing import Callable, Iterable, Iterator, Optional, Protocol
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from . import people
 from .cohorts import Cohort
 from .mapcore import MapCore
 from .members import Frame, MapFull, Member, Subscriber
 from .membership import Membership
 from .pins import DEVICES, Pin
 from .views import ViewGroup
+from .wire import View
 
 __all__ = ["DEVICES", "Cohort", "Frame", "Hub", "MapFull", "MapState", "MapWatcher", "Member",
            "Pin", "Stats", "Subscriber", "ViewGroup"]
@@ -72,7 +74,8 @@ class Stats:
 class MapState(Membership):
     """
     The pins and subscribers of one map: MapCore's state and sending, with
-    cohorts, views, slow consumers, the tick and membership layered on it.
+    cohorts, clustered views, views, slow consumers, the tick and
+    membership layered on it.
     """
 
 
@@ -84,6 +87,7 @@ class Hub:
     def __init__(self, clock: IReactorTime, *, tick_interval: float = 0.1,
                  big_map: int = 800, cohort_min: int = 3000, cohort_size: int = 2500,
                  cohort_stretch: float = 2.0,
+                 cluster_size: int = 4, cluster_interval: float = 1.0,
                  slow_timeout: float = 30.0, max_missed: int = 20_000,
                  max_members: int = 50_000, max_maps: int = 10_000,
                  tick_observer: Callable[[float], None] = lambda seconds: None,
@@ -98,6 +102,11 @@ class Hub:
         self.cohort_min = cohort_min
         self.cohort_size = cohort_size
         self.cohort_stretch = cohort_stretch
+        # Clustered views (clusters.py): a cell with more than `cluster_size`
+        # pins is one cluster; cells are decided at most every
+        # `cluster_interval` seconds.
+        self.cluster_size = cluster_size
+        self.cluster_interval = cluster_interval
         self.slow_timeout = slow_timeout
         self.max_missed = max_missed
         self.max_members = max_members
@@ -147,9 +156,10 @@ class Hub:
         bound = int((self.clock.seconds() - max_age) * 1000)
         return sum(m.expire_pins(bound) for m in list(self.maps.values()))
 
-    def join(self, map_name: str, subscriber: Subscriber) -> Member:
-        """Add a connection to a map; it is sent its welcome at once."""
-        return self.map(map_name).join(subscriber)
+    def join(self, map_name: str, subscriber: Subscriber,
+             view: Optional[View] = None) -> Member:
+        """Add a connection to a map; it is sent its welcome (for `view` if given) at once."""
+        return self.map(map_name).join(subscriber, view)
 
     def apply_remote(self, map_name: str, origin: str, states: Iterable[dict],
                      gone: Iterable[str] = ()) -> None:
@@ -191,6 +201,14 @@ class Hub:
         if map_state is None:
             return []
         return [pin.as_dict() for pin in map_state.pins.values()]
+
+    def people(self, map_name: str, text: str, point: Optional[tuple[float, float]],
+               limit: int) -> tuple[int, list[dict]]:
+        """The map's pin count, and the pins a people search finds (people.search)."""
+        map_state = self.maps.get(map_name)
+        if map_state is None:
+            return 0, []
+        return len(map_state.pins), people.search(map_state.pins.values(), text, point, limit)
 
     def members(self) -> Iterator[Member]:
         for map_state in list(self.maps.values()):

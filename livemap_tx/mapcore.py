@@ -22,7 +22,20 @@ from .wire import BBox
 if TYPE_CHECKING:
     from .cohorts import Cohort
     from .hub import Hub
-    from .views import ViewGroup
+    from .clusters import Aggregate, ClusterGroup
+
+
+class ViewGroup:
+    """Subscribers that watch the same box: one encoded update serves them all."""
+
+    __slots__ = ("bbox", "members", "pins", "gone")
+
+    def __init__(self, bbox: BBox) -> None:
+        self.bbox = bbox
+        self.members: set[Member] = set()
+        # Scratch space of one tick.
+        self.pins: list[bytes] = []
+        self.gone: list[str] = []
 
 
 class MapCore:
@@ -43,6 +56,17 @@ class MapCore:
         self.groups: dict[BBox, ViewGroup] = {}
         self.view_index: ViewIndex[ViewGroup] = ViewIndex()
         self.pin_grid = PinGrid()
+        # Clustered views (extension "clusters"): their groups by key, an
+        # index of them per cell level, and the cells' aggregates per level.
+        self.cluster_groups: dict[tuple, ClusterGroup] = {}
+        self.cluster_views: dict[int, ViewIndex[ClusterGroup]] = {}
+        self.aggregates: dict[int, Aggregate] = {}
+        self.last_pass = -math.inf
+        # Set while the tick due is one for the clusters only (see _schedule).
+        self.tick_for_pass = False
+        # The pin count changed, or a clustered member was sent a total its
+        # group's others were not: the next cluster pass sends `total`.
+        self.totals_stale = False
         self.slow: set[Member] = set()
         # Pins of phone apps on this map (they count toward its places).
         self.device_pins = 0
@@ -56,6 +80,10 @@ class MapCore:
         self.tick_call: Optional[IDelayedCall] = None
         self.last_tick = -math.inf
 
+
+    def tick(self) -> None:
+        """Send what changed since the last tick (the Ticks layer's)."""
+        raise NotImplementedError
 
     def _forget_if_empty(self) -> None:
         # Not while a tick is due: its departures must still reach the

@@ -15,6 +15,7 @@ from .wire import BBox
 if TYPE_CHECKING:
     from .cohorts import Cohort
     from .hub import MapState
+    from .mapcore import ViewGroup
 
 
 class MapFull(Exception):
@@ -59,13 +60,17 @@ class Member:
 
     __slots__ = ("id", "map", "subscriber", "view", "pin", "name", "paused_at",
                  "paused_serial", "missed", "missed_gone", "resync", "pending",
-                 "last_version", "active", "cohort")
+                 "last_version", "active", "cohort", "zoom", "group")
 
     def __init__(self, member_id: str, map_state: MapState, subscriber: Subscriber) -> None:
         self.id = member_id
         self.map = map_state
         self.subscriber = subscriber
         self.view: Optional[BBox] = None
+        # Set for a clustered view (extension "clusters"): the page's zoom.
+        self.zoom: Optional[int] = None
+        # The view group it is subscribed to (None in the world or paused).
+        self.group: Optional[ViewGroup] = None
         self.pin: Optional[Pin] = None
         self.name: Optional[str] = None
         self.active = True
@@ -95,8 +100,8 @@ class Member:
     def hello(self, name: str) -> None:
         self.map.rename(self, name)
 
-    def set_view(self, bbox: Optional[BBox]) -> None:
-        self.map.set_view(self, bbox)
+    def set_view(self, bbox: Optional[BBox], zoom: Optional[int] = None) -> None:
+        self.map.set_view(self, bbox, zoom)
 
     def pause(self) -> None:
         """The transport's buffer is full: stop sending, remember what was missed."""

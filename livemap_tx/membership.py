@@ -6,7 +6,7 @@ dirty for the tick.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterable, cast
+from typing import TYPE_CHECKING, Iterable, Optional, cast
 
 from . import wire
 from .ticks import Ticks
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 class Membership(Ticks):
     """Joins, departures and pins of one map (a layer of MapState)."""
 
-    def join(self, subscriber: Subscriber) -> Member:
+    def join(self, subscriber: Subscriber, view: Optional[wire.View] = None) -> Member:
         if len(self.members) + self.device_pins >= self.hub.max_members:
             raise MapFull("map full")
         # Only a whole MapState has members (this layer is never made alone).
@@ -29,10 +29,17 @@ class Membership(Ticks):
         self.hub.stats.connections_opened += 1
         if len(self.members) == 1 and self.hub.watcher is not None:
             self.hub.watcher.map_in_use(self.name)
-        # The current pins: the world's next update covers whatever of them
-        # no tick has sent yet.
-        self._send(member, wire.encode_welcome(
-            member.id, [pin.json() for pin in self.pins.values()]))
+        if view is None:
+            # The current pins: the world's next update covers whatever of
+            # them no tick has sent yet.
+            self._send(member, wire.encode_welcome(
+                member.id, [pin.json() for pin in self.pins.values()]))
+        else:
+            # A view asked for in the URL: the welcome is already for it.
+            member.view, member.zoom = view.bbox, view.zoom
+            self._send(member, self._picture(
+                member, lambda pins, clusters, total: wire.encode_welcome(
+                    member.id, pins, clusters, total)))
         # Subscribed after its welcome (nothing may come before it), unless
         # the welcome filled its buffer and its transport paused it.
         if member.paused_at is None and member.active:
@@ -64,6 +71,7 @@ class Membership(Ticks):
 
     def remove_pin(self, pin: Pin) -> None:
         del self.pins[pin.id]
+        self.totals_stale = True  # clustered views' `total`
         if pin.origin == DEVICES:
             self.device_pins -= 1
         self.dirty.discard(pin.id)
@@ -89,6 +97,7 @@ class Membership(Ticks):
             pin = pins.get(state["id"])
             if pin is None:
                 pin = pins[state["id"]] = self.new_pin(state["id"])
+                self.totals_stale = True
                 pin.origin = origin
                 pin.version = -1
                 if origin == DEVICES:
@@ -147,6 +156,7 @@ class Membership(Ticks):
             pin.name = member.name
             pin.version = member.last_version
             self.pins[pin.id] = pin
+            self.totals_stale = True
         pin.lat, pin.lng = move.lat, move.lng
         pin.heading, pin.accuracy, pin.seq = move.heading, move.accuracy, move.seq
         pin.ts = int(self.hub.clock.seconds() * 1000)

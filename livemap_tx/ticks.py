@@ -11,6 +11,7 @@ from typing import Optional
 from . import wire
 from .flow import SlowConsumers
 from .pins import Pin
+from .clusters import ClusterGroup
 from .views import ViewGroup
 from .wire import in_bbox
 
@@ -42,10 +43,20 @@ class Ticks(SlowConsumers):
             clock = self.hub.clock
             delay = max(0.0, self.last_tick + self.interval - clock.seconds())
             self.tick_call = clock.callLater(delay, self.tick)
+        elif self.tick_for_pass:
+            # The tick due is the clusters' (up to a second away): a pin's
+            # change goes at the pins' pace.
+            self.tick_for_pass = False
+            clock = self.hub.clock
+            delay = max(0.0, self.last_tick + self.interval - clock.seconds())
+            if self.tick_call.getTime() > clock.seconds() + delay:
+                self.tick_call.reset(delay)
+
 
     def tick(self) -> None:
         """Send what changed since the last tick, once per distinct view."""
         self.tick_call = None
+        self.tick_for_pass = False
         clock = self.hub.clock
         started = clock.seconds()
         self.last_tick = started
@@ -62,7 +73,7 @@ class Ticks(SlowConsumers):
         if self.world and self.cohorts is None:
             self._broadcast(self.world, wire.encode_update(
                 [pin.json() for pin in changed], [pin.id for pin in departed]))
-        if self.groups:
+        if self.groups or self.aggregates or self.cluster_groups:
             self._fan_out_views(changed, gone, departed)
         if self.pending_members:
             self._settle_pending(gone)
@@ -76,6 +87,8 @@ class Ticks(SlowConsumers):
                 publisher(self.name, local, local_gone)
         for pin in changed:
             pin.sent_lat, pin.sent_lng = pin.lat, pin.lng
+        if (self.aggregates or self.cluster_groups) and self._pass_due():
+            self._schedule_pass()
         self.hub.tick_observer(clock.seconds() - started)
         self._forget_if_empty()
 
@@ -91,8 +104,11 @@ class Ticks(SlowConsumers):
                        departed: list[Pin]) -> None:
         touched: set[ViewGroup] = set()
         index = self.view_index
+        clustered = bool(self.cluster_views)
         for pin in changed:
             before = self._last_sent(pin, gone.get(pin.id))
+            if clustered:
+                self._route_clustered(pin, before, touched)
             for group in index.near(pin.lat, pin.lng, before):
                 if in_bbox(group.bbox, pin.lat, pin.lng):
                     group.pins.append(pin.json())
@@ -105,13 +121,21 @@ class Ticks(SlowConsumers):
             before = self._last_sent(pin, None)
             if before is None:
                 continue
+            if clustered:
+                self._route_departed_clustered(pin, before, touched)
             for groups in index.at(*before):
                 for group in groups:
                     if not in_bbox(group.bbox, *before):
                         continue
                     group.gone.append(pin.id)
                     touched.add(group)
+        if (self.aggregates or self.cluster_groups) and self._pass_due() and (
+                self.hub.clock.seconds() >= self.last_pass + self.hub.cluster_interval - 1e-9):
+            self._cluster_pass(touched)
         for group in touched:
+            if isinstance(group, ClusterGroup):
+                self._flush_clustered(group)
+                continue
             self._broadcast(group.members, wire.encode_update(group.pins, group.gone))
             group.pins = []
             group.gone = []
@@ -125,7 +149,19 @@ class Ticks(SlowConsumers):
             bbox = member.view
             # A paused member is owed this tick's changes and departures
             # (which cover its pending pins: they were dirty) as missed.
-            if ids is None or bbox is None or member.paused_at is not None or not member.active:
+            if ids is None or member.paused_at is not None or not member.active:
+                continue
+            group = member.group
+            if isinstance(group, ClusterGroup):
+                # Cells may have changed hands in this tick's cluster pass:
+                # whatever the group does not show now is gone for it.
+                stale = [pin_id for pin_id in ids if pin_id not in pins
+                         or not self._shows(group, pins[pin_id].tile)]
+                if stale:
+                    self._send(member, wire.encode_update(
+                        [], stale, [], len(pins)))
+                continue
+            if bbox is None:
                 continue
             stale = []
             for pin_id in ids:

@@ -6,35 +6,26 @@ snapshots a new view is sent.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 from . import wire
-from .cohorts import Cohorts
+from .clusters import ClusterGroup, Clusters
+from .mapcore import ViewGroup
 from .members import Member
 from .pins import Pin
 from .wire import BBox, in_bbox
 
-class ViewGroup:
-    """Subscribers that watch the same box: one encoded update serves them all."""
-
-    __slots__ = ("bbox", "members", "pins", "gone")
-
-    def __init__(self, bbox: BBox) -> None:
-        self.bbox = bbox
-        self.members: set[Member] = set()
-        # Scratch space of one tick.
-        self.pins: list[bytes] = []
-        self.gone: list[str] = []
+__all__ = ["ViewGroup", "Views"]
 
 
-
-class Views(Cohorts):
+class Views(Clusters):
     """Views, snapshots and the spatial indexes of one map (a layer of MapState)."""
 
-    def set_view(self, member: Member, bbox: Optional[BBox]) -> None:
+    def set_view(self, member: Member, bbox: Optional[BBox], zoom: Optional[int] = None) -> None:
         if member.paused_at is not None:
             # Its buffer is full: the snapshot goes when it drains.
             member.view = bbox
+            member.zoom = zoom
             member.resync = True
             member.missed = member.missed_gone = None
             member.pending = None
@@ -42,16 +33,37 @@ class Views(Cohorts):
             return
         self._unsubscribe(member)
         member.view = bbox
+        member.zoom = zoom
         self._subscribe(member)
         self._send_snapshot(member)
 
     def _send_snapshot(self, member: Member) -> None:
-        bbox = member.view
-        pins = self.pins_in(bbox)
-        self._set_pending(member, bbox, (pin.id for pin in pins))
-        self._send(member, wire.encode_snapshot([pin.json() for pin in pins]))
+        self._send(member, self._picture(member, lambda pins, clusters, total: wire.encode_snapshot(
+            pins, clusters, total)))
 
-    def _set_pending(self, member: Member, bbox: Optional[BBox], ids: Iterable[str],
+    def _picture(self, member: Member,
+                 encode: Callable[[list[bytes], Optional[list[bytes]], int], bytes]) -> bytes:
+        """
+        What the member's view shows now, encoded (a snapshot or welcome),
+        its early pins noted. Only a subscribed clustered member has a group.
+        """
+        bbox = member.view
+        if member.zoom is None:
+            pins = self.pins_in(bbox)
+            self._set_pending(member, bbox is None, (pin.id for pin in pins))
+            return encode([pin.json() for pin in pins], None, 0)
+        group = member.group
+        if not isinstance(group, ClusterGroup):
+            group = self._cluster_group(member)
+        pins, clusters = self._clustered_picture(group)
+        if group.members:
+            self._note_total_sent(group)
+        else:
+            self._drop_cluster_group(group)
+        self._set_pending(member, False, (pin.id for pin in pins))
+        return encode([pin.json() for pin in pins], clusters, len(self.pins))
+
+    def _set_pending(self, member: Member, world: bool, ids: Iterable[str],
                      *, replace: bool = True) -> None:
         """
         Note the pins just sent to `member` in a state no tick has sent. In
@@ -60,10 +72,10 @@ class Views(Cohorts):
         a pin was last sent, which a pin sent early may not be. A snapshot
         replaces what the member had; a catch-up adds to it.
         """
-        if replace or bbox is None:
+        if replace or world:
             member.pending = None
             self.pending_members.discard(member)
-        if bbox is None or not self.dirty:
+        if world or not self.dirty:
             return
         dirty = self.dirty
         early = {pin_id for pin_id in ids if pin_id in dirty}
@@ -91,6 +103,14 @@ class Views(Cohorts):
 
     def _subscribe(self, member: Member) -> None:
         bbox = member.view
+        if member.zoom is not None:
+            cluster_group = self._cluster_group(member)
+            if not cluster_group.members:
+                # Its first member was just sent the total in its picture.
+                cluster_group.total_sent = len(self.pins)
+            cluster_group.members.add(member)
+            member.group = cluster_group
+            return
         if bbox is None:
             # Refit first: what a refit sends (what cohorts owed) must not
             # reach a member that is only now joining.
@@ -106,9 +126,18 @@ class Views(Cohorts):
             group = self.groups[bbox] = ViewGroup(bbox)
             self.view_index.add(group, bbox)
         group.members.add(member)
+        member.group = group
 
     def _unsubscribe(self, member: Member) -> None:
         bbox = member.view
+        group, member.group = member.group, None
+        if isinstance(group, ClusterGroup):
+            group.members.discard(member)
+            if not group.members:
+                self._drop_cluster_group(group)
+            return
+        if member.zoom is not None:
+            return  # not subscribed (paused, or joining)
         if bbox is None:
             self.world.discard(member)
             if member.cohort is not None:
@@ -125,13 +154,16 @@ class Views(Cohorts):
             self.view_index.remove(group)
 
     def _index_pin(self, pin: Pin) -> None:
+        self._place_pin(pin)
         cell = self.pin_grid.key(pin.lat, pin.lng)
         if cell != pin.cell:
-            self._unindex_pin(pin)
+            if pin.cell is not None:
+                self.pin_grid.discard(pin.cell, pin.id)
             pin.cell = cell
             self.pin_grid.add(cell, pin.id)
 
     def _unindex_pin(self, pin: Pin) -> None:
+        self._unplace_pin(pin)
         if pin.cell is not None:
             self.pin_grid.discard(pin.cell, pin.id)
             pin.cell = None
