@@ -298,21 +298,34 @@ class Clusters(Cohorts):
     # The tick: pins of sparse cells
 
     def _route_clustered(self, pin: Pin, before: Optional[tuple[float, float]],
-                         touched: set[ViewGroup]) -> None:
-        """A changed pin to the clustered groups that show it (as a pin) now or did."""
+                         was: Optional[tuple[int, int]], touched: set[ViewGroup]) -> None:
+        """
+        A changed pin to the clustered groups that show it (as a pin) now or
+        did; `was` is the tile of `before`, where it was last sent.
+        """
         now = pin.tile
         assert now is not None
-        was = tile(*before) if before is not None else None
         aggregates = self.aggregates
+        pin_id = pin.id
+        json = pin.json()
         for level, views in self.cluster_views.items():
             shift = TOP_LEVEL - level
-            key_now = (now[0] >> shift, now[1] >> shift)
+            x_now, y_now = now[0] >> shift, now[1] >> shift
             aggregate = aggregates.get(level)
-            now_shown = aggregate is None or not aggregate.clustered(key_now)
+            if aggregate is None:
+                now_shown = True
+            else:
+                cell = aggregate.cells.get((x_now, y_now))
+                now_shown = cell is None or cell.cluster is None
             was_shown = False
+            x_was = y_was = -1
             if was is not None:
-                key_was = (was[0] >> shift, was[1] >> shift)
-                was_shown = aggregate is None or not aggregate.clustered(key_was)
+                x_was, y_was = was[0] >> shift, was[1] >> shift
+                if aggregate is None:
+                    was_shown = True
+                else:
+                    cell = aggregate.cells.get((x_was, y_was))
+                    was_shown = cell is None or cell.cluster is None
             if not now_shown and not was_shown:
                 continue  # in clusters at this level, before and now
             if now_shown and was_shown:
@@ -324,10 +337,16 @@ class Clusters(Cohorts):
                 candidates = [g for groups in views.at(*before) for g in groups]
             for group in candidates:
                 tiles = group.tiles
-                if now_shown and tiles.holds(*key_now):
-                    group.show(pin.id, pin.json())
-                elif was_shown and tiles.holds(*key_was):
-                    group.hide(pin.id)
+                y_lo, y_hi = tiles.y_lo, tiles.y_hi
+                if now_shown and y_lo <= y_now <= y_hi and (
+                        (x_now >= tiles.x_lo or x_now <= tiles.x_hi) if tiles.wraps
+                        else tiles.x_lo <= x_now <= tiles.x_hi):
+                    group.removed.pop(pin_id, None)
+                    group.upserts[pin_id] = json
+                elif was_shown and y_lo <= y_was <= y_hi and (
+                        (x_was >= tiles.x_lo or x_was <= tiles.x_hi) if tiles.wraps
+                        else tiles.x_lo <= x_was <= tiles.x_hi):
+                    group.hide(pin_id)
                 else:
                     continue
                 touched.add(group)

@@ -20,7 +20,7 @@ from .wire import BBox
 # Finest view level: cells of 360/2^18 degrees (about 150 m).
 MAX_LEVEL = 18
 # A view covers at most this many cells of the level it is indexed at.
-CELLS_PER_VIEW = 16
+CELLS_PER_VIEW = 64
 # Pins are indexed at one level: cells of 360/2^14 degrees (about 2.4 km).
 PIN_LEVEL = 14
 

@@ -21,7 +21,7 @@ class Pin:
 
     __slots__ = ("id", "lat", "lng", "heading", "accuracy", "name", "seq", "ts",
                  "source", "battery", "origin", "version", "sent_lat", "sent_lng", "cell",
-                 "born", "tile", "_json")
+                 "born", "tile", "sent_tile", "_json")
 
     def __init__(self, pin_id: str) -> None:
         self.id = pin_id
@@ -49,6 +49,7 @@ class Pin:
         self.born = 0
         # Its Web Mercator tile at level 23 (clusters.tile), once placed.
         self.tile: Optional[tuple[int, int]] = None
+        self.sent_tile: Optional[tuple[int, int]] = None
         self._json: Optional[bytes] = None
 
     def json(self) -> bytes:

@@ -87,6 +87,7 @@ class Ticks(SlowConsumers):
                 publisher(self.name, local, local_gone)
         for pin in changed:
             pin.sent_lat, pin.sent_lng = pin.lat, pin.lng
+            pin.sent_tile = pin.tile
         if (self.aggregates or self.cluster_groups) and self._pass_due():
             self._schedule_pass()
         self.hub.tick_observer(clock.seconds() - started)
@@ -100,6 +101,14 @@ class Ticks(SlowConsumers):
                 return candidate.sent_lat, candidate.sent_lng  # type: ignore[return-value]
         return None
 
+    @staticmethod
+    def _sent_tile(pin: Optional[Pin], old: Optional[Pin]) -> Optional[tuple[int, int]]:
+        """The tile of `_last_sent`'s position."""
+        for candidate in (pin, old):
+            if candidate is not None and candidate.sent_lat is not None:
+                return candidate.sent_tile
+        return None
+
     def _fan_out_views(self, changed: list[Pin], gone: dict[str, Pin],
                        departed: list[Pin]) -> None:
         touched: set[ViewGroup] = set()
@@ -108,7 +117,8 @@ class Ticks(SlowConsumers):
         for pin in changed:
             before = self._last_sent(pin, gone.get(pin.id))
             if clustered:
-                self._route_clustered(pin, before, touched)
+                self._route_clustered(pin, before, self._sent_tile(pin, gone.get(pin.id)),
+                                      touched)
             for group in index.near(pin.lat, pin.lng, before):
                 if in_bbox(group.bbox, pin.lat, pin.lng):
                     group.pins.append(pin.json())
