@@ -156,6 +156,8 @@ class BigMap:
             per_class[name] = seen + 1
         for c in self.conns[:min(args.sample, args.people)]:
             c.sampled = True
+        self.debug_conn = next((c.i for c in self.conns if c.cls == "zoomed-out"), -1)
+        self.t_debug = time.monotonic()
 
     # connections
 
@@ -312,6 +314,9 @@ class BigMap:
             self.cache[payload] = msg
         kind = msg["type"]
         self.decoded += 1
+        if os.environ.get("BIGMAP_DEBUG") and c.cls == "zoomed-out" and c.i == self.debug_conn:
+            print(round(now - self.t_debug, 2), kind, len(msg.get("pins", ())), len(msg.get("gone", ())),
+                  [(k["id"], k["count"]) for k in msg.get("clusters", ())][:4], file=sys.stderr)
         if self.measuring:
             key = (c.cls, kind)
             self.kinds[key] = self.kinds.get(key, 0) + 1
