@@ -122,7 +122,7 @@ class ClusterGroup(ViewGroup):
     """Clustered views with the same tiles and zoom: one encoded update serves them all."""
 
     __slots__ = ("key", "zoom", "tiles", "clustering", "upserts", "removed", "clusters",
-                 "total_sent")
+                 "total_sent", "last_flush")
 
     def __init__(self, key: tuple, zoom: int, tiles: TileRange) -> None:
         super().__init__(tiles.bbox())
@@ -135,6 +135,8 @@ class ClusterGroup(ViewGroup):
         self.removed: dict[str, None] = {}
         self.clusters: dict[str, bytes] = {}
         self.total_sent = -1
+        # The map tick (MapState.ticks_run) of its last update.
+        self.last_flush = -(1 << 30)
 
     def show(self, pin_id: str, json: bytes) -> None:
         self.removed.pop(pin_id, None)
@@ -227,6 +229,7 @@ class Clusters(Cohorts):
 
     def _drop_cluster_group(self, group: ClusterGroup) -> None:
         del self.cluster_groups[group.key]
+        self.deferred.discard(group)
         level = group.tiles.level
         views = self.cluster_views[level]
         views.remove(group)

@@ -64,6 +64,10 @@ class MapCore:
         self.last_pass = -math.inf
         # Set while the tick due is one for the clusters only (see _schedule).
         self.tick_for_pass = False
+        # Clustered groups whose update waits for a later tick, and the
+        # count of ticks that tells when (Hub.cluster_flush_ticks).
+        self.deferred: set[ClusterGroup] = set()
+        self.ticks_run = 0
         # The pin count changed, or a clustered member was sent a total its
         # group's others were not: the next cluster pass sends `total`.
         self.totals_stale = False

@@ -62,6 +62,7 @@ class Ticks(SlowConsumers):
         self.last_tick = started
         stats = self.hub.stats
         stats.ticks += 1
+        self.ticks_run += 1
         pins = self.pins
         changed = [pins[pin_id] for pin_id in self.dirty]
         gone = self.gone
@@ -73,7 +74,7 @@ class Ticks(SlowConsumers):
         if self.world and self.cohorts is None:
             self._broadcast(self.world, wire.encode_update(
                 [pin.json() for pin in changed], [pin.id for pin in departed]))
-        if self.groups or self.aggregates or self.cluster_groups:
+        if self.groups or self.aggregates or self.cluster_groups or self.deferred:
             self._fan_out_views(changed, gone, departed)
         if self.pending_members:
             self._settle_pending(gone)
@@ -88,6 +89,8 @@ class Ticks(SlowConsumers):
         for pin in changed:
             pin.sent_lat, pin.sent_lng = pin.lat, pin.lng
             pin.sent_tile = pin.tile
+        if self.deferred:
+            self._schedule()
         if (self.aggregates or self.cluster_groups) and self._pass_due():
             self._schedule_pass()
         self.hub.tick_observer(clock.seconds() - started)
@@ -142,8 +145,19 @@ class Ticks(SlowConsumers):
         if (self.aggregates or self.cluster_groups) and self._pass_due() and (
                 self.hub.clock.seconds() >= self.last_pass + self.hub.cluster_interval - 1e-9):
             self._cluster_pass(touched)
+        if self.deferred:
+            touched |= self.deferred
+            self.deferred = set()
+        # A big map's clustered groups are sent at most every few ticks.
+        every = self.hub.cluster_flush_ticks if len(self.members) >= self.hub.big_map else 1
         for group in touched:
             if isinstance(group, ClusterGroup):
+                if self.ticks_run - group.last_flush < every:
+                    # Sent to at most every `every` ticks: what it has to
+                    # say waits in its scratch for a later tick.
+                    self.deferred.add(group)
+                    continue
+                group.last_flush = self.ticks_run
                 self._flush_clustered(group)
                 continue
             self._broadcast(group.members, wire.encode_update(group.pins, group.gone))

@@ -259,3 +259,39 @@ def test_the_people_search_limits_and_orders(hub, clock):
     near = people(hub, 1, lat=48.85, lng=170.0)[0]
     assert [p["id"] for p in hub.people("m", "", (48.85, -179.99), 2)[1]] == [far.id, near.id]
     assert hub.people("nowhere", "", None, 5) == (0, [])
+
+
+def test_on_a_big_map_a_clustered_group_is_sent_at_most_every_other_tick(clock):
+    ids = itertools.count()
+    hub = Hub(clock, tick_interval=TICK, big_map=3, cluster_flush_ticks=2,
+              new_id=lambda: f"p{next(ids)}")
+    walkers = people(hub, 3, step=0.01)  # three sparse cells
+    clock.advance(TICK)
+    member, viewer = watch(hub, (2.3, 48.8, 2.4, 48.9), 16)
+    viewer.take()
+    seq = itertools.count(2)
+    ticks = hub.stats.ticks
+    for _ in range(10):
+        for n, walker in enumerate(walkers):
+            walker.move(Move(48.85 + n * 0.01, 2.35 + next(seq) * 1e-6, None, None, next(seq)))
+        clock.advance(TICK)
+    ticks = hub.stats.ticks - ticks
+    sent = updates(viewer)
+    # Moves in every tick, an update every other tick.
+    assert ticks >= 4 and ticks // 2 <= len(sent) <= (ticks + 1) // 2, (ticks, len(sent))
+    clock.advance(TICK)
+    clock.advance(1.0)
+    assert hub.maps["m"].settled()
+    hubfakes.check_clustered(viewer, {p.id: p.as_dict() for p in hub.maps["m"].pins.values()},
+                             (2.3, 48.8, 2.4, 48.9), 16, 4)
+    # A small map sends every tick.
+    small = Hub(clock, tick_interval=TICK, new_id=lambda: f"q{next(ids)}")
+    [walker] = people(small, 1)
+    clock.advance(TICK)
+    _, viewer = watch(small, (2.3, 48.8, 2.4, 48.9), 16)
+    viewer.take()
+    for _ in range(4):
+        walker.move(Move(48.85, 2.35 + next(seq) * 1e-6, None, None, next(seq)))
+        clock.advance(TICK)
+    assert len(updates(viewer)) == 4
+    assert member.group is not None

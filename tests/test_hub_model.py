@@ -138,11 +138,17 @@ class HubMachine(RuleBasedStateMachine):
     def now_ms(self) -> int:
         return int(self.clock.seconds() * 1000)
 
-    @initialize(cohorts=st.booleans())
-    def sizes(self, cohorts: bool) -> None:
-        """Half the runs as a big map: tick stretched, the world sent to in cohorts."""
+    @initialize(cohorts=st.booleans(), flush=st.sampled_from([1, 2, 3]))
+    def sizes(self, cohorts: bool, flush: int = 1) -> None:
+        """
+        Half the runs as a big map: tick stretched, the world sent to in
+        cohorts. Clustered groups sent to every tick, or every 2 or 3.
+        """
         if cohorts:
             self.hub.big_map, self.hub.cohort_min, self.hub.cohort_size = 2, 4, 2
+        self.hub.cluster_flush_ticks = flush
+        if flush > 1:
+            self.hub.big_map = 2
 
     # Clients
 
