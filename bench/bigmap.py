@@ -62,7 +62,11 @@ CLASSES = [
     ("city", 0.15, 11, (0.09, 0.135)),
     ("zoomed-out", 0.05, 6, (2.0, 3.0)),
 ]
-MOVER_VIEW = (17, (0.0007, 0.001))  # a person's own street, ~150 m
+# What a person's page shows while it moves: its own street (~150 m) at
+# zoom 17, or ("pocket") only the few metres around where it started, as a
+# page in a pocket that no one looks at would still show.
+MOVER_VIEWS = {"street": (17, (0.0007, 0.001)), "pocket": (17, (0.00001, 0.00001))}
+MOVER_VIEW = MOVER_VIEWS["street"]
 CLUSTER_SIZE = 4  # K, as the server's default
 _MAX_LAT = 85.0511287798066
 
@@ -136,7 +140,7 @@ class BigMap:
         for k in range(args.people):
             c = self.conns[k]
             c.mover, c.cls = k, "person"
-            zoom, (dlat, dlng) = MOVER_VIEW
+            zoom, (dlat, dlng) = MOVER_VIEWS[args.people_view]
             lat, lng = self.pos[k]
             c.bbox, c.zoom = (lng - dlng, lat - dlat, lng + dlng, lat + dlat), zoom
         shares = [share for _, share, _, _ in CLASSES]
@@ -442,7 +446,8 @@ class BigMap:
         while self.ready + len(self.failures) < len(self.conns) and time.monotonic() < deadline:
             self.pump(time.monotonic() + 0.05)
         result: dict[str, Any] = {
-            "people": args.people, "viewers": args.viewers, "connected": self.ready,
+            "people": args.people, "viewers": args.viewers, "people_view": args.people_view,
+            "connected": self.ready,
             "connect_s": round(time.monotonic() - t_start, 1)}
         self.pump(time.monotonic() + 1.0)
         gc.collect()
@@ -534,6 +539,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--people", type=int, default=1000)
     p.add_argument("--viewers", type=int, default=1000)
     p.add_argument("--rate", type=float, default=1.0)
+    p.add_argument("--people-view", choices=sorted(MOVER_VIEWS), default="street",
+                   help="what each moving person's page shows (default: its street, zoom 17)")
     p.add_argument("--duration", type=float, default=10.0, help="seconds of moving, warm-up included")
     p.add_argument("--warmup", type=float, default=3.0)
     p.add_argument("--settle", type=float, default=4.0)
