@@ -151,11 +151,16 @@ class ClusterGroup(ViewGroup):
 class Cell:
     """One tile of an aggregate: its pins, and the cluster the views were last sent."""
 
-    __slots__ = ("name", "ids", "cluster", "sent_count", "sent_lat", "sent_lng")
+    __slots__ = ("name", "ids", "sum_lat", "sum_lng", "cluster", "sent_count", "sent_lat",
+                 "sent_lng")
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.ids: set[str] = set()
+        # Sums of its pins' positions, kept as they move (made exact again
+        # whenever its cluster is encoded): its centre without a walk.
+        self.sum_lat = 0.0
+        self.sum_lng = 0.0
         # The published cluster (None: the cell is sent as its pins).
         self.cluster: Optional[bytes] = None
         self.sent_count = 0
@@ -172,32 +177,41 @@ class Aggregate:
         self.level = level
         self.shift = TOP_LEVEL - level
         self.cells: dict[tuple[int, int], Cell] = {}
-        self.where: dict[str, tuple[int, int]] = {}
+        self.where: dict[str, tuple[tuple[int, int], float, float]] = {}
         # Cells changed since the last cluster pass.
         self.dirty: set[tuple[int, int]] = set()
         self.unused_since: Optional[float] = None
 
-    def place(self, pin_id: str, top: tuple[int, int]) -> None:
+    def place(self, pin_id: str, top: tuple[int, int], lat: float, lng: float) -> None:
         key = (top[0] >> self.shift, top[1] >> self.shift)
         old = self.where.get(pin_id)
         self.dirty.add(key)  # its centre moved, at least
-        if old == key:
-            return
+        self.where[pin_id] = (key, lat, lng)
         if old is not None:
+            if old[0] == key:
+                same = self.cells[key]
+                same.sum_lat += lat - old[1]
+                same.sum_lng += lng - old[2]
+                return
             self._take(old, pin_id)
         cell = self.cells.get(key)
         if cell is None:
             cell = self.cells[key] = Cell(f"c:{self.level}/{key[0]}/{key[1]}")
         cell.ids.add(pin_id)
-        self.where[pin_id] = key
+        cell.sum_lat += lat
+        cell.sum_lng += lng
 
     def remove(self, pin_id: str) -> None:
         old = self.where.pop(pin_id, None)
         if old is not None:
             self._take(old, pin_id)
 
-    def _take(self, key: tuple[int, int], pin_id: str) -> None:
-        self.cells[key].ids.discard(pin_id)
+    def _take(self, old: tuple[tuple[int, int], float, float], pin_id: str) -> None:
+        key, lat, lng = old
+        cell = self.cells[key]
+        cell.ids.discard(pin_id)
+        cell.sum_lat -= lat
+        cell.sum_lng -= lng
         self.dirty.add(key)
 
     def clustered(self, key: tuple[int, int]) -> bool:
@@ -246,7 +260,7 @@ class Clusters(Cohorts):
             aggregate = self.aggregates[level] = Aggregate(level)
             for pin in self.pins.values():
                 if pin.tile is not None:
-                    aggregate.place(pin.id, pin.tile)
+                    aggregate.place(pin.id, pin.tile, pin.lat, pin.lng)
             # No view of this level exists yet: its cells are decided now,
             # and nobody is told.
             self._decide_cells(aggregate, set())
@@ -255,7 +269,7 @@ class Clusters(Cohorts):
     def _place_pin(self, pin: Pin) -> None:
         pin.tile = tile(pin.lat, pin.lng)
         for aggregate in self.aggregates.values():
-            aggregate.place(pin.id, pin.tile)
+            aggregate.place(pin.id, pin.tile, pin.lat, pin.lng)
 
     def _unplace_pin(self, pin: Pin) -> None:
         for aggregate in self.aggregates.values():
@@ -417,14 +431,18 @@ class Clusters(Cohorts):
                 continue
             count = len(cell.ids)
             if count > limit:
+                if cell.cluster is not None and count == cell.sent_count:
+                    west, south, east, north = tile_box(level, *key)
+                    # The kept sums may drift by far less than this margin.
+                    if (abs(cell.sum_lat / count - cell.sent_lat)
+                            <= (north - south) * CENTRE_MOVE * 0.999
+                            and abs(cell.sum_lng / count - cell.sent_lng)
+                            <= (east - west) * CENTRE_MOVE * 0.999):
+                        continue
                 members = [pins[pin_id] for pin_id in cell.ids]
-                lat = sum(pin.lat for pin in members) / count
-                lng = sum(pin.lng for pin in members) / count
-                west, south, east, north = tile_box(level, *key)
-                if (cell.cluster is not None and count == cell.sent_count
-                        and abs(lat - cell.sent_lat) <= (north - south) * CENTRE_MOVE
-                        and abs(lng - cell.sent_lng) <= (east - west) * CENTRE_MOVE):
-                    continue
+                cell.sum_lat = sum(pin.lat for pin in members)
+                cell.sum_lng = sum(pin.lng for pin in members)
+                lat, lng = cell.sum_lat / count, cell.sum_lng / count
                 became = cell.cluster is None
                 cell.cluster = wire.cluster_json(
                     cell.name, lat, lng, count,
