@@ -534,7 +534,34 @@ def start_server(port: int, log: Path) -> subprocess.Popen:
     raise RuntimeError(f"the server did not start; see {log}")
 
 
+def render(paths: list[Path]) -> str:
+    """A Markdown table of results (one row per run), as docs/benchmarks.md shows them."""
+    classes = ["person", *[c[0] for c in CLASSES]]
+    lines = [
+        "| people + viewers | server CPU (cores) | other work during (cores) | p50 / p99 ms | "
+        + " | ".join(f"{c} B/s median / max" for c in classes)
+        + " | sampled wrong / converged after |",
+        "| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in classes) + " | --- |",
+    ]
+    for path in paths:
+        r = orjson.loads(path.read_text())
+        rates = r["bytes_per_s"]
+        busy = r["core_busy"]
+        others = busy.get("core0", 0) + busy.get("core1", 0) - r["server_cpu_frac"] - r["gen_cpu_frac"]
+        lines.append(
+            f"| {r['people']:,} + {r['viewers']:,} ({r.get('people_view', 'street')}) "
+            f"| {r['server_cpu_frac']:.2f} | {others:.2f} "
+            f"| {r['p50_ms']} / {r['p99_ms']} | "
+            + " | ".join(f"{rates[c]['median_B_s']:,} / {rates[c]['max_B_s']:,}" if c in rates
+                         else "–" for c in classes)
+            + f" | {r['wrong_sampled']} of {r['sampled']} / {r['converged_after_s']} s |")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
+    if argv is None and sys.argv[1:2] == ["--render"]:
+        print(render([Path(a) for a in sys.argv[2:]]))
+        return
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--people", type=int, default=1000)
     p.add_argument("--viewers", type=int, default=1000)
