@@ -518,9 +518,11 @@ def start_server(port: int, log: Path) -> subprocess.Popen:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [str(twistd), "-n", "--pidfile=", "livemap",
+            [str(twistd), "-n", "--pidfile=", *os.environ.get("BIGMAP_TWISTD_ARGS", "").split(),
+             "livemap",
              "--port", f"tcp:{port}:interface=127.0.0.1:backlog=4096",
-             "--pirate", "none", "--tick", "0.1", "--ping", "600"],
+             "--pirate", "none", "--tick", "0.1", "--ping", "600",
+             *os.environ.get("BIGMAP_SERVER_ARGS", "").split()],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=pinned)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
