@@ -152,7 +152,7 @@ class Cell:
     """One tile of an aggregate: its pins, and the cluster the views were last sent."""
 
     __slots__ = ("name", "ids", "sum_lat", "sum_lng", "cluster", "sent_count", "sent_lat",
-                 "sent_lng")
+                 "sent_lng", "sent_at")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -166,20 +166,26 @@ class Cell:
         self.sent_count = 0
         self.sent_lat = 0.0
         self.sent_lng = 0.0
+        self.sent_at = -math.inf
 
 
 class Aggregate:
     """Which pins are in which cell of one level, and what the views were told of each cell."""
 
-    __slots__ = ("level", "shift", "cells", "where", "dirty", "unused_since")
+    __slots__ = ("level", "shift", "limit", "cells", "where", "dirty", "crowded",
+                 "unused_since")
 
-    def __init__(self, level: int) -> None:
+    def __init__(self, level: int, limit: int) -> None:
         self.level = level
         self.shift = TOP_LEVEL - level
+        self.limit = limit
         self.cells: dict[tuple[int, int], Cell] = {}
         self.where: dict[str, tuple[tuple[int, int], float, float]] = {}
         # Cells changed since the last cluster pass.
         self.dirty: set[tuple[int, int]] = set()
+        # Cells sent as pins that went over K: they become clusters in the
+        # tick they did, not at the next pass (their pins are not sent).
+        self.crowded: set[tuple[int, int]] = set()
         self.unused_since: Optional[float] = None
 
     def place(self, pin_id: str, top: tuple[int, int], lat: float, lng: float) -> None:
@@ -200,6 +206,8 @@ class Aggregate:
         cell.ids.add(pin_id)
         cell.sum_lat += lat
         cell.sum_lng += lng
+        if cell.cluster is None and len(cell.ids) > self.limit:
+            self.crowded.add(key)
 
     def remove(self, pin_id: str) -> None:
         old = self.where.pop(pin_id, None)
@@ -257,7 +265,7 @@ class Clusters(Cohorts):
         """The aggregate of a level, made (with every pin, cells decided) when first needed."""
         aggregate = self.aggregates.get(level)
         if aggregate is None:
-            aggregate = self.aggregates[level] = Aggregate(level)
+            aggregate = self.aggregates[level] = Aggregate(level, self.hub.cluster_size)
             for pin in self.pins.values():
                 if pin.tile is not None:
                     aggregate.place(pin.id, pin.tile, pin.lat, pin.lng)
@@ -419,13 +427,29 @@ class Clusters(Cohorts):
             if group.total_sent != total:
                 touched.add(group)
 
-    def _decide_cells(self, aggregate: Aggregate, touched: set[ViewGroup]) -> None:
+    def _decide_crowded(self, touched: set[ViewGroup]) -> None:
+        """Cells that went over K since the last tick become clusters now."""
+        for aggregate in self.aggregates.values():
+            if aggregate.crowded:
+                crowded, aggregate.crowded = aggregate.crowded, set()
+                self._decide_cells(aggregate, touched, crowded)
+
+    def _decide_cells(self, aggregate: Aggregate, touched: set[ViewGroup],
+                      keys: Optional[set[tuple[int, int]]] = None) -> None:
+        """Decide the cells of `keys` (by default every dirty cell, which clears them)."""
         limit = self.hub.cluster_size
         pins = self.pins
         level = aggregate.level
         views = self.cluster_views.get(level)
         cells = aggregate.cells
-        for key in aggregate.dirty:
+        if keys is None:
+            keys, aggregate.dirty = aggregate.dirty, set()
+            aggregate.crowded = set()
+        now = self.hub.clock.seconds()
+        # A cluster is sent again at most once per cluster_interval: a cell
+        # that changed sooner after its last send waits for the next pass.
+        later = set()
+        for key in keys:
             cell = cells.get(key)
             if cell is None:
                 continue
@@ -439,6 +463,10 @@ class Clusters(Cohorts):
                             and abs(cell.sum_lng / count - cell.sent_lng)
                             <= (east - west) * CENTRE_MOVE * 0.999):
                         continue
+                if cell.cluster is not None and now - cell.sent_at < (
+                        self.hub.cluster_interval - 1e-9):
+                    later.add(key)
+                    continue
                 members = [pins[pin_id] for pin_id in cell.ids]
                 cell.sum_lat = sum(pin.lat for pin in members)
                 cell.sum_lng = sum(pin.lng for pin in members)
@@ -449,6 +477,7 @@ class Clusters(Cohorts):
                     (min(pin.lng for pin in members), min(pin.lat for pin in members),
                      max(pin.lng for pin in members), max(pin.lat for pin in members)))
                 cell.sent_count, cell.sent_lat, cell.sent_lng = count, lat, lng
+                cell.sent_at = now
                 if views is not None:
                     for group in self._groups_of_cell(views, level, key):
                         group.clusters[cell.name] = cell.cluster
@@ -468,7 +497,8 @@ class Clusters(Cohorts):
                         touched.add(group)
             if count == 0:
                 del cells[key]
-        aggregate.dirty = set()
+        if later:
+            aggregate.dirty |= later
 
     @staticmethod
     def _groups_of_cell(views: ViewIndex[ClusterGroup], level: int,

@@ -145,6 +145,8 @@ class Ticks(SlowConsumers):
         if (self.aggregates or self.cluster_groups) and self._pass_due() and (
                 self.hub.clock.seconds() >= self.last_pass + self.hub.cluster_interval - 1e-9):
             self._cluster_pass(touched)
+        elif self.aggregates:
+            self._decide_crowded(touched)
         if self.deferred:
             touched |= self.deferred
             self.deferred = set()
