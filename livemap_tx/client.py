@@ -97,7 +97,8 @@ class Client:
     log = Logger()
 
     def __init__(self, hub: Hub, map_name: str, transport: Subscriber, *,
-                 rate: float = DEFAULT_RATE, precision: float = 0.0) -> None:
+                 rate: float = DEFAULT_RATE, precision: float = 0.0,
+                 view: Optional[wire.View] = None) -> None:
         self.hub = hub
         self.transport = transport
         self.limiter = MoveLimiter(hub.clock, rate)
@@ -111,7 +112,7 @@ class Client:
         # where the person is.
         self._held: Optional[wire.Move] = None
         self._held_call: Optional[IDelayedCall] = None
-        self.member: Member = hub.join(map_name, transport)
+        self.member: Member = hub.join(map_name, transport, view)
 
     @property
     def id(self) -> str:
@@ -141,7 +142,7 @@ class Client:
                 self.precision = max(self.server_precision, message.precision)
             self.member.hello(message.name)
         else:
-            self.member.set_view(message.bbox)
+            self.member.set_view(message.bbox, message.zoom)
 
     def _move(self, move: wire.Move) -> None:
         verdict = self.limiter.check()

@@ -30,6 +30,7 @@ from twisted.web.static import File
 
 import livemap_web
 
+from . import people as people_search
 from . import wire
 from .admission import Admission
 from .app_routes import PhoneApps
@@ -597,6 +598,26 @@ class LiveMapSite:
             request.setHeader(b"Cache-Control", b"no-store")
             return orjson.dumps({"pins": self.hub.pins(map_name)})
         return self._if_map(map_name, pins, pins=True)
+
+    @app.route("/api/maps/<map_name>/people", methods=["GET", "HEAD"])
+    def people(self, request: Request, map_name: str) -> defer.Deferred:
+        """Search the people of a map by name, nearest first (extension "clusters")."""
+        def found() -> bytes:
+            request.setHeader(b"Content-Type", b"application/json")
+            request.setHeader(b"Cache-Control", b"no-store")
+            args: dict[bytes, list[bytes]] = request.args or {}
+
+            def arg(name: bytes) -> Optional[str]:
+                values = args.get(name)
+                return values[0].decode("utf-8", "replace") if values else None
+            try:
+                text, point, limit = people_search.parse(arg(b"q"), arg(b"near"), arg(b"limit"))
+            except people_search.BadQuery as error:
+                request.setResponseCode(400)
+                return orjson.dumps({"error": "bad_query", "message": str(error)})
+            total, pins = self.hub.people(map_name, text, point, limit)
+            return orjson.dumps({"total": total, "people": pins})
+        return self._if_map(map_name, found, pins=True)
 
     @app.route("/healthz", methods=["GET", "HEAD"])
     def healthz(self, request: Request) -> bytes:

@@ -81,9 +81,18 @@ class Hello:
 
 @dataclass(frozen=True, slots=True)
 class View:
-    """bbox is (west, south, east, north); None is the whole world."""
+    """
+    bbox is (west, south, east, north); None is the whole world. With a
+    zoom (livemap's extension "clusters", docs/protocol.md) the view is
+    clustered: dense cells of the view come as clusters.
+    """
 
     bbox: Optional[BBox]
+    zoom: Optional[int] = None
+
+
+# The zooms a clustered view may give (the page's Web Mercator zoom).
+MIN_ZOOM, MAX_ZOOM = 0, 22
 
 
 Message = Union[Move, Hello, View]
@@ -152,12 +161,28 @@ def _parse_hello(obj: dict) -> Hello:
     return Hello(name, precision)
 
 
+def _parse_zoom(obj: dict) -> Optional[int]:
+    zoom = obj.get("zoom")
+    if zoom is None:
+        return None
+    if isinstance(zoom, float) and not math.isfinite(zoom):
+        raise ProtocolError(OUT_OF_RANGE, f"'zoom' must be in [{MIN_ZOOM}, {MAX_ZOOM}]")
+    if isinstance(zoom, float) and zoom.is_integer():
+        zoom = int(zoom) if abs(zoom) < 2**53 else MAX_ZOOM + 1
+    if isinstance(zoom, bool) or not isinstance(zoom, int):
+        raise ProtocolError(BAD_MESSAGE, "'zoom' must be an integer")
+    if not MIN_ZOOM <= zoom <= MAX_ZOOM:
+        raise ProtocolError(OUT_OF_RANGE, f"'zoom' must be in [{MIN_ZOOM}, {MAX_ZOOM}]")
+    return zoom
+
+
 def _parse_view(obj: dict) -> View:
     if "bbox" not in obj:
         raise ProtocolError(BAD_MESSAGE, "'bbox' is required (null for the whole world)")
     bbox = obj["bbox"]
+    zoom = _parse_zoom(obj)
     if bbox is None:
-        return View(None)
+        return View(None, zoom)
     if not isinstance(bbox, list) or len(bbox) != 4:
         raise ProtocolError(BAD_MESSAGE, "'bbox' must be [west, south, east, north] or null")
     box = {"west": bbox[0], "south": bbox[1], "east": bbox[2], "north": bbox[3]}
@@ -168,7 +193,32 @@ def _parse_view(obj: dict) -> View:
     assert west is not None and south is not None and east is not None and north is not None
     if south > north:
         raise ProtocolError(OUT_OF_RANGE, "'bbox' south must not be above north")
-    return View((west, south, east, north))
+    return View((west, south, east, north), zoom)
+
+
+def view_from_query(params: dict[str, list[str]]) -> Optional[View]:
+    """
+    The view a connection asks for in its URL (`?bbox=W,S,E,N&zoom=Z`), or
+    None when it gives none or a bad one: bad values are ignored, and the
+    connection gets the whole world, as from a server that knows no query.
+    """
+    bbox_values, zoom_values = params.get("bbox"), params.get("zoom")
+    if not bbox_values and not zoom_values:
+        return None
+    obj: dict = {"bbox": None}
+    try:
+        if bbox_values:
+            parts = bbox_values[0].split(",")
+            if len(parts) != 4 or len(bbox_values[0]) > 200:
+                return None
+            obj["bbox"] = [float(part) for part in parts]
+        if zoom_values:
+            if len(zoom_values[0]) > 10:
+                return None
+            obj["zoom"] = int(zoom_values[0])
+        return _parse_view(obj)
+    except (ValueError, ProtocolError):
+        return None
 
 
 _PARSERS: dict[str, Callable[[dict], Message]] = {
@@ -220,18 +270,36 @@ def pin_json(pin_id: str, lat: float, lng: float, heading: Optional[float],
     return orjson.dumps(pin)
 
 
-def encode_welcome(client_id: str, pins: Iterable[bytes]) -> bytes:
+def _clustered(clusters: Optional[Iterable[bytes]], total: int) -> bytes:
+    """What a clustered view's messages carry beside v1's keys; nothing for v1."""
+    if clusters is None:
+        return b"}"
+    return b"".join((b',"clusters":[', b",".join(clusters), b'],"total":',
+                     str(total).encode(), b"}"))
+
+
+def encode_welcome(client_id: str, pins: Iterable[bytes],
+                   clusters: Optional[Iterable[bytes]] = None, total: int = 0) -> bytes:
     return b"".join((b'{"type":"welcome","id":', orjson.dumps(client_id),
-                     b',"pins":[', b",".join(pins), b"]}"))
+                     b',"pins":[', b",".join(pins), b"]", _clustered(clusters, total)))
 
 
-def encode_update(pins: Iterable[bytes], gone: list[str]) -> bytes:
+def encode_update(pins: Iterable[bytes], gone: list[str],
+                  clusters: Optional[Iterable[bytes]] = None, total: int = 0) -> bytes:
     return b"".join((b'{"type":"update","pins":[', b",".join(pins),
-                     b'],"gone":', orjson.dumps(gone), b"}"))
+                     b'],"gone":', orjson.dumps(gone), _clustered(clusters, total)))
 
 
-def encode_snapshot(pins: Iterable[bytes]) -> bytes:
-    return b"".join((b'{"type":"snapshot","pins":[', b",".join(pins), b"]}"))
+def encode_snapshot(pins: Iterable[bytes], clusters: Optional[Iterable[bytes]] = None,
+                    total: int = 0) -> bytes:
+    return b"".join((b'{"type":"snapshot","pins":[', b",".join(pins), b"]",
+                     _clustered(clusters, total)))
+
+
+def cluster_json(cluster_id: str, lat: float, lng: float, count: int, bbox: BBox) -> bytes:
+    """One CLUSTER object (extension "clusters"), encoded once per cell and state."""
+    return orjson.dumps({"id": cluster_id, "lat": lat, "lng": lng, "count": count,
+                         "bbox": list(bbox)})
 
 
 def encode_error(code: str, message: str) -> bytes:

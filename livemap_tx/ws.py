@@ -122,6 +122,7 @@ class LiveMapProtocol(WebSocketServerProtocol):
     # Whether it took a place of its own under that address (not when its
     # TCP connection already counts there).
     counted = True
+    view: Optional[wire.View] = None
     factory: LiveMapFactory
 
     def onConnect(self, request):  # noqa: N802 (Autobahn's name)
@@ -141,12 +142,16 @@ class LiveMapProtocol(WebSocketServerProtocol):
         except Refused as refused:
             raise ConnectionDeny(refused.status, refused.reason) from None
         self.address = address
+        # The view the page asks for in the URL (extension "clusters"), so
+        # that its welcome is already for it; bad values are ignored.
+        self.view = wire.view_from_query(request.params)
         return None
 
     def onOpen(self) -> None:  # noqa: N802
         try:
             self.client = Client(self.factory.hub, self.map_name, self,
-                                 rate=self.factory.rate, precision=self.factory.precision)
+                                 rate=self.factory.rate, precision=self.factory.precision,
+                                 view=self.view)
             transport = cast(Any, self.transport)
             # twisted.web's channel was the transport's producer; it is ours now.
             transport.unregisterProducer()

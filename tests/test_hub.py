@@ -208,7 +208,7 @@ def test_identical_views_share_one_encoded_frame(hub, clock):
     assert len(hub.maps["m"].groups) == 1
     a.set_view(None)
     b.leave()
-    assert hub.maps["m"].groups == {} and hub.maps["m"].view_cells == {}
+    assert hub.maps["m"].groups == {} and hub.maps["m"].view_index.empty()
 
 
 def test_view_snapshot_uses_the_spatial_grid(hub, clock):
@@ -683,3 +683,38 @@ def test_a_member_paused_between_the_maps_tick_and_its_cohorts_is_not_left_behin
     clock.advance(1)
     slow_view.drain()
     assert slow_view.sees()[mover.id]["seq"] == 1
+
+
+def test_a_moved_pin_meets_only_the_view_groups_that_can_show_it() -> None:
+    """
+    A city's street, neighbourhood and city views: the index hands a point
+    every group whose box holds it, and few others (with 10-degree cells it
+    handed every view of the city).
+    """
+    import random
+
+    from livemap_tx.grid import ViewIndex
+    from livemap_tx.wire import in_bbox
+
+    rng = random.Random(20)
+    index: ViewIndex[tuple] = ViewIndex()
+    boxes = []
+    for n in range(3000):
+        half = rng.choice([0.0025, 0.015, 0.1])  # ~500 m, ~3 km, ~20 km wide
+        lat, lng = 48.85 + rng.uniform(-0.1, 0.1), 2.35 + rng.uniform(-0.1, 0.1)
+        box = (lng - half, lat - half, lng + half, lat + half)
+        boxes.append(box)
+        index.add(box, box)
+    index.add((170.0, -10.0, -170.0, 10.0), (170.0, -10.0, -170.0, 10.0))
+    for _ in range(200):
+        lat, lng = 48.85 + rng.uniform(-0.12, 0.12), 2.35 + rng.uniform(-0.12, 0.12)
+        near = list(index.near(lat, lng, None))
+        assert len(near) == len(set(near))
+        holding = {box for box in boxes if in_bbox(box, lat, lng)}
+        assert holding <= set(near)
+        assert len(near) <= 3 * len(holding) + 50, (len(near), len(holding))
+    assert set(index.near(0.0, 179.0, None)) == {(170.0, -10.0, -170.0, 10.0)}
+    assert set(index.near(0.0, -179.0, (48.85, 2.35))) >= {(170.0, -10.0, -170.0, 10.0)}
+    for box in [*boxes, (170.0, -10.0, -170.0, 10.0)]:
+        index.remove(box)
+    assert index.empty()

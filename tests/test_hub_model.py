@@ -11,7 +11,12 @@ time on a `task.Clock`. After every step the model is the judge:
 - nothing is written to a paused member, and what the hub keeps for it is
   bounded by the pins of the map;
 - what the hub published for other nodes, applied in order, equals its
-  own pins; maps with nothing left are forgotten.
+  own pins; maps with nothing left are forgotten;
+- a clustered view (extension "clusters"), once its map has ticked and
+  run its cluster pass, shows exactly the true pins of its sparse cells
+  and one cluster per dense cell of its (widened) box, with the true count
+  and a centre within 1/8 cell of the true one, and the map's total;
+  clustered members that stop reading are caught up with a snapshot.
 
 The second machine runs two or three hubs linked by backplanes over a bus
 whose messages arrive in random interleavings and batches (each sender's
@@ -48,7 +53,7 @@ import hubfakes
 from livemap_tx.backplane import Backplane, MemoryBus, MemoryLink
 from livemap_tx.links import ALL, map_channel, node_channel
 from livemap_tx.hub import Hub, Member
-from livemap_tx.wire import Move
+from livemap_tx.wire import Move, View
 
 EXAMPLES = int(os.environ.get("LIVEMAP_MODEL_EXAMPLES", "0"))
 STEPS = int(os.environ.get("LIVEMAP_MODEL_STEPS", "0"))
@@ -61,13 +66,20 @@ def model_settings(examples: int, steps: int) -> settings:
 
 MAPS = ("a", "b")
 TICK = 0.1
-# Few values, so that pins cross box edges, cells and the antimeridian often.
-LATS = st.sampled_from([-10.0, 0.0, 5.0, 9.99, 10.0, 45.0])
-LNGS = st.sampled_from([-179.5, -175.0, -10.0, 0.0, 5.0, 175.0, 179.5])
+# Few values, so that pins cross box edges, cells (of every level of the
+# view index) and the antimeridian often.
+LATS = st.sampled_from([-10.0, 0.0, 5.0, 5.004, 9.99, 10.0, 45.0])
+LNGS = st.sampled_from([-179.5, -175.0, -10.0, 0.0, 5.0, 5.004, 175.0, 179.5])
 BOXES = st.sampled_from([None, (0.0, -20.0, 10.0, 20.0), (170.0, -20.0, -170.0, 20.0),
-                         (-180.0, -90.0, 180.0, 90.0), (4.0, 4.0, 6.0, 6.0),
+                         (-180.0, -90.0, 180.0, 90.0), (4.0, 4.0, 6.0, 6.0), (5.0, 5.0, 5.01, 5.01),
                          (-20.0, -20.0, 20.0, 20.0)])
 HEADINGS = st.sampled_from([None, 0.0, 90.5, 359.9])
+# Zooms of clustered views: cells from a quarter of the world to streets,
+# and 18, from which nothing is clustered.
+ZOOMS = st.sampled_from([0, 2, 5, 9, 17, 18])
+# Cells of more than this many pins are clusters (small: the model's maps are).
+CLUSTER_SIZE = 2
+CLUSTER_INTERVAL = 1.0
 MARKS = st.sampled_from([10, 300, 2000, 64 * 1024])
 REMOTE_IDS = {"r0": "n1", "r1": "n1", "r2": "n2", "r3": "n2"}
 
@@ -80,6 +92,7 @@ class Handle:
         self.member = member
         self.viewer = viewer
         self.view: Optional[tuple] = None
+        self.zoom: Optional[int] = None
         self.name: Optional[str] = None
         self.pause_bound = 0
 
@@ -96,6 +109,7 @@ class HubMachine(RuleBasedStateMachine):
         self.clock.advance(1000)
         ids = iter(range(10**9))
         self.hub = Hub(self.clock, tick_interval=TICK, slow_timeout=1e9,
+                       cluster_size=CLUSTER_SIZE, cluster_interval=CLUSTER_INTERVAL,
                        new_id=lambda: f"p{next(ids)}")
         self.hub.publisher = self._published
         # The truth: map -> pin id -> pin as the protocol shows it.
@@ -125,30 +139,42 @@ class HubMachine(RuleBasedStateMachine):
     def now_ms(self) -> int:
         return int(self.clock.seconds() * 1000)
 
-    @initialize(cohorts=st.booleans())
-    def sizes(self, cohorts: bool) -> None:
-        """Half the runs as a big map: tick stretched, the world sent to in cohorts."""
+    @initialize(cohorts=st.booleans(), flush=st.sampled_from([1, 2, 3]))
+    def sizes(self, cohorts: bool, flush: int = 1) -> None:
+        """
+        Half the runs as a big map: tick stretched, the world sent to in
+        cohorts. Clustered groups sent to every tick, or every 2 or 3.
+        """
         if cohorts:
             self.hub.big_map, self.hub.cohort_min, self.hub.cohort_size = 2, 4, 2
+        self.hub.cluster_flush_ticks = flush
+        if flush > 1:
+            self.hub.big_map = 2
 
     # Clients
 
-    @rule(target=members, map_name=st.sampled_from(MAPS), mark=MARKS, stalled=st.booleans())
-    def join(self, map_name: str, mark: int, stalled: bool) -> Handle:
+    @rule(target=members, map_name=st.sampled_from(MAPS), mark=MARKS, stalled=st.booleans(),
+          view=st.one_of(st.none(), st.tuples(BOXES, st.one_of(st.none(), ZOOMS))))
+    def join(self, map_name: str, mark: int, stalled: bool,
+             view: Optional[tuple] = None) -> Handle:
+        """A new connection; some ask for a view (clustered or not) in their URL."""
         viewer = hubfakes.Viewer(mark)
         if stalled:
             viewer.stall()
         map_state = self.hub.maps.get(map_name)
         before = (len(map_state.pins) + len(map_state.gone)) if map_state else 0
-        member, viewer = self._join(map_name, viewer)
+        member, viewer = self._join(map_name, viewer, None if view is None else View(*view))
         handle = Handle(map_name, member, viewer)
+        if view is not None:
+            handle.view, handle.zoom = view
         handle.pause_bound = before
         self.live.add(handle)
         assert viewer.id == member.id
         return handle
 
-    def _join(self, map_name: str, viewer: hubfakes.Viewer) -> tuple[Member, hubfakes.Viewer]:
-        member = self.hub.join(map_name, viewer)
+    def _join(self, map_name: str, viewer: hubfakes.Viewer,
+              view: Optional[View] = None) -> tuple[Member, hubfakes.Viewer]:
+        member = self.hub.join(map_name, viewer, view)
         viewer.member = member
         if viewer.paused:
             member.pause()
@@ -184,6 +210,16 @@ class HubMachine(RuleBasedStateMachine):
         self._note_pause_bound(handle)
         handle.member.set_view(bbox)
         handle.view = bbox
+        handle.zoom = None
+
+    @rule(handle=members, bbox=BOXES, zoom=ZOOMS)
+    def cluster_view(self, handle: Handle, bbox: Optional[tuple], zoom: int) -> None:
+        """A page that says its zoom: dense cells of its box come as clusters."""
+        if handle not in self.live:
+            return
+        self._note_pause_bound(handle)
+        handle.member.set_view(bbox, zoom)
+        handle.view, handle.zoom = bbox, zoom
 
     @rule(handle=consumes(members), abrupt=st.booleans())
     def leave(self, handle: Handle, abrupt: bool) -> None:
@@ -228,7 +264,7 @@ class HubMachine(RuleBasedStateMachine):
 
     # Time
 
-    @rule(seconds=st.sampled_from([0.0, 0.03, TICK, 0.25]))
+    @rule(seconds=st.sampled_from([0.0, 0.03, TICK, 0.25, CLUSTER_INTERVAL]))
     def advance(self, seconds: float) -> None:
         for handle in self.live:
             self._note_pause_bound(handle)
@@ -301,6 +337,11 @@ class HubMachine(RuleBasedStateMachine):
             assert map_state is not None, "a map with a member was forgotten"
             if not map_state.settled() or handle.member.paused_at is not None:
                 continue
+            if handle.zoom is not None:
+                hubfakes.check_clustered(handle.viewer, self.truth[handle.map], handle.view,
+                                         handle.zoom, CLUSTER_SIZE)
+                continue
+            assert handle.viewer.clusters is None
             expected = hubfakes.truth_in(self.truth[handle.map], handle.view)
             seen = handle.viewer.sees()
             assert seen == expected, (handle, handle.view, seen, expected)
@@ -339,6 +380,13 @@ class HubMachine(RuleBasedStateMachine):
         for handle in list(self.live):
             handle.viewer.drain()
         self.clock.advance(TICK * 2)
+        self.clock.advance(CLUSTER_INTERVAL)
+        # A last cluster pass may leave groups waiting a few ticks
+        # (cluster_flush_ticks); then nothing more is due.
+        for _ in range(10):
+            self.clock.advance(TICK)
+        for map_state in self.hub.maps.values():
+            assert map_state.settled()
         self.every_settled_member_sees_the_truth_in_its_view()
         for handle in list(self.live):
             assert handle.member.paused_at is None
@@ -420,6 +468,7 @@ class Node:
         self.name = name
         ids = iter(range(10**9))
         self.hub = Hub(clock, tick_interval=TICK, slow_timeout=1e9,
+                       cluster_size=CLUSTER_SIZE, cluster_interval=CLUSTER_INTERVAL,
                        new_id=lambda: f"{name}-p{next(ids)}")
         self.plane = Backplane(self.hub, ShuffledLink(bus, name), clock, node_ttl=NODE_TTL,
                                reply_delay=0.05)
@@ -496,11 +545,12 @@ class ClusterMachine(RuleBasedStateMachine):
         if pin is not None:
             pin["name"] = name
 
-    @rule(handle=members, bbox=BOXES)
-    def view(self, handle: Handle, bbox: Optional[tuple]) -> None:
+    @rule(handle=members, bbox=BOXES, zoom=st.one_of(st.none(), ZOOMS))
+    def view(self, handle: Handle, bbox: Optional[tuple], zoom: Optional[int]) -> None:
+        """A view, clustered (with a zoom) or not."""
         if handle in self.live:
-            handle.member.set_view(bbox)
-            handle.view = bbox
+            handle.member.set_view(bbox, zoom)
+            handle.view, handle.zoom = bbox, zoom
 
     @rule(handle=consumes(members))
     def leave(self, handle: Handle) -> None:
@@ -609,6 +659,13 @@ class ClusterMachine(RuleBasedStateMachine):
                 self.bus.deliver_from(pair, 10**6)
         self.clock.advance(TICK)
         self.clock.advance(TICK)
+        # The clustered views' last cluster pass, the bus still delivering
+        # (else the nodes would take each other for dead).
+        for _ in range(int(CLUSTER_INTERVAL / TICK)):
+            while self.bus.pending():
+                for pair in self.bus.pending():
+                    self.bus.deliver_from(pair, 10**6)
+            self.clock.advance(TICK)
 
     @rule()
     def everyone_converges_when_quiet(self) -> None:
@@ -626,6 +683,10 @@ class ClusterMachine(RuleBasedStateMachine):
                            if node.hub.maps[map_name].pins[i].origin is None}
                     assert held == own, (node, map_name, held)
         for handle in self.live:
+            if handle.zoom is not None:
+                hubfakes.check_clustered(handle.viewer, self.truth[handle.map], handle.view,
+                                         handle.zoom, CLUSTER_SIZE)
+                continue
             expected = hubfakes.truth_in(self.truth[handle.map], handle.view)
             assert handle.viewer.sees() == expected, (handle, handle.viewer.sees(), expected)
 
@@ -657,6 +718,35 @@ def test_the_judge_catches_a_view_that_misses_departures(monkeypatch) -> None:
     except (AssertionError, ExceptionGroup):
         return
     raise AssertionError("the model did not notice views that keep departed pins")
+
+
+def _the_model_fails(machine: type) -> bool:
+    from hypothesis.stateful import run_state_machine_as_test
+
+    try:
+        run_state_machine_as_test(machine, settings=settings(
+            max_examples=2000, stateful_step_count=40, deadline=None, database=None,
+            phases=[Phase.generate], suppress_health_check=list(HealthCheck)))
+    except (AssertionError, ExceptionGroup):
+        return True
+    return False
+
+
+def test_the_judge_catches_clustered_views_that_miss_departures(monkeypatch) -> None:
+    """A hub whose clustered views keep departed pins fails the model."""
+    from livemap_tx.hub import MapState
+
+    monkeypatch.setattr(MapState, "_route_departed_clustered",
+                        lambda self, pin, before, touched: None)
+    assert _the_model_fails(HubMachine)
+
+
+def test_the_judge_catches_cells_that_never_change_hands(monkeypatch) -> None:
+    """A hub whose cluster pass never tells the views fails the model."""
+    from livemap_tx.hub import MapState
+
+    monkeypatch.setattr(MapState, "_groups_of_cell", staticmethod(lambda views, level, key: []))
+    assert _the_model_fails(HubMachine)
 
 
 # Examples the machines found, kept as plain tests

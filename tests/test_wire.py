@@ -149,3 +149,57 @@ def test_fuzz_messages_parse_to_valid_values_or_errors(obj):
         assert message.seq is None or 0 <= message.seq < 2**53
     elif isinstance(message, Hello):
         assert 1 <= len(message.name) <= 64 and message.name == message.name.strip()
+
+
+# Extension "clusters": a view's zoom, and the view in a connection's URL
+
+
+def test_a_view_with_a_zoom_is_clustered_and_without_one_is_v1():
+    assert parse(b'{"type":"view","bbox":[2,48,3,49],"zoom":12}') == View((2.0, 48.0, 3.0, 49.0), 12)
+    assert parse(b'{"type":"view","bbox":null,"zoom":0}') == View(None, 0)
+    assert parse(b'{"type":"view","bbox":null,"zoom":22.0}') == View(None, 22)
+    assert parse(b'{"type":"view","bbox":null,"zoom":null}') == View(None)
+    assert parse(b'{"type":"view","bbox":null}') == View(None, None)
+
+
+@pytest.mark.parametrize("zoom, code", [
+    (23, wire.OUT_OF_RANGE), (-1, wire.OUT_OF_RANGE), ("1e999", wire.OUT_OF_RANGE),
+    (1e300, wire.OUT_OF_RANGE), (12.5, wire.BAD_MESSAGE), ('"12"', wire.BAD_MESSAGE),
+    ("true", wire.BAD_MESSAGE), ("[12]", wire.BAD_MESSAGE),
+])
+def test_a_zoom_that_is_not_an_integer_in_0_to_22_is_refused(zoom, code):
+    assert error_code(f'{{"type":"view","bbox":null,"zoom":{zoom}}}') == code
+
+
+@pytest.mark.parametrize("params, view", [
+    ({"bbox": ["2,48,3,49"], "zoom": ["12"]}, View((2.0, 48.0, 3.0, 49.0), 12)),
+    ({"bbox": ["170,-10,-170,10"]}, View((170.0, -10.0, -170.0, 10.0))),
+    ({"zoom": ["3"]}, View(None, 3)),
+    ({}, None),
+    # Bad values: ignored, the connection gets v1's whole world.
+    ({"bbox": ["2,48,3"], "zoom": ["12"]}, None),
+    ({"bbox": ["2,49,3,48"], "zoom": ["12"]}, None),
+    ({"bbox": ["2,48,3,49"], "zoom": ["23"]}, None),
+    ({"bbox": ["2,48,3,49"], "zoom": ["twelve"]}, None),
+    ({"bbox": ["nan,48,3,49"], "zoom": ["1"]}, None),
+    ({"bbox": ["1" * 300 + ",48,3,49"]}, None),
+    ({"zoom": ["9" * 50]}, None),
+])
+def test_the_view_in_a_connection_url(params, view):
+    assert wire.view_from_query(params) == view
+
+
+def test_clustered_messages_carry_clusters_and_total_and_v1_ones_do_not():
+    cluster = wire.cluster_json("c:3/4/2", 48.5, 2.5, 7, (2.0, 48.0, 3.0, 49.0))
+    assert orjson.loads(cluster) == {"id": "c:3/4/2", "lat": 48.5, "lng": 2.5, "count": 7,
+                                     "bbox": [2.0, 48.0, 3.0, 49.0]}
+    pin = wire.pin_json("p", 1.0, 2.0, None, None, None, None, 0)
+    assert orjson.loads(wire.encode_update([pin], ["c:3/4/3"], [cluster], 12)) == {
+        "type": "update", "pins": [orjson.loads(pin)], "gone": ["c:3/4/3"],
+        "clusters": [orjson.loads(cluster)], "total": 12}
+    assert set(orjson.loads(wire.encode_snapshot([], [], 0))) == {"type", "pins", "clusters",
+                                                                 "total"}
+    assert set(orjson.loads(wire.encode_welcome("me", [], [cluster], 1))) == {
+        "type", "id", "pins", "clusters", "total"}
+    assert set(orjson.loads(wire.encode_update([pin], []))) == {"type", "pins", "gone"}
+    assert set(orjson.loads(wire.encode_snapshot([pin]))) == {"type", "pins"}

@@ -34,6 +34,8 @@ class WSClient:
 
     def __init__(self) -> None:
         self.messages: list[dict] = []
+        # Every message's bytes as they arrived, in order.
+        self.raw: list[bytes] = []
         self._waiting: list[defer.Deferred] = []
         self.close_code: Optional[int] = None
         self.close_reason: Optional[str] = None
@@ -41,6 +43,7 @@ class WSClient:
         self.protocol: Optional[_Protocol] = None
 
     def _deliver(self, payload: bytes) -> None:
+        self.raw.append(payload)
         self.messages.append(json.loads(payload))
         waiting, self._waiting = self._waiting, []
         for waiter in waiting:
