@@ -204,12 +204,31 @@ def test_the_table_check_can_fail() -> None:
 # Imports and layers
 
 
+def type_only(tree: ast.AST) -> set[int]:
+    """
+    The nodes under `if TYPE_CHECKING:`: imports for annotations only, never
+    run, so they make no import order (import-linter leaves them out the
+    same way). The hub's layers use them to annotate `self` as the whole
+    MapState they make up.
+    """
+    skipped = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for statement in node.body:
+                skipped.update(id(inner) for inner in ast.walk(statement))
+    return skipped
+
+
 def imports_of(path: Path, name: str) -> set[str]:
-    """The livemap_tx modules a module imports, anywhere in it (functions, TYPE_CHECKING)."""
+    """The livemap_tx modules a module imports, anywhere in it (functions too), but for annotations."""
     known = modules()
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    skipped = type_only(tree)
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
