@@ -539,11 +539,25 @@ class LiveMapSite:
         sockjs = self.sockjs
         return self._if_map(map_name, lambda: sockjs, pins=True)
 
+    def refusing(self) -> Optional[str]:
+        """Why this node refuses to serve (its Redis servers differ from the others'), or None."""
+        for _, check in sorted(self.refusals.items()):
+            problem = check()
+            if problem is not None:
+                return problem
+        return None
+
     @app.route("/api/maps", methods=["POST"])
     def create_map(self, request: Request) -> Any:
         """A private map with an unguessable name; `?ttl=SECONDS` makes it expire."""
         request.setHeader(b"Content-Type", b"application/json")
         request.setHeader(b"Cache-Control", b"no-store")
+        # A node that disagrees with the others on the sharding would put
+        # the map where they never look.
+        problem = self.refusing()
+        if problem is not None:
+            request.setResponseCode(503)
+            return orjson.dumps({"error": "unavailable", "message": problem})
         args: dict[bytes, list[bytes]] = request.args or {}
         raw = args.get(b"ttl", [None])[0]  # type: ignore[list-item]
         try:
@@ -576,6 +590,11 @@ class LiveMapSite:
         """A phone app's device on this map (app_routes.PhoneApps)."""
         if self.apps is None:
             return NO_SUCH_MAP
+        problem = self.refusing()
+        if problem is not None:  # as a private map: it would be stored where no node looks
+            request.setResponseCode(503)
+            request.setHeader(b"Content-Type", b"application/json")
+            return orjson.dumps({"error": "unavailable", "message": problem})
         return self.apps.create_device(request, map_name)
 
     @app.route("/api/devices/<token>", methods=["DELETE"])

@@ -221,6 +221,11 @@ async def test_a_node_with_a_server_missing_or_added_refuses_to_serve(tmp_path, 
                 response = await treq.get(f"{node.url}/api/maps/some-map/pins")
                 assert response.code == 503
                 assert "refusing to serve" in await response.text()
+                # Nor does it make anything that would be stored by its sharding.
+                for path in ("/api/maps", "/api/maps/some-map/devices"):
+                    response = await treq.post(f"{node.url}{path}")
+                    assert response.code == 503, path
+                    assert "refusing to serve" in await response.text()
             assert odd.log().count("refusing to serve: node") == 1, odd.log()
             assert await metric(first, "livemap_backplane_refusing") == 1
             assert first.log().count("refusing to serve: node") == round_ + 1, first.log()
