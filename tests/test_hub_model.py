@@ -52,7 +52,7 @@ from twisted.internet.task import Clock
 import hubfakes
 from livemap_tx.backplane import Backplane, MemoryBus, MemoryLink
 from livemap_tx.links import ALL, map_channel, node_channel
-from livemap_tx.hub import Hub, Member
+from livemap_tx.hub import Hub, MapState, Member
 from livemap_tx.wire import Move, View
 
 EXAMPLES = int(os.environ.get("LIVEMAP_MODEL_EXAMPLES", "0"))
@@ -162,7 +162,7 @@ class HubMachine(RuleBasedStateMachine):
         if stalled:
             viewer.stall()
         map_state = self.hub.maps.get(map_name)
-        before = (len(map_state.pins) + len(map_state.gone)) if map_state else 0
+        before = 0 if map_state is None else self._owed_bound(map_state)
         member, viewer = self._join(map_name, viewer, None if view is None else View(*view))
         handle = Handle(map_name, member, viewer)
         if view is not None:
@@ -257,10 +257,18 @@ class HubMachine(RuleBasedStateMachine):
 
     def _note_pause_bound(self, handle: Handle, resuming: bool = False) -> None:
         # What a member paused by the next write may be owed for pins that
-        # leave: at most the pins (and departures due) of its map now.
+        # leave: at most the pins (and departures due) of its map now, the
+        # departures its cohort has still to send included (a member that
+        # joins in between is owed those too, harmlessly: a `gone` it does
+        # not know is ignored).
         map_state = self.hub.maps.get(handle.map)
         if map_state is not None and (resuming or handle.member.paused_at is None):
-            handle.pause_bound = len(map_state.pins) + len(map_state.gone)
+            handle.pause_bound = self._owed_bound(map_state)
+
+    @staticmethod
+    def _owed_bound(map_state: MapState) -> int:
+        owed = max((len(cohort.gone) for cohort in map_state.cohorts or ()), default=0)
+        return len(map_state.pins) + len(map_state.gone) + owed
 
     # Time
 
@@ -769,6 +777,20 @@ class Checked:
                 getattr(self.machine, invariant)()
             return result
         return checked
+
+
+def test_found_a_member_paused_at_its_welcome_is_owed_its_cohorts_departures() -> None:
+    machine = Checked()
+    machine.sizes(True)
+    machine.remote("state", "a", "r0", -10.0, -179.5)
+    machine.advance(0)
+    machine.advance(0.1)
+    for _ in range(4):
+        machine.join("a", 10, False)
+    machine.remote("gone", "a", "r0", -10.0, -179.5)
+    machine.advance(0)  # the map's tick: r0's departure now waits for the cohort's
+    machine.join("a", 10, True)
+    machine.teardown()
 
 
 def test_found_a_member_joining_while_the_cohorts_split_again_is_written_nothing_first() -> None:
