@@ -26,8 +26,8 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from livemap_tx.apps import DEFAULT_MAX_FRIENDS, Friends, MapTids, owntracks_friends
-from livemap_tx.devices import Devices, Fix
+from livemap_tx.phones.apps import DEFAULT_MAX_FRIENDS, Friends, MapTids, owntracks_friends
+from livemap_tx.phones.devices import Devices, Fix
 from livemap_tx.hub import DEVICES, Hub
 from livemap_tx.maps import MapDirectory
 

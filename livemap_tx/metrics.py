@@ -12,7 +12,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from .admission import Admission
-from .devices import Devices
+from .phones.devices import Devices
 from .hub import Hub
 from .privacy import map_label
 

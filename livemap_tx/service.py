@@ -34,7 +34,7 @@ from .admission import (
     Network,
     parse_networks,
 )
-from .backplane import (
+from .cluster.backplane import (
     DEFAULT_CLUSTER,
     DEFAULT_NODE_TTL,
     DEVICE_LEASE,
@@ -42,22 +42,22 @@ from .backplane import (
     BackplaneCollector,
     make_backplane,
 )
-from .client import DEFAULT_RATE
-from .app_routes import PhoneApps
-from .apps import DEFAULT_MAX_FRIENDS
-from .devices import CREATE_BURST, Devices, Unavailable
+from .transports.client import DEFAULT_RATE
+from .phones.app_routes import PhoneApps
+from .phones.apps import DEFAULT_MAX_FRIENDS
+from .phones.devices import CREATE_BURST, Devices, Unavailable
 from .hub import Hub
-from .links import MapUnavailable
+from .cluster.links import MapUnavailable
 from .logfiles import ReopenLogsOnHangup
 from .maps import MAX_TTL, MIN_TTL, MapDirectory
 from .metrics import AdmissionCollector, DeviceCollector, make_registry
 from .pirate import PirateFactory
-from .redis_link import parse_redis_urls
-from .token_misses import MissCollector
+from .cluster.redis_link import parse_redis_urls
+from .phones.token_misses import MissCollector
 from .sockjs import SockJSResource
 from .sqlite_store import DiskDevices, SqliteStore, StoreError, StoreService, default_data_dir
 from .sqlite_store import restore as restore_store
-from .sockjs_endpoint import sockjs_resource
+from .transports.sockjs_endpoint import sockjs_resource
 from .web import (
     BODY_TIMEOUT,
     MIN_BODY_RATE,
@@ -75,7 +75,7 @@ from .workers import (
     Supervisor,
     WorkerSpec,
 )
-from .ws import LiveMapFactory
+from .transports.ws import LiveMapFactory
 
 log = Logger()
 

@@ -39,7 +39,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
-from .devices import Devices, LocalDevices
+from .phones.devices import Devices, LocalDevices
 from .maps import TOMBSTONE, MapDirectory
 
 # What this livemap writes; a file with a higher one is from a newer livemap.

@@ -30,13 +30,13 @@ from twisted.web.static import File
 
 import livemap_web
 
-from . import people as people_search
+from .hub import people as people_search
 from . import wire
 from .admission import Admission
-from .app_routes import PhoneApps
+from .phones.app_routes import PhoneApps
 from .connections import ConnectionTable, socket_budget
 from .hub import Hub
-from .links import MapUnavailable
+from .cluster.links import MapUnavailable
 from .maps import DirectoryFull, DirectoryUnavailable, MapDirectory, PrivateMap, parse_ttl
 
 # The page is the installed package livemap_web (web/ in the checkout), found

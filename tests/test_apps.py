@@ -1,5 +1,5 @@
 """
-The phone apps' formats (livemap_tx/apps.py), read from payloads recorded
+The phone apps' formats (livemap_tx/phones/apps.py), read from payloads recorded
 from the apps' own documentation, source and test suites (tests/apps/,
 each file's origin in tests/apps/README.md), and fuzzed.
 """
@@ -15,7 +15,7 @@ import orjson
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from livemap_tx.apps import (
+from livemap_tx.phones.apps import (
     Batch,
     BadReport,
     Friends,
@@ -30,7 +30,7 @@ from livemap_tx.apps import (
     parse_traccar_json,
     timestamp_ms,
 )
-from livemap_tx.devices import Fix
+from livemap_tx.phones.devices import Fix
 from livemap_tx.hub import Pin
 
 APPS = Path(__file__).parent / "apps"

@@ -23,19 +23,20 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from conftest import eventually, server_options
-from livemap_tx import map_watching, wire
-from livemap_tx.backplane import (
+from livemap_tx import wire
+from livemap_tx.cluster import map_watching
+from livemap_tx.cluster.backplane import (
     Backplane,
     MemoryBus,
     MemoryLink,
     RedisLink,
     parse_redis_url,
 )
-from livemap_tx.redis_server_link import parse_redis_urls
-from livemap_tx.devices import Devices, Fix
+from livemap_tx.cluster.redis_server_link import parse_redis_urls
+from livemap_tx.phones.devices import Devices, Fix
 from livemap_tx.hub import DEVICES, Frame, Hub
-from livemap_tx.links import MapUnavailable
-from livemap_tx.links import map_channel as links_map_channel
+from livemap_tx.cluster.links import MapUnavailable
+from livemap_tx.cluster.links import map_channel as links_map_channel
 from livemap_tx.maps import MapDirectory
 from livemap_tx.service import Options
 from redis_server import REDIS_SERVER, RedisServer
@@ -341,7 +342,7 @@ def test_each_subscription_is_acknowledged_by_its_own_reply():
     """
     from twisted.internet.testing import StringTransport
 
-    from livemap_tx.redis_server_link import _SubscriberProtocol
+    from livemap_tx.cluster.redis_server_link import _SubscriberProtocol
 
     clock = task.Clock()
     protocol = _SubscriberProtocol(charset=None)
@@ -596,7 +597,7 @@ def test_heartbeats_only_when_quiet_and_silence_expires_a_node():
     beats = [message["n"] for _, message in sent if message["t"] == "beat"]
     assert sorted(set(beats)) == ["n0", "n1"] and len(beats) <= 2 * 5
     assert {channel for channel, message in sent if message["t"] == "delta"} == {
-        "map:" + __import__("livemap_tx.links").links.map_digest("m")}
+        "map:" + __import__("livemap_tx.cluster.links").cluster.links.map_digest("m")}
     # Something every node hears (a private map's expiry) stands in for a beat.
     sent.clear()
     for _ in range(4):
@@ -658,7 +659,7 @@ def test_a_map_is_in_sync_once_every_node_serving_it_answered_or_timed_out():
     hub_a.join("m", Watcher()).move(move())
     clock.advance(0.2)
     # A node that listens to the map but never answers (a wedged process).
-    bus.subscribe("ghost", "map:" + __import__("livemap_tx.links").links.map_digest("m"))
+    bus.subscribe("ghost", "map:" + __import__("livemap_tx.cluster.links").cluster.links.map_digest("m"))
     hub_b = Hub(clock)
     plane_b = Backplane(hub_b, MemoryLink(bus, "b"), clock, node_ttl=6, reply_delay=0.05)
     plane_b.startService()
@@ -669,7 +670,7 @@ def test_a_map_is_in_sync_once_every_node_serving_it_answered_or_timed_out():
     clock.advance(plane_b.map_sync_timeout)
     assert ready.called
     # Without the ghost, the answers of every serving node complete the sync.
-    bus.unsubscribe("ghost", "map:" + __import__("livemap_tx.links").links.map_digest("m"))
+    bus.unsubscribe("ghost", "map:" + __import__("livemap_tx.cluster.links").cluster.links.map_digest("m"))
     hub_c = Hub(clock)
     plane_c = Backplane(hub_c, MemoryLink(bus, "c"), clock, node_ttl=6, reply_delay=0.05)
     plane_c.startService()
@@ -783,7 +784,7 @@ def test_malformed_messages_are_counted_and_ignored():
 
 
 def test_health_and_metrics_say_when_the_link_is_down():
-    from livemap_tx.backplane import BackplaneCollector
+    from livemap_tx.cluster.backplane import BackplaneCollector
     clock, bus, hubs, planes = clocked()
     collected = {m.name: m.samples[0].value for m in BackplaneCollector(planes[0]).collect()}
     assert collected["livemap_backplane_connected"] == 1

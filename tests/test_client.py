@@ -6,7 +6,7 @@ import orjson
 import pytest
 from twisted.internet.task import Clock
 
-from livemap_tx.client import Client, MoveLimiter
+from livemap_tx.transports.client import Client, MoveLimiter
 from livemap_tx.hub import Hub
 
 from test_hub import FakeSubscriber

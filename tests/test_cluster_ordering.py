@@ -24,11 +24,11 @@ from twisted.internet import defer, error, reactor
 from conftest import TwistdServer, deferLater, free_port, twistd_command
 from delaying_proxy import DelayingProxy
 from liveclients import open_view
-from livemap_tx.backplane import Backplane, RedisLink
-from livemap_tx.devices import Devices, Fix
+from livemap_tx.cluster.backplane import Backplane, RedisLink
+from livemap_tx.phones.devices import Devices, Fix
 from livemap_tx.hub import DEVICES, Hub
 from livemap_tx.maps import MapDirectory
-from livemap_tx.sharding import in_agreed_order, shard_of
+from livemap_tx.cluster.sharding import in_agreed_order, shard_of
 from redis_server import RedisServer, needs_redis
 
 ROUNDS = 20

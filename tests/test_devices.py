@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 import hubfakes
-from livemap_tx.devices import (
+from livemap_tx.phones.devices import (
     DEVICE_IDLE,
     Devices,
     DeviceError,

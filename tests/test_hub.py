@@ -693,7 +693,7 @@ def test_a_moved_pin_meets_only_the_view_groups_that_can_show_it() -> None:
     """
     import random
 
-    from livemap_tx.grid import ViewIndex
+    from livemap_tx.hub.grid import ViewIndex
     from livemap_tx.wire import in_bbox
 
     rng = random.Random(20)

@@ -12,7 +12,7 @@ import pytest
 from twisted.internet.task import Clock
 
 import hubfakes
-from livemap_tx.clusters import tile, tile_box, TileRange
+from livemap_tx.hub.clusters import tile, tile_box, TileRange
 from livemap_tx.hub import Hub
 from livemap_tx.wire import Move, View
 
@@ -240,7 +240,7 @@ def test_aggregates_are_kept_only_for_levels_in_use(hub, clock):
 
 
 def test_the_people_search_limits_and_orders(hub, clock):
-    from livemap_tx import people as search
+    from livemap_tx.hub import people as search
 
     assert search.parse(None, None, None) == ("", None, search.DEFAULT_LIMIT)
     assert search.parse(" ada ", "1.5,-2", "1000") == ("ada", (1.5, -2.0), search.MAX_LIMIT)

@@ -50,8 +50,8 @@ from hypothesis.stateful import (
 from twisted.internet.task import Clock
 
 import hubfakes
-from livemap_tx.backplane import Backplane, MemoryBus, MemoryLink
-from livemap_tx.links import ALL, map_channel, node_channel
+from livemap_tx.cluster.backplane import Backplane, MemoryBus, MemoryLink
+from livemap_tx.cluster.links import ALL, map_channel, node_channel
 from livemap_tx.hub import Hub, MapState, Member
 from livemap_tx.wire import Move, View
 

@@ -14,7 +14,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from conftest import server_options
-from livemap_tx.backplane import Backplane, MemoryBus, MemoryLink
+from livemap_tx.cluster.backplane import Backplane, MemoryBus, MemoryLink
 from livemap_tx.hub import Hub
 from livemap_tx.maps import (
     MIN_TTL,

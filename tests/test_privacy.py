@@ -10,7 +10,7 @@ from hypothesis import given, strategies as st
 from twisted.internet.task import Clock
 from twisted.web.test.requesthelper import DummyRequest
 
-from livemap_tx.client import Client
+from livemap_tx.transports.client import Client
 from livemap_tx.hub import Hub
 from livemap_tx.privacy import METRES_PER_DEGREE, coarsen
 from livemap_tx.web import private_log_formatter

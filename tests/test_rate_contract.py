@@ -13,7 +13,7 @@ import orjson
 from hypothesis import given, settings, strategies as st
 from twisted.internet.task import Clock
 
-from livemap_tx.client import FLOOD_SECONDS, Client, flood_allowance
+from livemap_tx.transports.client import FLOOD_SECONDS, Client, flood_allowance
 from livemap_tx.hub import Hub
 
 from test_hub import FakeSubscriber

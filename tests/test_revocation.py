@@ -19,13 +19,13 @@ import treq
 from twisted.internet import defer, reactor
 
 from conftest import TwistdServer, deferLater, eventually
-from livemap_tx.backplane import Backplane
-from livemap_tx.device_store import fix_value
-from livemap_tx.devices import Devices, UnknownDevice
+from livemap_tx.cluster.backplane import Backplane
+from livemap_tx.cluster.device_store import fix_value
+from livemap_tx.phones.devices import Devices, UnknownDevice
 from livemap_tx.hub import Hub
-from livemap_tx.links import MemoryBus, MemoryLink
+from livemap_tx.cluster.links import MemoryBus, MemoryLink
 from livemap_tx.maps import MapDirectory
-from livemap_tx.redis_link import RedisLink
+from livemap_tx.cluster.redis_link import RedisLink
 from redis_server import REDIS_SERVER, RedisServer, needs_redis
 from test_cluster import cluster, redis  # noqa: F401 (fixtures)
 

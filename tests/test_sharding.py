@@ -1,7 +1,7 @@
 """
 Maps spread over several Redis servers, and nodes that serve only the maps
 they need: real `twistd` nodes on three redis-server processes started by
-the tests (livemap_tx/redis_link.py, backplane.py).
+the tests (livemap_tx/cluster/redis_link.py, backplane.py).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from twisted.python import usage
 
 from conftest import TwistdServer, deferLater, free_port, start_twistd, twistd_command
 from liveclients import open_view
-from livemap_tx.links import map_digest
-from livemap_tx.sharding import in_agreed_order, servers_fingerprint, shard_of
+from livemap_tx.cluster.links import map_digest
+from livemap_tx.cluster.sharding import in_agreed_order, servers_fingerprint, shard_of
 from livemap_tx.service import Options
 from redis_server import RedisServer, needs_redis
 
@@ -360,7 +360,7 @@ async def test_one_dead_server_takes_only_its_maps_and_they_recover(tmp_path, th
 
 
 def test_the_cache_of_map_placements_is_bounded(monkeypatch):
-    from livemap_tx import redis_link
+    from livemap_tx.cluster import redis_link
     from twisted.internet import reactor
     monkeypatch.setattr(redis_link, "PLACED_CACHE", 4)
     link = redis_link.RedisLink("redis://b:1/0,redis://a:1/0,redis://c:1/0", "t", "n", reactor)

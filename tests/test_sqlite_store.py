@@ -22,7 +22,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from livemap_tx.devices import Devices, Fix, UnknownDevice, token_hash
+from livemap_tx.phones.devices import Devices, Fix, UnknownDevice, token_hash
 from livemap_tx.hub import Hub
 from livemap_tx.maps import TOMBSTONE, DirectoryUnavailable, MapDirectory
 from livemap_tx.sqlite_store import (

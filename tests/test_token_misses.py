@@ -17,10 +17,10 @@ from twisted.internet.task import Clock
 from twisted.web.client import HTTPConnectionPool
 
 from livemap_tx.admission import Admission
-from livemap_tx.devices import Devices, new_token
+from livemap_tx.phones.devices import Devices, new_token
 from livemap_tx.hub import Hub
 from livemap_tx.maps import MapDirectory
-from livemap_tx.token_misses import MISS_BURST, MISS_PERIOD, MissLimiter, TooManyMisses
+from livemap_tx.phones.token_misses import MISS_BURST, MISS_PERIOD, MissLimiter, TooManyMisses
 
 
 class FakeRequest:

@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.server import Request
 
-from .admission import Admission
+from ..admission import Admission
 from .devices import Device, Devices, TooFast, UnknownDevice, looks_like_token, token_hash
 
 # Misses one address may make at once (a phone whose device was deleted, a

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from . import wire
+from .. import wire
 
 
 # The origin of the pins fed by phone apps: they belong to a device, not to

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Optional
 
-from . import wire
+from .. import wire
 from .clusters import ClusterGroup, Clusters
 from .mapcore import ViewGroup
 from .members import Member
 from .pins import Pin
-from .wire import BBox, in_bbox
+from ..wire import BBox, in_bbox
 
 __all__ = ["ViewGroup", "Views"]
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Optional
 
 from twisted.internet.interfaces import IDelayedCall
 
-from . import wire
+from .. import wire
 from .mapcore import MapCore
 
 if TYPE_CHECKING:

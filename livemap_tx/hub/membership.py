@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterable, Optional, cast
 
-from . import wire
+from .. import wire
 from .ticks import Ticks
 from .members import MapFull, Member, Subscriber
 from .pins import DEVICES, Pin
 
 if TYPE_CHECKING:
-    from .hub import MapState
+    from . import MapState
 
 
 class Membership(Ticks):

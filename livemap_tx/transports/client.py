@@ -11,9 +11,9 @@ from typing import Optional, Union
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from . import wire
-from .hub import Hub, Member, Subscriber
-from .privacy import coarsen
+from .. import wire
+from ..hub import Hub, Member, Subscriber
+from ..privacy import coarsen
 
 DEFAULT_RATE = 10.0
 # The flood allowance (docs/protocol.md, "Move rate"): a client is closed only

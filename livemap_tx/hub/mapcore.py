@@ -12,16 +12,16 @@ from typing import TYPE_CHECKING, Iterable, Optional
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
-from . import wire
+from .. import wire
 from .grid import PinGrid, ViewIndex
 from .members import Frame, Member
 from .pins import Pin
-from .privacy import map_label as log_name
-from .wire import BBox
+from ..privacy import map_label as log_name
+from ..wire import BBox
 
 if TYPE_CHECKING:
     from .cohorts import Cohort
-    from .hub import Hub
+    from . import Hub
     from .clusters import Aggregate, ClusterGroup
 
 

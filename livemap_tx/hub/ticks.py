@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import Optional
 
-from . import wire
+from .. import wire
 from .flow import SlowConsumers
 from .pins import Pin
 from .clusters import ClusterGroup
 from .views import ViewGroup
-from .wire import in_bbox
+from ..wire import in_bbox
 
 
 class Ticks(SlowConsumers):

@@ -6,12 +6,12 @@ catch-up update (or a snapshot), and one stuck too long is closed.
 
 from __future__ import annotations
 
-from . import wire
+from .. import wire
 from .views import Views
 from .members import Member
 from .pins import Pin
-from .privacy import map_label as log_name
-from .wire import in_bbox
+from ..privacy import map_label as log_name
+from ..wire import in_bbox
 
 
 class SlowConsumers(Views):

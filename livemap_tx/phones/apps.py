@@ -31,7 +31,7 @@ from urllib.parse import quote
 
 import orjson
 
-from . import wire
+from .. import wire
 from .devices import MAX_FUTURE, Fix
 
 # An Overland batch holds at most this many points.

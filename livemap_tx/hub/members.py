@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional, Protocol
 
-from . import wire
+from .. import wire
 from .pins import Pin
-from .wire import BBox
+from ..wire import BBox
 
 if TYPE_CHECKING:
     from .cohorts import Cohort
-    from .hub import MapState
+    from . import MapState
     from .mapcore import ViewGroup
 
 

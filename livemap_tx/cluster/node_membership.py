@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from .hub import Hub
+from ..hub import Hub
 from .links import Link
 
 DEFAULT_NODE_TTL = 6.0

@@ -13,12 +13,12 @@ from typing import Callable, Optional, cast
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from . import wire
-from .admission import Admission, Refused
+from .. import wire
+from ..admission import Admission, Refused
 from .client import Client
-from .hub import Frame, Hub, MapFull
-from .privacy import map_label as log_name
-from .sockjs import SockJSConnection, SockJSResource, quote
+from ..hub import Frame, Hub, MapFull
+from ..privacy import map_label as log_name
+from ..sockjs import SockJSConnection, SockJSResource, quote
 
 SOCKJS_CLIENT_PATH = "/vendor/sockjs-client/sockjs.min.js"
 # Frame.cache key: a broadcast is quoted into a SockJS string once per tick.

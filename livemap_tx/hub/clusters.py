@@ -18,13 +18,13 @@ from __future__ import annotations
 import math
 from typing import Iterator, Optional
 
-from . import wire
+from .. import wire
 from .cohorts import Cohorts
 from .grid import ViewIndex
 from .mapcore import ViewGroup
 from .members import Member
 from .pins import Pin
-from .wire import BBox
+from ..wire import BBox
 
 # Tiles are computed once per pin state at the finest level; coarser levels
 # shift them.

@@ -25,7 +25,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 
 from .device_store import MemoryDeviceKeys
-from .privacy import map_digest
+from ..privacy import map_digest
 
 DEFAULT_CLUSTER = "livemap"
 

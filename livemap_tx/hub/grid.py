@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Generic, Iterable, Iterator, Optional, TypeVar
 
-from .wire import BBox
+from ..wire import BBox
 
 # Finest view level: cells of 360/2^18 degrees (about 150 m).
 MAX_LEVEL = 18

@@ -23,8 +23,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web.server import Request
 
-from . import wire
-from .admission import Admission, Refused
+from .. import wire
+from ..admission import Admission, Refused
 from .apps import (
     DEFAULT_MAX_FRIENDS,
     MAX_BATCH_BYTES,

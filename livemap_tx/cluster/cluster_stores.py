@@ -1,7 +1,7 @@
 """
 The cluster's stores as the backplane offers them: it is the `MapStore` of
 the node's `MapDirectory` (private maps, maps.py) and the `DeviceStore` of
-its `Devices` (devices.py), both kept through the link (Redis), and it
+its `Devices` (phones/devices.py), both kept through the link (Redis), and it
 writes back what this node knows when the store lost its data.
 """
 
@@ -17,12 +17,12 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from .device_store import fix_value
-from .hub import DEVICES, Hub
+from ..hub import DEVICES, Hub
 from .links import Link
-from .maps import MapDirectory
+from ..maps import MapDirectory
 
 if TYPE_CHECKING:
-    from .devices import Devices
+    from ..phones.devices import Devices
 
 
 class ClusterStores:

@@ -32,7 +32,7 @@ from typing import Any, Iterable
 
 from twisted.internet import defer
 
-from .privacy import map_digest
+from ..privacy import map_digest
 
 # Forgotten devices pruned per script call (the rest go on the next one).
 PRUNE_BATCH = 1000

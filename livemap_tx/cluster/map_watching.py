@@ -15,11 +15,11 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from .hub import Hub
+from ..hub import Hub
 from .links import Link, MapUnavailable
 
 if TYPE_CHECKING:
-    from .devices import Devices
+    from ..phones.devices import Devices
 
 # How long a map stays watched after the last thing that needed it.
 LINGER = 3.0

@@ -23,11 +23,11 @@ from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from . import wire
-from .admission import Admission, Refused
+from .. import wire
+from ..admission import Admission, Refused
 from .client import DEFAULT_RATE, Client
-from .hub import Frame, Hub, MapFull
-from .privacy import map_label as log_name
+from ..hub import Frame, Hub, MapFull
+from ..privacy import map_label as log_name
 
 # Autobahn drops anything larger without reading it; between 4 KiB and this
 # bound the client gets the protocol's `too_big` error before the close.

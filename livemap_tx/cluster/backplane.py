@@ -40,7 +40,7 @@ On a map's channel:
   (so that the sender's later deltas never overtake it), or on the map's
   channel (when several asked, and to everyone after (re)linking); `r`
   names the askers it answers (none: the sender started serving the map).
-- `dev`: a device's newest fix (devices.py).
+- `dev`: a device's newest fix (phones/devices.py).
 
 A node starts watching a map by listening to its channel, asking the
 nodes that listen for their pins (the link says how many the request
@@ -79,7 +79,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .cluster_stores import ClusterStores
-from .hub import Hub, Pin
+from ..hub import Hub, Pin
 from .links import (
     DEFAULT_CLUSTER,
     Link,
@@ -89,12 +89,12 @@ from .links import (
     new_node_id,
 )
 from .map_watching import DEVICE_LEASE, LINGER, REQUEST_LEASE, MapWatch, MapWatching
-from .maps import MapDirectory
+from ..maps import MapDirectory
 from .node_membership import DEFAULT_NODE_TTL, Membership
 from .redis_link import PROTOCOL_VERSION, RedisAddress, RedisLink, parse_redis_url
 
 if TYPE_CHECKING:
-    from .devices import Devices
+    from ..phones.devices import Devices
 
 # Pins per `mfull` message: keeps each bus message (and each parse on the
 # receiving reactor) small.

@@ -35,10 +35,10 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from . import wire
-from .hub import DEVICES, Hub
-from .maps import MapDirectory
-from .privacy import coarsen
+from .. import wire
+from ..hub import DEVICES, Hub
+from ..maps import MapDirectory
+from ..privacy import coarsen
 
 SOURCES = ("owntracks", "osmand", "overland")
 # 24 random bytes: 192 bits, 32 characters.

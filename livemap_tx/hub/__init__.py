@@ -35,7 +35,7 @@ from .members import Frame, MapFull, Member, Subscriber
 from .membership import Membership
 from .pins import DEVICES, Pin
 from .views import ViewGroup
-from .wire import View
+from ..wire import View
 
 __all__ = ["DEVICES", "Cohort", "Frame", "Hub", "MapFull", "MapState", "MapWatcher", "Member",
            "Pin", "Stats", "Subscriber", "ViewGroup"]

@@ -1,0 +1,4 @@
+"""
+Live connections: one connection's protocol state (`client`), whatever
+carries it: a WebSocket (`ws`) or a SockJS session (`sockjs_endpoint`).
+"""
