@@ -119,6 +119,7 @@ async def start_node(tmp_path: Path, *args: str) -> TwistdServer:
     return node
 
 
+@pytest.mark.waits  # mostly waiting: scripts/test runs it beside the rest
 @needs_redis
 @pytest_twisted.ensureDeferred
 async def test_a_joining_node_shows_no_ghost_whatever_the_servers_latency(tmp_path, two_redis):

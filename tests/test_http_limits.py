@@ -351,6 +351,7 @@ async def test_a_body_dribbler_is_cut_off_at_the_body_deadline():
         await listener.stopListening()
 
 
+@pytest.mark.waits  # mostly waiting: scripts/test runs it beside the rest
 @pytest_twisted.ensureDeferred
 async def test_an_honest_large_overland_batch_over_a_slow_link_is_taken(server):
     """About 110 KB at 4 KB/s in bursts (28 s) under the default deadlines: 200 and the pin."""

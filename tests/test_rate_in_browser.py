@@ -70,6 +70,7 @@ def slow_rate_server(tmp_path: Path) -> Iterator[TwistdServer]:
     server.stop()
 
 
+@pytest.mark.waits  # mostly waiting: scripts/test runs it beside the rest
 def test_the_page_at_rate_2_is_never_closed_in_a_minute(
         browser: Browser, slow_rate_server: TwistdServer, map_name: str) -> None:
     sockets: list[dict[str, Any]] = []

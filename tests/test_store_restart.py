@@ -121,6 +121,7 @@ async def test_every_device_reports_after_a_restart_and_its_pin_is_back_where_it
         node.stop()
 
 
+@pytest.mark.waits  # mostly waiting: scripts/test runs it beside the rest
 @pytest.mark.parametrize("how", ["restart", "kill -9"])
 @pytest_twisted.ensureDeferred
 async def test_a_private_map_stays_private_until_its_expiry_and_is_gone_after(tmp_path, how):
