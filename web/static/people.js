@@ -179,7 +179,11 @@ export class PeoplePanel {
       return;
     }
     const others = people.filter((p) => !p.mine);
-    if (others.length === 0) {
+    const total = this.app.total();
+    if (others.length === 0 && total !== null && total > people.length) {
+      // A big map's people are all in the clusters around: none in reach of a name.
+      this.el.summary.textContent = 'zoom in to see names';
+    } else if (others.length === 0) {
       this.el.summary.textContent = people.length ? 'only you so far' : '';
     } else if (others[0].distance !== null) {
       this.el.summary.textContent =
