@@ -120,10 +120,10 @@ def test_the_link_checks_can_fail() -> None:
     assert broken_links(texts, files) == [
         "README.md: docs/missing.md (no docs/missing.md in the repository)",
         "README.md: docs/protocol.md#nowhere (no heading #nowhere in docs/protocol.md)"]
-    texts = {"a.py": "# see " + "../" + "shared/PROTOCOL.md\n# see docs/PROTOCOL.md\n"
+    texts = {"a.py": "# see " + "../" + "shared/" + "PROTOCOL.md\n# see docs/PROTOCOL.md\n"
                      "# docs/protocol.md and README.md\n# DESIGN.md"}
     assert outside_references(texts, files) == [
-        "a.py:1: # see " + "../" + "shared/PROTOCOL.md", "a.py:2: # see docs/PROTOCOL.md",
+        "a.py:1: # see " + "../" + "shared/" + "PROTOCOL.md", "a.py:2: # see docs/PROTOCOL.md",
         "a.py:4: # DESIGN.md"]
 
 
