@@ -95,3 +95,19 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+def several_redis_servers(base: Path, count: int) -> Iterator[list[RedisServer]]:
+    """`count` private redis-servers in base/redis0, redis1...: a fixture's body (yield from)."""
+    servers = []
+    try:
+        for index in range(count):
+            directory = base / f"redis{index}"
+            directory.mkdir()
+            server = RedisServer(directory)
+            server.start()
+            servers.append(server)
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()

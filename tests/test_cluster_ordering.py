@@ -29,7 +29,7 @@ from livemap_tx.phones.devices import Devices, Fix
 from livemap_tx.hub import DEVICES, Hub
 from livemap_tx.maps import MapDirectory
 from livemap_tx.cluster.sharding import in_agreed_order, shard_of
-from redis_server import RedisServer, needs_redis
+from redis_server import RedisServer, needs_redis, several_redis_servers
 
 ROUNDS = 20
 
@@ -46,16 +46,7 @@ class Watcher:
 
 @pytest.fixture
 def two_redis(tmp_path: Path) -> Iterator[list[RedisServer]]:
-    servers = []
-    for index in range(2):
-        directory = tmp_path / f"redis{index}"
-        directory.mkdir()
-        server = RedisServer(directory)
-        server.start()
-        servers.append(server)
-    yield servers
-    for server in servers:
-        server.stop()
+    yield from several_redis_servers(tmp_path, 2)
 
 
 async def slow_home(servers: list[RedisServer]) -> tuple[DelayingProxy, str, str]:

@@ -26,23 +26,14 @@ from liveclients import open_view
 from livemap_tx.cluster.links import map_digest
 from livemap_tx.cluster.sharding import in_agreed_order, servers_fingerprint, shard_of
 from livemap_tx.service import Options
-from redis_server import RedisServer, needs_redis
+from redis_server import RedisServer, needs_redis, several_redis_servers
 
 MAPS = [f"shard-map-{n}" for n in range(9)]
 
 
 @pytest.fixture
 def three_redis(tmp_path: Path) -> Iterator[list[RedisServer]]:
-    servers = []
-    for index in range(3):
-        directory = tmp_path / f"redis{index}"
-        directory.mkdir()
-        server = RedisServer(directory)
-        server.start()
-        servers.append(server)
-    yield servers
-    for server in servers:
-        server.stop()
+    yield from several_redis_servers(tmp_path, 3)
 
 
 def urls(servers: list[RedisServer]) -> str:
