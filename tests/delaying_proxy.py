@@ -140,8 +140,9 @@ class DelayingProxy(protocol.Factory):
     def port(self) -> int:
         return self.listening.getHost().port
 
-    def start(self) -> int:
-        self.listening = reactor.listenTCP(0, self, interface="127.0.0.1")
+    def start(self, port: int = 0) -> int:
+        """Listen on 127.0.0.1:`port` (0: any free port); raises CannotListenError if taken."""
+        self.listening = reactor.listenTCP(port, self, interface="127.0.0.1")
         return self.port
 
     def stop(self) -> defer.Deferred:

@@ -56,14 +56,21 @@ async def slow_home(servers: list[RedisServer]) -> tuple[DelayingProxy, str, str
     order), and the --redis value; returns (proxy, value, place of the fast one).
     """
     slow, fast = servers
-    for _ in range(50):
+    fast_place = f"127.0.0.1:{fast.port}/0"
+    # The proxy's port is chosen so that its place sorts first (places sort
+    # as text, so a free port chosen by the system might not): the first
+    # free one in that order.
+    for port in sorted(range(1024, 65536), key=str):
+        place = f"127.0.0.1:{port}/0"
+        if in_agreed_order([place, fast_place])[0] != place:
+            break
         proxy = DelayingProxy(slow.port, to_server=(0.3, 0.3), to_client=(0.3, 0.3), seed=21)
-        port = proxy.start()
-        places = [f"127.0.0.1:{port}/0", f"127.0.0.1:{fast.port}/0"]
-        if in_agreed_order(places)[0] == places[0]:
-            return proxy, f"redis://{places[0]},redis://{places[1]}", places[1]
-        await proxy.stop()
-    raise AssertionError("no proxy port sorted before the fast server's")
+        try:
+            proxy.start(port)
+        except error.CannotListenError:
+            continue
+        return proxy, f"redis://{place},redis://{fast_place}", fast_place
+    raise AssertionError("no free proxy port sorts before the fast server's")
 
 
 def maps_on(place: str, places: list[str], count: int, prefix: str) -> list[str]:
