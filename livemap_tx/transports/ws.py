@@ -26,6 +26,7 @@ from zope.interface import implementer
 from .. import wire
 from ..admission import Admission, Refused
 from .client import DEFAULT_RATE, Client
+from .small_frames import small_text_frame
 from ..hub import Frame, Hub, MapFull
 from ..privacy import map_label as log_name
 
@@ -185,6 +186,25 @@ class LiveMapProtocol(WebSocketServerProtocol):
         self.http_headers = _NO_HEADERS
         for name in _HANDSHAKE_LEFTOVERS:
             setattr(self, name, None)
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 (Twisted's name)
+        """
+        Small whole text frames (moves) are read here; whatever else comes,
+        from its first byte on, goes to Autobahn (small_frames.py says why).
+        """
+        pos = 0
+        while (self.state == _OPEN and self.current_frame is None and not self.data
+               and not self.inside_message and self.client is not None):
+            frame = small_text_frame(data, pos)
+            if frame is None:
+                break
+            payload, pos = frame
+            if self.autoPingTimeoutCall is not None and self.autoPingRestartOnAnyTraffic:
+                # Traffic counts as an answer to a ping, as in Autobahn.
+                self._cancelAutoPingTimeoutCall()
+            self.client.message_received(payload, False)
+        if pos < len(data):
+            self._dataReceived(data[pos:] if pos else data)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:  # noqa: N802,N803
         if self.client is not None:
