@@ -360,21 +360,23 @@ class Clusters(Cohorts):
             else:
                 assert before is not None
                 candidates = [g for groups in views.at(*before) for g in groups]
+            # The hot loop of a big map: once per moved pin and group that
+            # may show it (tens per pin on a crowded street).
+            add = touched.add
             for group in candidates:
                 tiles = group.tiles
-                y_lo, y_hi = tiles.y_lo, tiles.y_hi
-                if now_shown and y_lo <= y_now <= y_hi and (
+                if now_shown and tiles.y_lo <= y_now <= tiles.y_hi and (
                         (x_now >= tiles.x_lo or x_now <= tiles.x_hi) if tiles.wraps
                         else tiles.x_lo <= x_now <= tiles.x_hi):
-                    group.removed.pop(pin_id, None)
+                    if group.removed:
+                        group.removed.pop(pin_id, None)
                     group.upserts[pin_id] = json
-                elif was_shown and y_lo <= y_was <= y_hi and (
+                    add(group)
+                elif was_shown and tiles.y_lo <= y_was <= tiles.y_hi and (
                         (x_was >= tiles.x_lo or x_was <= tiles.x_hi) if tiles.wraps
                         else tiles.x_lo <= x_was <= tiles.x_hi):
                     group.hide(pin_id)
-                else:
-                    continue
-                touched.add(group)
+                    add(group)
 
     def _route_departed_clustered(self, pin: Pin, before: tuple[float, float],
                                   touched: set[ViewGroup]) -> None:
