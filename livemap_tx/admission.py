@@ -7,12 +7,17 @@ Both transports (WebSocket and SockJS) ask the same `Admission` object, so a
 client cannot get around a limit by switching transport. Plain HTTP
 connections count against the same per-address limit (connections.py): a
 WebSocket counts once, as the TCP connection it is.
+
+`AddressRate` is the one per-address request limit (a token bucket each):
+unknown device tokens, device creations and people searches each keep one.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from typing import Iterable, Optional, Union
+
+from twisted.internet.interfaces import IReactorTime
 from urllib.parse import urlsplit
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -167,3 +172,50 @@ class Admission:
             self.per_ip.pop(address, None)
         else:
             self.per_ip[address] = count - 1
+
+
+class AddressRate:
+    """
+    What each client address may still do: `burst` at once, then one every
+    `period` seconds (a token bucket per address). The `max_addresses` least
+    recently seen are remembered, so a flood of addresses costs bounded memory
+    (a forgotten address starts again with its burst).
+    """
+
+    def __init__(self, clock: IReactorTime, burst: float, period: float,
+                 max_addresses: int = 10_000) -> None:
+        self.clock = clock
+        self.burst = float(burst)
+        self.period = period
+        self.max_addresses = max_addresses
+        # address -> (tokens left, when counted), least recently seen first.
+        self.addresses: dict[str, tuple[float, float]] = {}
+
+    def _left(self, address: str, now: float) -> float:
+        left, updated = self.addresses.get(address, (self.burst, now))
+        return min(self.burst, left + (now - updated) / self.period)
+
+    def wait(self, address: str) -> float:
+        """0 if `address` may act now, else the seconds until it may."""
+        left = self._left(address, self.clock.seconds())
+        return 0.0 if left >= 1.0 else (1.0 - left) * self.period
+
+    def spend(self, address: str) -> None:
+        """`address` acted: one token less (never below none)."""
+        now = self.clock.seconds()
+        left = self._left(address, now)
+        self.addresses.pop(address, None)
+        self.addresses[address] = (max(0.0, left - 1.0), now)
+        while len(self.addresses) > self.max_addresses:
+            del self.addresses[next(iter(self.addresses))]
+
+    def take(self, address: str) -> float:
+        """Spend a token if there is one and return 0, else the seconds to wait."""
+        wait = self.wait(address)
+        if wait == 0.0:
+            self.spend(address)
+        else:
+            seen = self.addresses.pop(address, None)  # stays among the remembered
+            if seen is not None:
+                self.addresses[address] = seen
+        return wait

@@ -45,6 +45,7 @@ from .cluster.backplane import (
 from .transports.client import DEFAULT_RATE
 from .phones.app_routes import PhoneApps
 from .phones.apps import DEFAULT_MAX_FRIENDS
+from .hub.people import SEARCH_BURST, SEARCH_RATE
 from .phones.devices import CREATE_BURST, Devices, Unavailable
 from .hub import Hub
 from .cluster.links import MapUnavailable
@@ -250,6 +251,10 @@ class Options(usage.Options):
          "Phone-app devices one client address may set up at once (a venue's audience "
          "behind one NAT address); after that, one every 30 s.",
          _count("device-burst", 100_000)],
+        ["search-rate", None, SEARCH_RATE,
+         "People searches (GET /api/maps/MAP/people) one client address may make a "
+         f"second, after a burst of {SEARCH_BURST}; past that they are answered 429.",
+         _positive("search-rate", 0.0, 10_000.0)],
         ["max-friends", None, DEFAULT_MAX_FRIENDS,
          "People an OwnTracks phone is shown as Friends, the nearest first.",
          _count("max-friends", 10_000)],
@@ -565,7 +570,9 @@ def make_node(reactor: Any, options: Options, *,
                        attribution=options["attribution"], rate=options["rate"],
                        sockjs=sockjs, directory=directory, stale=options["stale"],
                        apps=PhoneApps(devices, admission,
-                                      max_friends=options.get("max-friends", DEFAULT_MAX_FRIENDS)))
+                                      max_friends=options.get("max-friends", DEFAULT_MAX_FRIENDS)),
+                       admission=admission,
+                       search_rate=options.get("search-rate", SEARCH_RATE))
     registry.register(DeviceCollector(devices))
     if site.apps is not None:
         registry.register(MissCollector(site.apps.misses))

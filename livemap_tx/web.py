@@ -6,6 +6,7 @@ SockJS resources (docs/protocol.md's table of paths).
 
 from __future__ import annotations
 
+import math
 import re
 import socket
 import tempfile
@@ -32,7 +33,7 @@ import livemap_web
 
 from .hub import people as people_search
 from . import wire
-from .admission import Admission
+from .admission import Admission, AddressRate
 from .phones.app_routes import PhoneApps
 from .connections import ConnectionTable, socket_budget
 from .hub import Hub
@@ -444,9 +445,15 @@ class LiveMapSite:
                  tiles: str = OSM_TILES, attribution: str = OSM_ATTRIBUTION,
                  rate: float = 10.0, sockjs: Optional[IResource] = None,
                  web_root: Path = WEB_ROOT, directory: Optional[MapDirectory] = None,
-                 stale: float = 600.0, apps: Optional[PhoneApps] = None) -> None:
+                 stale: float = 600.0, apps: Optional[PhoneApps] = None,
+                 admission: Optional[Admission] = None,
+                 search_rate: float = people_search.SEARCH_RATE) -> None:
         self.hub = hub
         self.apps = apps
+        # Who a request comes from (a trusted proxy's X-Forwarded-For), and
+        # the people searches each client address may still make.
+        self.admission = admission or Admission()
+        self.searches = AddressRate(hub.clock, people_search.SEARCH_BURST, 1.0 / search_rate)
         # Fires once this node holds a map's pins (a backplane's `watch`).
         self.map_ready: Callable[[str], defer.Deferred] = lambda name: defer.succeed(None)
         # name -> check returning None when fine, else what is wrong (the
@@ -621,6 +628,18 @@ class LiveMapSite:
     @app.route("/api/maps/<map_name>/people", methods=["GET", "HEAD"])
     def people(self, request: Request, map_name: str) -> defer.Deferred:
         """Search the people of a map by name, nearest first (extension "clusters")."""
+        address = self.admission.client_address(
+            getattr(request.getClientAddress(), "host", "unknown"),
+            (request.getHeader(b"x-forwarded-for") or b"").decode("latin-1") or None)
+        wait = self.searches.take(address)
+        if wait > 0:
+            request.setResponseCode(429)
+            request.setHeader(b"Content-Type", b"application/json")
+            request.setHeader(b"Retry-After", b"%d" % math.ceil(wait))
+            return defer.succeed(orjson.dumps({
+                "error": "too_many_searches",
+                "message": f"too many searches from this address; retry in {math.ceil(wait)} s"}))
+
         def found() -> bytes:
             request.setHeader(b"Content-Type", b"application/json")
             request.setHeader(b"Cache-Control", b"no-store")

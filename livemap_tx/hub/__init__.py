@@ -214,7 +214,8 @@ class Hub:
         map_state = self.maps.get(map_name)
         if map_state is None:
             return 0, []
-        return len(map_state.pins), people.search(map_state.pins.values(), text, point, limit)
+        return len(map_state.pins), people.search(map_state.pins, map_state.names,
+                                                  map_state.pin_grid, text, point, limit)
 
     def members(self) -> Iterator[Member]:
         for map_state in list(self.maps.values()):

@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from .. import wire
 from .grid import PinGrid, ViewIndex
 from .members import Frame, Member
+from .people import Names
 from .pins import Pin
 from ..privacy import map_label as log_name
 from ..wire import BBox
@@ -56,6 +57,8 @@ class MapCore:
         self.groups: dict[BBox, ViewGroup] = {}
         self.view_index: ViewIndex[ViewGroup] = ViewIndex()
         self.pin_grid = PinGrid()
+        # Its pins by name, for the people search (membership.py keeps it).
+        self.names = Names()
         # Clustered views (extension "clusters"): their groups by key, an
         # index of them per cell level, and the cells' aggregates per level.
         self.cluster_groups: dict[tuple, ClusterGroup] = {}

@@ -71,6 +71,7 @@ class Membership(Ticks):
 
     def remove_pin(self, pin: Pin) -> None:
         del self.pins[pin.id]
+        self.names.drop(pin)
         self.totals_stale = True  # clustered views' `total`
         if pin.origin == DEVICES:
             self.device_pins -= 1
@@ -110,6 +111,7 @@ class Membership(Ticks):
             pin.name, pin.seq, pin.ts = state["name"], state["seq"], state["ts"]
             pin.source, pin.battery = state.get("source"), state.get("battery")
             pin._json = None
+            self.names.put(pin)
             self._index_pin(pin)
             self._mark(pin)
         self._forget_if_empty()
@@ -156,6 +158,7 @@ class Membership(Ticks):
             pin.name = member.name
             pin.version = member.last_version
             self.pins[pin.id] = pin
+            self.names.put(pin)
             self.totals_stale = True
         pin.lat, pin.lng = move.lat, move.lng
         pin.heading, pin.accuracy, pin.seq = move.heading, move.accuracy, move.seq
@@ -171,6 +174,7 @@ class Membership(Ticks):
         pin = member.pin
         if pin is not None and pin.name != name:
             pin.name = name
+            self.names.put(pin)
             pin.version += 1
             pin._json = None
             self._mark(pin)

@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .. import wire
+from ..admission import AddressRate
 from ..hub import DEVICES, Hub
 from ..maps import MapDirectory
 from ..privacy import coarsen
@@ -262,8 +263,8 @@ class Devices:
         # then); bounded like `known`.
         self.deleted: dict[str, tuple[str, str, float]] = {}
         self.deleted_pins: set[str] = set()
-        # Creations per client address: (tokens, last update).
-        self.creators: dict[str, tuple[float, float]] = {}
+        # Creations per client address.
+        self.creators = AddressRate(clock, create_burst, CREATE_PERIOD, MAX_CREATORS)
         self.create_burst = create_burst
         # held: reports that came too soon (the newest is applied later);
         # skipped: fixes that cannot be used (from the future, an unusable
@@ -483,18 +484,10 @@ class Devices:
     # Limits
 
     def _check_creator(self, address: str) -> None:
-        now = self.clock.seconds()
-        burst = float(self.create_burst)
-        tokens, updated = self.creators.pop(address, (burst, now))
-        tokens = min(burst, tokens + (now - updated) / CREATE_PERIOD)
-        if tokens < 1.0:
-            self.creators[address] = (tokens, now)
+        if self.creators.take(address) > 0:
             self.stats["refused"] += 1
             raise TooFast(f"at most {self.create_burst} devices at once from one address, "
                           f"then one every {CREATE_PERIOD:g} s")
-        self.creators[address] = (tokens - 1.0, now)
-        while len(self.creators) > MAX_CREATORS:
-            del self.creators[next(iter(self.creators))]
 
     def _take_token(self, device: Device, now: float) -> bool:
         capacity = max(1.0, self.rate)

@@ -21,7 +21,7 @@ from prometheus_client.registry import Collector
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.server import Request
 
-from ..admission import Admission
+from ..admission import Admission, AddressRate
 from .devices import Device, Devices, TooFast, UnknownDevice, looks_like_token, token_hash
 
 # Misses one address may make at once (a phone whose device was deleted, a
@@ -49,31 +49,19 @@ class MissLimiter:
         self.devices = devices
         self.admission = admission
         self.clock: IReactorTime = devices.clock
-        self.burst = float(burst)
-        self.period = period
-        self.max_addresses = max_addresses
+        self.rate = AddressRate(self.clock, burst, period, max_addresses)
         # address -> (misses left, when counted)
-        self.addresses: dict[str, tuple[float, float]] = {}
+        self.addresses = self.rate.addresses
         self.refused = 0
         self.misses = 0
 
-    def _left(self, address: str) -> float:
-        now = self.clock.seconds()
-        left, updated = self.addresses.get(address, (self.burst, now))
-        return min(self.burst, left + (now - updated) / self.period)
-
     def retry_after(self, address: str) -> float:
         """0 if `address` may make a miss now, else the seconds until it may."""
-        left = self._left(address)
-        return 0.0 if left >= 1.0 else (1.0 - left) * self.period
+        return self.rate.wait(address)
 
     def missed(self, address: str) -> None:
-        left = self._left(address)
-        self.addresses.pop(address, None)
-        self.addresses[address] = (max(0.0, left - 1.0), self.clock.seconds())
+        self.rate.spend(address)
         self.misses += 1
-        while len(self.addresses) > self.max_addresses:
-            del self.addresses[next(iter(self.addresses))]
 
     async def find(self, request: Request, token: Optional[str]) -> Device:
         """

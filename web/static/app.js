@@ -15,7 +15,7 @@ import {ago, duration, batteryLevel, sourceLabel} from './format.js';
 import {PeoplePanel} from './people.js';
 import {Trails} from './trails.js';
 import {ShareDialog} from './share.js';
-import {Crowd} from './crowd.js';
+import {Crowd, placeDomLabels} from './crowd.js';
 
 const NAME_KEY = 'livemap.name';
 const APPROXIMATE_KEY = 'livemap.approximate';
@@ -47,8 +47,6 @@ const BIG_FROM = 51;
 const SMALL_AGAIN = 40;
 const CLUSTERS_UNTIL_ZOOM = 18; // from this zoom up nothing is clustered (as on the server)
 const CLUSTER_PREFIX = 'c:'; // a cluster's id; never a pin's
-const EDGE_PX = 2; // names keep this far from the screen's edges
-const LABEL_BELOW_PX = 18; // from a pin's centre to its name (style.css: .pin-label)
 const HIDDEN_FRAME_MS = 250;
 const ZOOM_MS = 1000; // longer than any of Leaflet's zoom animations (0.25 s)
 const FIT_ALL_WAIT_MS = 5000; // "Show everyone" on a big map waits this long for the world
@@ -552,56 +550,13 @@ function crowdChanged() {
 }
 
 // Names of the DOM pins (every pin of a small map; the viewer and the
-// person followed on a big one): each is shown only where it overlaps no
-// name placed before it (the viewer first, then the person followed, then
-// the nearest), slid sideways to stay on the screen. Returns the boxes
-// taken, in container pixels.
-function placeDomLabels() {
-  const size = map.getSize();
-  const list = [...pins.values()].filter((e) => e.dom);
+// person followed on a big one), the viewer's first (crowd.js,
+// placeDomLabels); `marks`: the boxes of the cluster marks, which no name
+// may cover. Returns the boxes taken, in container pixels.
+function placeLabels(marks) {
   const focus = viewerAt();
-  const from = focus ? map.latLngToContainerPoint(focus) : L.point(size.x / 2, size.y / 2);
   const rank = (e) => (e.pin.id === myId ? 0 : e.pin.id === following ? 1 : 2);
-  const placed = list.map((e) => ({e, p: map.latLngToContainerPoint(e.at)}));
-  placed.sort((a, b) => (rank(a.e) - rank(b.e)) || (a.p.distanceTo(from) - b.p.distanceTo(from)));
-  // Reads first (sizes of changed names), then writes: one layout at most.
-  for (const {e} of placed) {
-    if (!e.labelSize || e.labelSize.w === 0) {
-      const label = e.dom.label;
-      e.labelSize = {w: label.offsetWidth, h: label.offsetHeight};
-    }
-  }
-  const taken = [];
-  for (const {e, p} of placed) {
-    const {w, h} = e.labelSize;
-    let dx = 0;
-    const left = p.x - w / 2;
-    if (left < EDGE_PX) dx = EDGE_PX - left;
-    else if (left + w > size.x - EDGE_PX) dx = size.x - EDGE_PX - (left + w);
-    dx = Math.round(dx);
-    // Below the pin, or above it at the bottom of the screen.
-    let dy = 0;
-    if (p.y + LABEL_BELOW_PX + h > size.y - EDGE_PX) dy = -(2 * LABEL_BELOW_PX + h);
-    const top = p.y + LABEL_BELOW_PX + dy;
-    const box = {left: left + dx, top, right: left + dx + w, bottom: top + h};
-    const offScreen = p.x < 0 || p.y < 0 || p.x > size.x || p.y > size.y ||
-      box.top < EDGE_PX - 1 || box.bottom > size.y - EDGE_PX + 1;
-    const hidden = w > 0 && (offScreen || (rank(e) > 0 &&
-      taken.some((t) => t.left < box.right && box.left < t.right &&
-                        t.top < box.bottom && box.top < t.bottom)));
-    if (!hidden) taken.push(box);
-    if (dx !== e.labelDx || dy !== e.labelDy) {
-      e.labelDx = dx;
-      e.labelDy = dy;
-      e.dom.label.style.setProperty('--label-dx', `${dx}px`);
-      e.dom.label.style.setProperty('--label-dy', `${dy}px`);
-    }
-    if (hidden !== e.labelHidden) {
-      e.labelHidden = hidden;
-      e.dom.label.classList.toggle('crowded', hidden);
-    }
-  }
-  return taken;
+  return placeDomLabels(map, [...pins.values()].filter((e) => e.dom), focus, rank, marks);
 }
 
 // Incoming messages are applied at most once per animation frame: a burst
@@ -697,8 +652,10 @@ function runFrame() {
   }
   zoomingSince = null;
   crowdDirty = false;
-  const taken = placeDomLabels();
-  if (!bigMap) return;
+  if (!bigMap) {
+    placeLabels([]);
+    return;
+  }
   const list = [];
   for (const e of pins.values()) if (!e.dom) list.push(e);
   const focus = viewerAt();
@@ -707,7 +664,7 @@ function runFrame() {
     pins: list,
     clusters: total !== null ? [...clusters.values()] : null,
     focus: focus ? map.latLngToContainerPoint(focus) : L.point(size.x / 2, size.y / 2),
-    reserved: taken,
+    reserved: placeLabels,
     area: freeArea(),
     dimAll: notLiveSince !== null,
   });

@@ -22,11 +22,75 @@ const LABEL_PAD_X = 7;
 const LABEL_MAX_W = 160;
 const LABEL_GAP_Y = 18; // from a pin's centre to the top of its label
 const EDGE = 2; // labels keep this far from the screen's edges
+const LABEL_BELOW_PX = 18; // from a DOM pin's centre to its name (style.css: .pin-label)
 const MAX_DPR = 2; // sharper is not seen on a moving map and costs four times the pixels
 
 /** The box {left, top, right, bottom} of a label or a mark, in container pixels. */
 function overlaps(a, b) {
   return a.left < b.right && b.left < a.right && a.top < b.bottom && b.top < a.bottom;
+}
+
+/**
+ * Names of app.js's DOM pins (every pin of a small map; the viewer and the
+ * person followed on a big one): each is shown only where it covers no
+ * cluster mark (`marks`: their boxes) and, but the viewer's own, no name
+ * placed before it (the viewer first, then `rank` 1, then the nearest to
+ * `focus`), slid sideways to stay on the screen. Below its pin, or above
+ * it at the bottom of the screen or when a mark is below. Returns the
+ * boxes taken, in container pixels.
+ * @param {L.Map} map
+ * @param {Array} entries app.js's entries with a `dom`
+ * @param {L.LatLng|null} focus
+ * @param {(entry) => number} rank 0 for the viewer's own pin
+ * @param {Array<{left, top, right, bottom}>} marks
+ */
+export function placeDomLabels(map, entries, focus, rank, marks) {
+  const size = map.getSize();
+  const from = focus ? map.latLngToContainerPoint(focus) : L.point(size.x / 2, size.y / 2);
+  const placed = entries.map((e) => ({e, p: map.latLngToContainerPoint(e.at)}));
+  placed.sort((a, b) => (rank(a.e) - rank(b.e)) || (a.p.distanceTo(from) - b.p.distanceTo(from)));
+  // Reads first (sizes of changed names), then writes: one layout at most.
+  for (const {e} of placed) {
+    if (!e.labelSize || e.labelSize.w === 0) {
+      const label = e.dom.label;
+      e.labelSize = {w: label.offsetWidth, h: label.offsetHeight};
+    }
+  }
+  const taken = [];
+  for (const {e, p} of placed) {
+    const {w, h} = e.labelSize;
+    let dx = 0;
+    const left = p.x - w / 2;
+    if (left < EDGE) dx = EDGE - left;
+    else if (left + w > size.x - EDGE) dx = size.x - EDGE - (left + w);
+    dx = Math.round(dx);
+    const above = -(2 * LABEL_BELOW_PX + h);
+    // Below the pin, or above it at the bottom of the screen; the other
+    // side if a mark is in the way.
+    const sides = p.y + LABEL_BELOW_PX + h > size.y - EDGE ? [above] : [0, above];
+    const boxAt = (dy) => {
+      const top = p.y + LABEL_BELOW_PX + dy;
+      return {left: left + dx, top, right: left + dx + w, bottom: top + h};
+    };
+    const dy = sides.find((side) => !marks.some((m) => overlaps(m, boxAt(side)))) ?? sides[0];
+    const box = boxAt(dy);
+    const offScreen = p.x < 0 || p.y < 0 || p.x > size.x || p.y > size.y ||
+      box.top < EDGE - 1 || box.bottom > size.y - EDGE + 1;
+    const hidden = w > 0 && (offScreen || marks.some((m) => overlaps(m, box)) ||
+      (rank(e) > 0 && taken.some((t) => overlaps(t, box))));
+    if (!hidden) taken.push(box);
+    if (dx !== e.labelDx || dy !== e.labelDy) {
+      e.labelDx = dx;
+      e.labelDy = dy;
+      e.dom.label.style.setProperty('--label-dx', `${dx}px`);
+      e.dom.label.style.setProperty('--label-dy', `${dy}px`);
+    }
+    if (hidden !== e.labelHidden) {
+      e.labelHidden = hidden;
+      e.dom.label.classList.toggle('crowded', hidden);
+    }
+  }
+  return taken;
 }
 
 export class Crowd {
@@ -126,7 +190,8 @@ export class Crowd {
    *     pixels), the viewer's own pin and the person followed left out (app.js draws them);
    *   clusters: the server's clusters [{id, lat, lng, count, bbox}], or null to count here;
    *   focus: the container point names are placed nearest to first;
-   *   reserved: boxes (container pixels) already taken by the DOM pins' names;
+   *   reserved: (marks) => boxes: places the DOM pins' names away from the marks' boxes
+   *     (container pixels) and returns the boxes they take;
    *   area: the part of the screen no panel covers (names elsewhere could not be read);
    *   dimAll: the connection is down (every pin as the past).
    */
@@ -181,8 +246,9 @@ export class Crowd {
 
     this.drawPins(singles, {scale, ox, oy, size, onScreen, dimAll});
 
-    // Clusters, as DOM marks (a tap zooms in), then the names that fit.
-    const taken = [...reserved];
+    // Clusters, as DOM marks (a tap or a key zooms in), then the DOM pins'
+    // names and the names that fit, none over a mark.
+    const markBoxes = [];
     const keepMarks = new Set();
     const shownMarks = [];
     for (const m of marks) {
@@ -190,16 +256,19 @@ export class Crowd {
       if (!onScreen(p.x, p.y)) continue;
       const r = m.count >= 1000 ? 26 : m.count >= 100 ? 22 : 18;
       keepMarks.add(m.id);
-      taken.push({left: p.x - r, top: p.y - r, right: p.x + r, bottom: p.y + r});
+      markBoxes.push({left: p.x - r, top: p.y - r, right: p.x + r, bottom: p.y + r});
       shownMarks.push({id: m.id, count: m.count, x: p.x, y: p.y});
       this.placeMark(m, p, r);
     }
     for (const [id, mark] of this.marks) {
       if (!keepMarks.has(id)) {
+        // A mark a key zoomed in from goes: the keyboard stays on the map.
+        if (mark.el === document.activeElement) map.getContainer().focus({preventScroll: true});
         mark.el.remove();
         this.marks.delete(id);
       }
     }
+    const taken = [...reserved(markBoxes), ...markBoxes];
 
     const candidates = [];
     for (const p of singles) {
@@ -301,7 +370,9 @@ export class Crowd {
   placeMark(m, p, r) {
     let mark = this.marks.get(m.id);
     if (!mark) {
-      const el = L.DomUtil.create('div', 'cluster', this.map.getPane('crowdMarks'));
+      // A button: Tab reaches it, Enter or Space zooms in as a tap does.
+      const el = L.DomUtil.create('button', 'cluster', this.map.getPane('crowdMarks'));
+      el.type = 'button';
       el.dataset.clusterId = m.id;
       mark = {el, count: null, x: null, y: null, r: null, bounds: null};
       this.marks.set(m.id, mark);
@@ -311,8 +382,10 @@ export class Crowd {
     mark.bounds = L.latLngBounds([s, w], [n, e]);
     if (mark.count !== m.count) {
       mark.count = m.count;
-      mark.el.textContent = m.count.toLocaleString('en-US');
-      mark.el.title = `${m.count.toLocaleString('en-US')} people here: tap to zoom in`;
+      const count = m.count.toLocaleString('en-US');
+      mark.el.textContent = count;
+      mark.el.title = `${count} people here, zoom in`;
+      mark.el.setAttribute('aria-label', mark.el.title);
     }
     if (mark.r !== r) {
       mark.r = r;
