@@ -61,12 +61,15 @@ const MERCATOR_LAT = 85.0511287798066;
 function parseArgs(argv) {
   const spec = {
     people: 1000, viewers: 1000, rate: 1.0, 'people-view': 'street', duration: 10.0, warmup: 3.0,
-    settle: 4.0, sample: 50, concurrency: 200, seed: 20, map: 'bigmap', port: null, 'server-pid': null,
+    settle: 4.0, sample: 50, concurrency: 200, seed: 20, map: 'bigmap', port: null,
+    'server-pid': null,
   };
   const o = { ...spec };
   for (let i = 0; i < argv.length; i += 2) {
     const name = argv[i].replace(/^--/, '');
-    if (!argv[i].startsWith('--') || !(name in spec)) throw new Error(`unknown argument ${argv[i]}`);
+    if (!argv[i].startsWith('--') || !(name in spec)) {
+      throw new Error(`unknown argument ${argv[i]}`);
+    }
     if (argv[i + 1] === undefined) throw new Error(`${argv[i]} needs a value`);
     o[name] = typeof spec[name] === 'string' ? argv[i + 1] : Number(argv[i + 1]);
   }
@@ -78,7 +81,9 @@ function parseArgs(argv) {
 // -- /proc ------------------------------------------------------------------------
 
 let TCK = 100;
-try { TCK = Number(execFileSync('getconf', ['CLK_TCK']).toString()) || 100; } catch (e) { /* 100 */ }
+try {
+  TCK = Number(execFileSync('getconf', ['CLK_TCK']).toString()) || 100;
+} catch (e) { /* 100 */ }
 
 function cpuOf(pid) {
   const text = fs.readFileSync(`/proc/${pid}/stat`, 'latin1');
@@ -134,10 +139,8 @@ function prng(seed) {
   let z = seed >>> 0;
   const split = () => {
     z = (z + 0x9e3779b9) >>> 0;
-    let t = z ^ (z >>> 16);
-    t = Math.imul(t, 0x21f0aaad);
-    t ^= t >>> 15;
-    t = Math.imul(t, 0x735a2d97);
+    let t = Math.imul(z ^ (z >>> 16), 0x21f0aaad);
+    t = Math.imul(t ^ (t >>> 15), 0x735a2d97);
     return (t ^ (t >>> 15)) >>> 0;
   };
   const s = [split(), split(), split(), split()];
@@ -149,7 +152,9 @@ function prng(seed) {
     return r / 4294967296;
   };
   next.between = (lo, hi) => lo + (hi - lo) * next();
-  next.normal = (mu, sigma) => mu + sigma * Math.sqrt(-2 * Math.log(1 - next())) * Math.cos(2 * Math.PI * next());
+  // Box-Muller
+  next.normal = (mu, sigma) => mu
+    + sigma * Math.sqrt(-2 * Math.log(1 - next())) * Math.cos(2 * Math.PI * next());
   return next;
 }
 
@@ -165,10 +170,8 @@ function tile(lat, lng, level) {
   return [clamp(fx), clamp(fy), fx, fy];
 }
 
-function median(sorted) {
-  const n = sorted.length;
-  return n % 2 ? sorted[(n - 1) / 2] : (sorted[n / 2 - 1] + sorted[n / 2]) / 2;
-}
+const median = (v) => (v.length % 2 ? v[(v.length - 1) / 2]
+  : (v[v.length / 2 - 1] + v[v.length / 2]) / 2);
 
 // -- the generator -------------------------------------------------------------
 
@@ -193,13 +196,15 @@ class BigMapNode {
     this.maxLagMs = 0;
     const places = [];
     for (let h = 0; h < PLACES; h++) {
-      places.push([CENTRE.lat + this.rand.between(-0.07, 0.07), CENTRE.lng + this.rand.between(-0.1, 0.1)]);
+      places.push([CENTRE.lat + this.rand.between(-0.07, 0.07),
+        CENTRE.lng + this.rand.between(-0.1, 0.1)]);
     }
     this.pos = [];
     for (let k = 0; k < o.people; k++) {
       if (k % 2 === 1) {
         const [la, ln] = places[k % PLACES];
-        this.pos.push([this.rand.normal(la, PLACE_SIGMA.lat), this.rand.normal(ln, PLACE_SIGMA.lng)]);
+        this.pos.push([this.rand.normal(la, PLACE_SIGMA.lat),
+          this.rand.normal(ln, PLACE_SIGMA.lng)]);
       } else {
         this.pos.push([CENTRE.lat + this.rand.between(-SPREAD.lat, SPREAD.lat),
           CENTRE.lng + this.rand.between(-SPREAD.lng, SPREAD.lng)]);
@@ -222,10 +227,12 @@ class BigMapNode {
       }
       const [name, , zoom, dlat, dlng] = kind;
       // views look where people are; zoomed-out ones at the whole city
-      let [la, ln] = o.people ? this.pos[Math.floor(this.rand() * o.people)] : [CENTRE.lat, CENTRE.lng];
+      let [la, ln] = [CENTRE.lat, CENTRE.lng];
+      if (o.people) [la, ln] = this.pos[Math.floor(this.rand() * o.people)];
       if (name === 'zoomed-out') [la, ln] = [CENTRE.lat, CENTRE.lng];
       seen[name] = (seen[name] || 0) + 1;
-      this.add(name, zoom, [ln - dlng, la - dlat, ln + dlng, la + dlat], seen[name] <= o.sample, -1);
+      const box = [ln - dlng, la - dlat, ln + dlng, la + dlat];
+      this.add(name, zoom, box, seen[name] <= o.sample, -1);
     }
   }
 
@@ -269,7 +276,8 @@ class BigMapNode {
       c.sock = ws._socket; // for bytesRead
       done(true);
     });
-    ws.on('message', c.sampled ? (data) => this.receive(c, data, now()) : (data) => this.first(c, data, ws));
+    if (c.sampled) ws.on('message', (data) => this.receive(c, data, now()));
+    else ws.on('message', (data) => this.first(c, data, ws));
     ws.on('error', (e) => done(false, `error: ${e.message}`));
     ws.on('close', (code, reason) => {
       if (c.open) {
@@ -327,7 +335,8 @@ class BigMapNode {
         }
         for (const p of msg.pins) {
           // a move reaching a picture that shows the pin (not one entering it)
-          if (this.measuring && c.pins.has(p.id) && Number.isInteger(p.seq) && p.seq > 0 && p.seq <= this.seq) {
+          const timed = Number.isInteger(p.seq) && p.seq > 0 && p.seq <= this.seq;
+          if (this.measuring && timed && c.pins.has(p.id)) {
             this.latencies.push(t - this.sentAt[p.seq]);
           }
           c.pins.set(p.id, p);
@@ -462,7 +471,8 @@ class BigMapNode {
       }
     }
     this.centreOff = 0;
-    return this.conns.filter((c) => c.sampled && c.open && !this.isRight(c, memo, byPin, people)).length;
+    const bad = (c) => c.sampled && c.open && !this.isRight(c, memo, byPin, people);
+    return this.conns.filter(bad).length;
   }
 
   // -- the run -----------------------------------------------------------------------
@@ -518,21 +528,26 @@ class BigMapNode {
       if (!of.length) continue;
       const rates = of.map((c) => (b1[c.i] - b0[c.i]) / window).sort((x, y) => x - y);
       perClass[name] = {
-        count: rates.length, median_B_s: Math.round(median(rates)), max_B_s: Math.round(rates[rates.length - 1]),
+        count: rates.length, median_B_s: Math.round(median(rates)),
+        max_B_s: Math.round(rates[rates.length - 1]),
         sampled: of.filter((c) => c.sampled).length,
       };
     }
     const lat = Float64Array.from(this.latencies).sort();
-    const q = (p) => (lat.length ? fix(lat[Math.min(lat.length - 1, Math.floor(p * lat.length))], 1) : null);
+    const q = (p) => (lat.length
+      ? fix(lat[Math.min(lat.length - 1, Math.floor(p * lat.length))], 1) : null);
     const kinds = {};
     for (const key of [...this.kinds.keys()].sort()) kinds[key] = this.kinds.get(key);
     Object.assign(result, {
       window_s: fix(window, 2), moves_per_s: fix(o.people * o.rate, 1),
-      server_cpu_frac: fix((cpu1 - cpu0) / window, 3), gen_cpu_frac: fix((gen1 - gen0) / window, 3),
-      core_busy: coresBusy(k0, k1), latency_samples: lat.length, p50_ms: q(0.5), p99_ms: q(0.99), max_ms: q(1),
+      server_cpu_frac: fix((cpu1 - cpu0) / window, 3),
+      gen_cpu_frac: fix((gen1 - gen0) / window, 3),
+      core_busy: coresBusy(k0, k1), latency_samples: lat.length,
+      p50_ms: q(0.5), p99_ms: q(0.99), max_ms: q(1),
       bytes_per_s: perClass, sampled: this.conns.filter((c) => c.sampled).length,
       wrong_sampled: wrong, converged_after_s: converged, closed_by_server: this.closedByServer,
-      errors: this.errors, failures: this.failures.slice(0, 10), moves_sent: this.moves, decoded: this.decoded,
+      errors: this.errors, failures: this.failures.slice(0, 10), moves_sent: this.moves,
+      decoded: this.decoded,
       sampled_messages: kinds,
       // Node's own: moves due by the window's end, the longest the move timer
       // fired late in the window (a busy event loop), cluster centres' offset

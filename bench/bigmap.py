@@ -446,7 +446,8 @@ class BigMap:
         while self.ready + len(self.failures) < len(self.conns) and time.monotonic() < deadline:
             self.pump(time.monotonic() + 0.05)
         result: dict[str, Any] = {
-            "generator": "python", "people": args.people, "viewers": args.viewers, "people_view": args.people_view,
+            "generator": "python", "people": args.people, "viewers": args.viewers,
+            "people_view": args.people_view,
             "connected": self.ready,
             "connect_s": round(time.monotonic() - t_start, 1)}
         self.pump(time.monotonic() + 1.0)
@@ -540,8 +541,8 @@ def render(paths: list[Path]) -> str:
     """A Markdown table of results (one row per run), as docs/benchmarks.md shows them."""
     classes = ["person", *[c[0] for c in CLASSES]]
     lines = [
-        "| people + viewers | generator, its CPU (cores) | server CPU (cores) | other work during (cores) "
-        "| p50 / p99 ms | "
+        "| people + viewers | generator, its CPU (cores) | server CPU (cores) "
+        "| other work during (cores) | p50 / p99 ms | "
         + " | ".join(f"{c} B/s median / max" for c in classes)
         + " | sampled wrong / converged after |",
         "| --- | --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in classes) + " | --- |",
@@ -569,8 +570,8 @@ def run_node(args: argparse.Namespace) -> dict[str, Any]:
     cmd = ["node", str(HERE / "bigmap.js")]
     for name in names:
         cmd += ["--" + name.replace("_", "-"), str(getattr(args, name))]
-    out = subprocess.run(cmd, stdout=subprocess.PIPE, check=True,
-                         timeout=args.duration + args.settle + 200 + (args.people + args.viewers) / 100)
+    limit = args.duration + args.settle + 200 + (args.people + args.viewers) / 100
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, check=True, timeout=limit)
     return orjson.loads(out.stdout)
 
 
@@ -595,7 +596,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--server-pid", type=int)
     p.add_argument("--json", type=Path)
     p.add_argument("--generator", choices=("python", "node"), default="python",
-                   help="this file's generator, or bigmap.js (Node.js, ws; shares no code with it)")
+                   help="this file's generator, or bigmap.js (Node.js, ws; no code shared)")
     args = p.parse_args(argv)
     os.sched_setaffinity(0, {GENERATOR_CORE})
     os.setpriority(os.PRIO_PROCESS, 0, -20)
