@@ -12,7 +12,8 @@ each pin state they receive is measured from the moment its move was sent,
 and at the end, once quiet, each sampled picture is compared with the
 truth (the generator's own positions, cut into the same Web Mercator
 cells). People watch their own street (zoom 17) while they move, as the
-page does. The server runs on core 0, this generator on core 1.
+page does. The server runs on core 0, this generator on core 1 (or, with
+--generator node, bench/bigmap.js: Node.js and ws, no code shared with this).
 
     .venv/bin/python bench/bigmap.py --people 10000 --viewers 10000 --json /tmp/big.json
 
@@ -567,6 +568,8 @@ def run_node(args: argparse.Namespace) -> dict[str, Any]:
     """bigmap.js on this (the generator) core, with our arguments; its JSON result."""
     names = ("people", "viewers", "rate", "people_view", "duration", "warmup", "settle", "sample",
              "concurrency", "seed", "map", "port", "server_pid")
+    if not (HERE / "peers" / "node_modules" / "ws").is_dir():  # ws is pinned there, as for run.py
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=HERE / "peers", check=True)
     cmd = ["node", str(HERE / "bigmap.js")]
     for name in names:
         cmd += ["--" + name.replace("_", "-"), str(getattr(args, name))]
