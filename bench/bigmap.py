@@ -12,7 +12,8 @@ each pin state they receive is measured from the moment its move was sent,
 and at the end, once quiet, each sampled picture is compared with the
 truth (the generator's own positions, cut into the same Web Mercator
 cells). People watch their own street (zoom 17) while they move, as the
-page does. The server runs on core 0, this generator on core 1.
+page does. The server runs on core 0, this generator on core 1 (or, with
+--generator node, bench/bigmap.js: Node.js and ws, no code shared with this).
 
     .venv/bin/python bench/bigmap.py --people 10000 --viewers 10000 --json /tmp/big.json
 
@@ -446,7 +447,8 @@ class BigMap:
         while self.ready + len(self.failures) < len(self.conns) and time.monotonic() < deadline:
             self.pump(time.monotonic() + 0.05)
         result: dict[str, Any] = {
-            "people": args.people, "viewers": args.viewers, "people_view": args.people_view,
+            "generator": "python", "people": args.people, "viewers": args.viewers,
+            "people_view": args.people_view,
             "connected": self.ready,
             "connect_s": round(time.monotonic() - t_start, 1)}
         self.pump(time.monotonic() + 1.0)
@@ -540,10 +542,11 @@ def render(paths: list[Path]) -> str:
     """A Markdown table of results (one row per run), as docs/benchmarks.md shows them."""
     classes = ["person", *[c[0] for c in CLASSES]]
     lines = [
-        "| people + viewers | server CPU (cores) | other work during (cores) | p50 / p99 ms | "
+        "| people + viewers | generator, its CPU (cores) | server CPU (cores) "
+        "| other work during (cores) | p50 / p99 ms | "
         + " | ".join(f"{c} B/s median / max" for c in classes)
         + " | sampled wrong / converged after |",
-        "| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in classes) + " | --- |",
+        "| --- | --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in classes) + " | --- |",
     ]
     for path in paths:
         r = orjson.loads(path.read_text())
@@ -552,12 +555,27 @@ def render(paths: list[Path]) -> str:
         others = busy.get("core0", 0) + busy.get("core1", 0) - r["server_cpu_frac"] - r["gen_cpu_frac"]
         lines.append(
             f"| {r['people']:,} + {r['viewers']:,} ({r.get('people_view', 'street')}) "
+            f"| {r.get('generator', 'python')} {r['gen_cpu_frac']:.2f} "
             f"| {r['server_cpu_frac']:.2f} | {others:.2f} "
             f"| {r['p50_ms']} / {r['p99_ms']} | "
             + " | ".join(f"{rates[c]['median_B_s']:,} / {rates[c]['max_B_s']:,}" if c in rates
                          else "–" for c in classes)
             + f" | {r['wrong_sampled']} of {r['sampled']} / {r['converged_after_s']} s |")
     return "\n".join(lines)
+
+
+def run_node(args: argparse.Namespace) -> dict[str, Any]:
+    """bigmap.js on this (the generator) core, with our arguments; its JSON result."""
+    names = ("people", "viewers", "rate", "people_view", "duration", "warmup", "settle", "sample",
+             "concurrency", "seed", "map", "port", "server_pid")
+    if not (HERE / "peers" / "node_modules" / "ws").is_dir():  # ws is pinned there, as for run.py
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=HERE / "peers", check=True)
+    cmd = ["node", str(HERE / "bigmap.js")]
+    for name in names:
+        cmd += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+    limit = args.duration + args.settle + 200 + (args.people + args.viewers) / 100
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, check=True, timeout=limit)
+    return orjson.loads(out.stdout)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -580,6 +598,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--port", type=int, help="a server already running (else one is started)")
     p.add_argument("--server-pid", type=int)
     p.add_argument("--json", type=Path)
+    p.add_argument("--generator", choices=("python", "node"), default="python",
+                   help="this file's generator, or bigmap.js (Node.js, ws; no code shared)")
     args = p.parse_args(argv)
     os.sched_setaffinity(0, {GENERATOR_CORE})
     os.setpriority(os.PRIO_PROCESS, 0, -20)
@@ -595,13 +615,14 @@ def main(argv: Optional[list[str]] = None) -> None:
             args.port = s.getsockname()[1]
         server = start_server(args.port, Path(f"/tmp/bigmap-server-{args.port}.log"))
         args.server_pid = server.pid
-    bench = BigMap(args)
+    bench = BigMap(args) if args.generator == "python" else None
     try:
-        result = bench.run()
+        result = bench.run() if bench else run_node(args)
         result["background_before"] = background
         result["server_survived"] = server is None or server.poll() is None
     finally:
-        bench.close()
+        if bench:
+            bench.close()
         if server is not None:
             server.send_signal(signal.SIGTERM)
             try:
