@@ -35,6 +35,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -377,7 +378,11 @@ class BigMap:
             while self.pending < args.concurrency and self.next_connect < len(self.conns):
                 self._connect(self.conns[self.next_connect])
                 self.next_connect += 1
-            for fd, ev in poll(timeout, 8192):
+            events = poll(timeout, 8192)
+            # The time the frames are read, not the time the wait began:
+            # the wait may last up to 50 ms, which would read as less latency.
+            now = time.monotonic()
+            for fd, ev in events:
                 c = by_fd.get(fd)
                 if c is not None:
                     event(c, ev, now)
@@ -525,7 +530,10 @@ def start_server(port: int, log: Path) -> subprocess.Popen:
              "--port", f"tcp:{port}:interface=127.0.0.1:backlog=4096",
              "--pirate", "none", "--tick", "0.1", "--ping", "600",
              *os.environ.get("BIGMAP_SERVER_ARGS", "").split()],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=pinned)
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=pinned,
+            # A store of its own (livemap's data directory; older commits
+            # ignore it): the user's is left alone, two runs at once do not meet.
+            env=dict(os.environ, STATE_DIRECTORY=tempfile.mkdtemp(prefix="bigmap-data-")))
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:

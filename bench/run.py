@@ -149,8 +149,13 @@ class Server:
     def start(self) -> None:
         log = open(self.log_path, "wb")
         env, cwd = None, REPO
+        if self.name == "livemap":
+            # A store of its own (livemap's data directory, read from
+            # STATE_DIRECTORY; older commits ignore it): the user's is left
+            # alone, and two runs at once do not meet.
+            env = dict(os.environ, STATE_DIRECTORY=str(logdir / f"data-{self.port}"))
         if self.name == "livemap" and LIVEMAP_TREE is not None:
-            env = dict(os.environ)
+            assert env is not None
             env["PYTHONPATH"] = os.pathsep.join(x for x in (str(LIVEMAP_TREE), env.get("PYTHONPATH")) if x)
             cwd = LIVEMAP_TREE
         self.proc = subprocess.Popen(
