@@ -263,7 +263,9 @@ def test_the_people_search_limits_and_orders(hub, clock):
 
 def test_on_a_big_map_a_clustered_group_is_sent_at_most_every_other_tick(clock):
     ids = itertools.count()
-    hub = Hub(clock, tick_interval=TICK, big_map=3, cluster_flush_ticks=2,
+    # cohort_min=3: a tick of its base length (a map between big_map and
+    # cohort_min ticks 1.3 times less often: the test below).
+    hub = Hub(clock, tick_interval=TICK, big_map=3, cohort_min=3, cluster_flush_ticks=2,
               new_id=lambda: f"p{next(ids)}")
     walkers = people(hub, 3, step=0.01)  # three sparse cells
     clock.advance(TICK)
@@ -295,3 +297,27 @@ def test_on_a_big_map_a_clustered_group_is_sent_at_most_every_other_tick(clock):
         clock.advance(TICK)
     assert len(updates(viewer)) == 4
     assert member.group is not None
+
+
+def test_a_map_whose_tick_is_stretched_sends_clustered_groups_every_tick(clock):
+    """
+    Whatever the map's tick, a change waits at most cluster_flush_ticks base
+    ticks (the p99 target of big maps, 250 ms, with ticks of 100 ms): a map
+    whose tick is 130 ms cannot wait two of them.
+    """
+    ids = itertools.count()
+    hub = Hub(clock, tick_interval=TICK, big_map=3, cluster_flush_ticks=2,
+              new_id=lambda: f"p{next(ids)}")
+    walkers = people(hub, 3, step=0.01)
+    clock.advance(TICK)
+    _, viewer = watch(hub, (2.3, 48.8, 2.4, 48.9), 16)
+    assert hub.maps["m"].interval > TICK
+    viewer.take()
+    seq = itertools.count(2)
+    ticks = hub.stats.ticks
+    for _ in range(10):
+        for n, walker in enumerate(walkers):
+            walker.move(Move(48.85 + n * 0.01, 2.35 + next(seq) * 1e-6, None, None, next(seq)))
+        clock.advance(hub.maps["m"].interval)
+    ticks = hub.stats.ticks - ticks
+    assert ticks >= 9 and len(updates(viewer)) >= ticks - 1, (ticks, len(updates(viewer)))

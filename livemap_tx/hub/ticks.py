@@ -150,8 +150,13 @@ class Ticks(SlowConsumers):
         if self.deferred:
             touched |= self.deferred
             self.deferred = set()
-        # A big map's clustered groups are sent at most every few ticks.
-        every = self.hub.cluster_flush_ticks if len(self.members) >= self.hub.big_map else 1
+        # A big map's clustered groups are sent at most every few ticks, so
+        # that a change waits at most cluster_flush_ticks base ticks (200 ms):
+        # a map whose tick is stretched waits fewer of its ticks.
+        every = 1
+        if len(self.members) >= self.hub.big_map:
+            every = max(1, int(self.hub.cluster_flush_ticks * self.hub.tick_interval
+                               / self.interval + 1e-9))
         for group in touched:
             if isinstance(group, ClusterGroup):
                 if self.ticks_run - group.last_flush < every:
