@@ -49,14 +49,15 @@ def main() -> None:
     p.add_argument("--people", type=int, default=10000)
     p.add_argument("--viewers", type=int, default=10000)
     p.add_argument("--seconds", type=int, default=5)
-    p.add_argument("--flush-ticks", type=int, default=2, help="Hub.cluster_flush_ticks")
+    p.add_argument("--flush-ticks", type=int, default=1, help="Hub.cluster_flush_ticks")
+    p.add_argument("--tick", type=float, default=0.1, help="Hub.tick_interval")
     p.add_argument("--seed", type=int, default=20)
     p.add_argument("--people-view", choices=sorted(MOVER_VIEWS), default="street")
     args = p.parse_args()
     rng = random.Random(args.seed)
     clock = Clock()
     clock.advance(1000)
-    hub = Hub(clock, cluster_flush_ticks=args.flush_ticks)
+    hub = Hub(clock, tick_interval=args.tick, cluster_flush_ticks=args.flush_ticks)
     hotspots = [(CITY[0] + rng.uniform(-0.07, 0.07), CITY[1] + rng.uniform(-0.1, 0.1))
                 for _ in range(HOTSPOTS)]
     people, pos = [], []
@@ -87,17 +88,18 @@ def main() -> None:
     for _, sub in [*people, *viewers]:
         sub.bytes = sub.frames = 0
     started = time.process_time()
-    for _ in range(args.seconds * 10):  # a tenth of the people move in each tenth of a second
+    slots = round(1 / args.tick)
+    for _ in range(args.seconds * slots):  # each tick's share of the people move in it
         seq += 1
-        for k in range(seq % 10, args.people, 10):
+        for k in range(seq % slots, args.people, slots):
             p_ = pos[k]
             p_[0] += rng.uniform(-0.0002, 0.0002)
             p_[1] += rng.uniform(-0.0003, 0.0003)
             people[k][0].move(Move(p_[0], p_[1], None, None, seq))
-        clock.advance(0.1)
+        clock.advance(args.tick)
     cpu = time.process_time() - started
     map_state = hub.maps["big"]
-    print(f"{args.people} people ({args.people_view}), {args.viewers} viewers, flush every {args.flush_ticks} ticks: "
+    print(f"{args.people} people ({args.people_view}), {args.viewers} viewers, tick {args.tick} s, flush every {args.flush_ticks} ticks: "
           f"hub CPU {cpu / args.seconds:.3f} s per second; "
           f"{sum(s.frames for _, s in [*people, *viewers]) / args.seconds:,.0f} frames/s; "
           f"{len(map_state.cluster_groups)} groups")
