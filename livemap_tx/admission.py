@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import ipaddress
 from typing import Iterable, Optional, Union
+from urllib.parse import urlsplit
 
 from twisted.internet.interfaces import IReactorTime
-from urllib.parse import urlsplit
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
