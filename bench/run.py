@@ -153,7 +153,7 @@ class Server:
             # A store of its own (livemap's data directory, read from
             # STATE_DIRECTORY; older commits ignore it): the user's is left
             # alone, and two runs at once do not meet.
-            env = dict(os.environ, STATE_DIRECTORY=str(logdir / f"data-{self.port}"))
+            env = dict(os.environ, STATE_DIRECTORY=str(self.log_path.with_name(f"data-{self.port}")))
         if self.name == "livemap" and LIVEMAP_TREE is not None:
             assert env is not None
             env["PYTHONPATH"] = os.pathsep.join(x for x in (str(LIVEMAP_TREE), env.get("PYTHONPATH")) if x)
