@@ -1,7 +1,8 @@
 """
 Options to one MultiService: the only place that wires livemap's parts
 together (hub, WebSocket, web site, metrics, pirate echo, the Redis
-backplane, and the worker processes of `--workers`).
+backplane, and the worker processes of `--workers`). The options
+themselves are in options.py.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import errno
 import os
 import resource
 import sys
-from importlib import metadata
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -21,52 +21,39 @@ from twisted.internet import defer, endpoints
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.logger import Logger
-from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.web.resource import IResource
 from zope.interface import implementer
 
 from . import wire
-from .admission import (
-    DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_MAX_PER_IP,
-    Admission,
-    Network,
-    parse_networks,
+from .admission import Admission, Network, parse_networks
+from .cluster.backplane import DEVICE_LEASE, Backplane, BackplaneCollector, make_backplane
+from .cluster.links import MapUnavailable
+from .hub import Hub
+from .hub.people import SEARCH_RATE
+from .logfiles import ReopenLogsOnHangup
+from .maps import MIN_TTL, MapDirectory
+from .metrics import AdmissionCollector, DeviceCollector, make_registry
+from .options import (
+    LISTEN_BACKLOG,
+    REDIS_PASSWORD_VARIABLE,
+    SHUTDOWN_GRACE,
+    Options,
+    livemap_version,
+    say_startup_failure,
+    split_commas,
 )
-from .cluster.backplane import (
-    DEFAULT_CLUSTER,
-    DEFAULT_NODE_TTL,
-    DEVICE_LEASE,
-    Backplane,
-    BackplaneCollector,
-    make_backplane,
-)
-from .transports.client import DEFAULT_RATE
 from .phones.app_routes import PhoneApps
 from .phones.apps import DEFAULT_MAX_FRIENDS
-from .hub.people import SEARCH_BURST, SEARCH_RATE
 from .phones.devices import CREATE_BURST, Devices, Unavailable
-from .hub import Hub
-from .cluster.links import MapUnavailable
-from .logfiles import ReopenLogsOnHangup
-from .maps import MAX_TTL, MIN_TTL, MapDirectory
-from .metrics import AdmissionCollector, DeviceCollector, make_registry
-from .pirate import PirateFactory
-from .cluster.redis_link import parse_redis_urls
 from .phones.token_misses import MissCollector
+from .pirate import PirateFactory
 from .sockjs import SockJSResource
 from .sqlite_store import DiskDevices, SqliteStore, StoreError, StoreService, default_data_dir
 from .sqlite_store import restore as restore_store
 from .transports.sockjs_endpoint import sockjs_resource
-from .web import (
-    BODY_TIMEOUT,
-    MIN_BODY_RATE,
-    OSM_ATTRIBUTION,
-    OSM_TILES,
-    LiveMapSite,
-    make_site,
-)
+from .transports.ws import LiveMapFactory
+from .web import LiveMapSite, make_site
 from .workers import (
     LOOPBACK,
     PRIVATE_FD,
@@ -76,271 +63,14 @@ from .workers import (
     Supervisor,
     WorkerSpec,
 )
-from .transports.ws import LiveMapFactory
 
 log = Logger()
-
-LISTEN_BACKLOG = 1024
-SHUTDOWN_GRACE = 3.0
-MAX_WORKERS = 256
-# Used when the --redis URL has no password of its own.
-REDIS_PASSWORD_VARIABLE = "LIVEMAP_REDIS_PASSWORD"
-
-
-def _positive(name: str, low: float = 0.0, high: float = float("inf")):
-    def coerce(value: str) -> float:
-        try:
-            number = float(value)
-        except ValueError:
-            raise usage.UsageError(f"--{name} must be a number, not {value!r}") from None
-        if not low < number <= high:
-            raise usage.UsageError(f"--{name} must be in ({low:g}, {high:g}], not {value!r}")
-        return number
-    coerce.coerceDoc = f"A number in ({low:g}, {high:g}]."  # type: ignore[attr-defined]
-    return coerce
-
-
-def _at_least(name: str, low: float, high: float):
-    """A number in [low, high] (zero allowed where low is 0)."""
-    def coerce(value: str) -> float:
-        try:
-            number = float(value)
-        except ValueError:
-            raise usage.UsageError(f"--{name} must be a number, not {value!r}") from None
-        if not low <= number <= high:
-            raise usage.UsageError(f"--{name} must be in [{low:g}, {high:g}], not {value!r}")
-        return number
-    coerce.coerceDoc = f"A number in [{low:g}, {high:g}]."  # type: ignore[attr-defined]
-    return coerce
-
-
-def _count(name: str, high: int = 10_000_000):
-    """A whole number from 1 to `high`."""
-    def coerce(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            raise usage.UsageError(f"--{name} must be a whole number, not {value!r}") from None
-        if not 1 <= number <= high:
-            raise usage.UsageError(f"--{name} must be from 1 to {high}, not {value!r}")
-        return number
-    coerce.coerceDoc = f"A whole number from 1 to {high}."  # type: ignore[attr-defined]
-    return coerce
-
-
-def _split(value: str) -> list[str]:
-    return [part.strip() for part in value.split(",") if part.strip()]
-
-
-def _workers(value: str) -> int:
-    try:
-        count = int(value)
-    except ValueError:
-        raise usage.UsageError(f"--workers must be a whole number, not {value!r}") from None
-    if not 1 <= count <= MAX_WORKERS:
-        raise usage.UsageError(f"--workers must be from 1 to {MAX_WORKERS}, not {value!r}")
-    return count
-
-
-_workers.coerceDoc = "A whole number; more than 1 needs --redis."  # type: ignore[attr-defined]
-
-
-STORES = ("sqlite", "memory")
-
-
-def _store(value: str) -> str:
-    if value not in STORES:
-        raise usage.UsageError(f"--store must be one of {', '.join(STORES)}, not {value!r}")
-    return value
-
-
-_store.coerceDoc = "sqlite or memory."  # type: ignore[attr-defined]
-
-
-class Options(usage.Options):
-    """twistd livemap [options]"""
-
-    synopsis = "[options]"
-    longdesc = ("Serve the livemap page, its WebSocket (/ws/MAP) and SockJS (/sockjs/MAP) "
-                "endpoints on one port, and the pirate-speak echo on another.")
-    optParameters: list[list[Any]] = [
-        ["port", "p", "tcp:8080",
-         "Endpoint of the page, WebSocket and SockJS (e.g. tcp:8080, "
-         "ssl:8443:privateKey=key.pem:certKey=cert.pem)."],
-        ["pirate", None, "tcp:8007",
-         "Endpoint of the pirate-speak echo for telnet, or 'none' to disable."],
-        ["tiles", None, OSM_TILES, "Map tile URL template with {z}, {x} and {y}."],
-        ["attribution", None, OSM_ATTRIBUTION,
-         "Attribution HTML the tile provider requires."],
-        ["rate", None, DEFAULT_RATE, "Moves per second allowed per connection.",
-         _positive("rate", 0.0, 1000.0)],
-        ["tick", None, 0.1, "Seconds between fan-out ticks per map.",
-         _positive("tick", 0.0, 5.0)],
-        ["ping", None, 30.0, "Seconds between WebSocket pings; a connection that does "
-         "not answer within another such interval is closed. At least 1: Autobahn "
-         "runs its ping timers in one-second buckets.",
-         _at_least("ping", 1.0, 3600.0)],
-        ["slow-timeout", None, 30.0,
-         "Seconds a client that does not read may stay before it is closed.",
-         _positive("slow-timeout", 0.0, 3600.0)],
-        ["redis", None, None,
-         "Link this process to every other one given the same Redis and --cluster, so "
-         "they serve one map: redis://[[user]:password@]host[:port][/db], or rediss:// "
-         "for TLS (the password may instead be in $LIVEMAP_REDIS_PASSWORD). Several "
-         "comma-separated URLs spread the maps' traffic over several Redis servers "
-         "(every node must list the same ones, in any order). Or "
-         "sentinel://host:port[,host:port...]/MASTER[/db]: follow the master the "
-         "Redis Sentinels name, through failovers. Without it the process stands alone."],
-        ["store", None, "sqlite",
-         "Where a node without --redis keeps its devices, private maps and devices' last "
-         "positions: sqlite (a file in --data-dir, kept across restarts) or memory "
-         "(forgotten at exit). With --redis, Redis is the store.", _store],
-        ["data-dir", None, None,
-         "Directory of the sqlite store (created if missing). Default: $STATE_DIRECTORY "
-         "(systemd's StateDirectory=), else $XDG_STATE_HOME/livemap, else "
-         "~/.local/state/livemap."],
-        ["cluster", None, DEFAULT_CLUSTER,
-         "Name of the group of processes that share maps through --redis."],
-        ["node-ttl", None, DEFAULT_NODE_TTL,
-         "Seconds after which the other processes drop the pins of one they no longer "
-         "hear from (it died, or lost Redis); each sends a heartbeat when quiet for a quarter of it.",
-         _positive("node-ttl", 0.0, 600.0)],
-        ["workers", None, 1,
-         "Processes sharing --port on this machine, linked through --redis "
-         "(about one per core).", _workers],
-        ["allow-origin", None, "",
-         "Comma-separated origins (https://example.org) whose pages may open live "
-         "connections besides the server's own; other browsers' upgrades are refused."],
-        ["trust-proxy", None, "",
-         "Comma-separated addresses or CIDR blocks of reverse proxies whose "
-         "X-Forwarded-For names the client."],
-        ["max-connections", None, DEFAULT_MAX_CONNECTIONS,
-         "Live connections (WebSocket and SockJS) this process accepts in all.",
-         _count("max-connections")],
-        ["max-per-ip", None, DEFAULT_MAX_PER_IP,
-         "Live connections accepted from one client address.", _count("max-per-ip")],
-        ["max-maps", None, 10_000, "Maps with connections that may exist at once.",
-         _count("max-maps")],
-        ["max-pins-per-map", None, 50_000,
-         "Connections (each with at most one pin) one map may have.",
-         _count("max-pins-per-map")],
-        ["handshake-timeout", None, 10.0, "Seconds a WebSocket upgrade may take.",
-         _positive("handshake-timeout", 0.0, 600.0)],
-        ["header-timeout", None, 20.0,
-         "Seconds each HTTP request's headers may take to arrive (also the idle "
-         "keep-alive time); slower clients are cut off.",
-         _positive("header-timeout", 0.0, 600.0)],
-        ["body-timeout", None, BODY_TIMEOUT,
-         "Seconds a request body may go without sending anything; also the part of its "
-         "deadline that does not depend on its size (see --min-body-rate).",
-         _positive("body-timeout", 0.0, 600.0)],
-        ["min-body-rate", None, MIN_BODY_RATE,
-         "Bytes a second a request body must average after its first --body-timeout "
-         "seconds: its deadline is --body-timeout plus one second per this many bytes "
-         "received.", _positive("min-body-rate", 0.0, 1e9)],
-        ["precision", None, 0.0,
-         "Coarsen every position to about this many metres before it is stored or "
-         "sent (0: as the client sent it).", _at_least("precision", 0.0, 100_000.0)],
-        ["stale", None, 600.0,
-         "Seconds without a new fix after which the page shows a pin as stale.",
-         _positive("stale", 0.0, 86_400.0)],
-        ["expire", None, 3600.0,
-         "Seconds without a new fix after which a pin is removed from its map.",
-         _positive("expire", 0.0, 7 * 86_400.0)],
-        ["device-burst", None, CREATE_BURST,
-         "Phone-app devices one client address may set up at once (a venue's audience "
-         "behind one NAT address); after that, one every 30 s.",
-         _count("device-burst", 100_000)],
-        ["search-rate", None, SEARCH_RATE,
-         "People searches (GET /api/maps/MAP/people) one client address may make a "
-         f"second, after a burst of {SEARCH_BURST}; past that they are answered 429.",
-         _positive("search-rate", 0.0, 10_000.0)],
-        ["max-friends", None, DEFAULT_MAX_FRIENDS,
-         "People an OwnTracks phone is shown as Friends, the nearest first.",
-         _count("max-friends", 10_000)],
-        ["min-ttl", None, MIN_TTL,
-         "Shortest life (?ttl=, seconds) a private map may be given; below 15 minutes "
-         "only for tests.", _positive("min-ttl", 0.0, MAX_TTL)],
-    ]
-    optFlags: list[list[Any]] = [
-        ["open-maps", None, "Any well-formed name is a map (the default)."],
-        ["no-open-maps", None,
-         "Only `public` and maps created with POST /api/maps exist; any other name "
-         "is a 404 and a refused upgrade."],
-        ["no-public", None, "Disable the `public` map too."],
-        ["log-sockjs-requests", None,
-         "Access-log every SockJS transport request (one per message for polling "
-         "clients), to check that a load balancer keeps each session on one node."],
-    ]
-
-    def parseOptions(self, options: Optional[Sequence[str]] = None) -> None:  # noqa: N802
-        """Under twistd or `livemap`, a mistake is one line on stderr, not the whole --help."""
-        try:
-            super().parseOptions(options)
-        except usage.UsageError as error:
-            if self.parent is None:  # type: ignore[attr-defined]
-                raise
-            raise SystemExit(say_startup_failure(f"{error} (--help lists the options)", 2))
-
-    def opt_version(self) -> None:  # noqa: N802 (Twisted's name)
-        """Display the livemap and Twisted versions and exit."""
-        from twisted import copyright
-        sys.stdout.write(f"livemap {livemap_version()} (Twisted {copyright.version})\n")
-        sys.exit(0)
-
-    def postOptions(self) -> None:  # noqa: N802 (Twisted's name)
-        from twisted.internet import reactor
-        for name in ("port", "pirate"):
-            value = self[name]
-            if name == "pirate" and value == "none":
-                continue
-            try:
-                endpoints.serverFromString(reactor, value)
-            except OSError as error:  # the files of an ssl: endpoint
-                raise usage.UsageError(f"--{name}: cannot read {error.filename or 'a file'} "
-                                       f"({error.strerror or error}) of {value!r}") from None
-            except Exception as error:  # ValueError, KeyError, OpenSSL's Error...
-                raise usage.UsageError(f"--{name}: bad endpoint {value!r}: {error}") from None
-        if not all(part in self["tiles"] for part in ("{z}", "{x}", "{y}")):
-            raise usage.UsageError("--tiles must contain {z}, {x} and {y}")
-        if self["redis"] is not None:
-            try:
-                parse_redis_urls(self["redis"])
-            except ValueError as error:
-                raise usage.UsageError(f"--redis: {error}") from None
-        if self["open-maps"] and self["no-open-maps"]:
-            raise usage.UsageError("--open-maps and --no-open-maps contradict each other")
-        for origin in _split(self["allow-origin"]):
-            if not origin.startswith(("http://", "https://")):
-                raise usage.UsageError(f"--allow-origin: {origin!r} is not an http(s) origin")
-        try:
-            parse_networks(_split(self["trust-proxy"]))
-        except ValueError as error:
-            raise usage.UsageError(f"--trust-proxy: {error}") from None
-        if not wire.is_map_name(self["cluster"]):
-            raise usage.UsageError("--cluster must be 1 to 64 characters of A-Z a-z 0-9 _ -")
-        if self["workers"] > 1:
-            if self["redis"] is None:
-                raise usage.UsageError("--workers above 1 needs --redis: the workers share "
-                                       "their maps through it")
-            if self["port"].split(":", 1)[0] not in ("tcp", "tcp6"):
-                raise usage.UsageError("--workers shares a plain TCP --port (tcp:... or "
-                                       "tcp6:...); terminate TLS in front of it")
-
 
 # Start-up mistakes: one line for whoever starts livemap, not a traceback.
 
 
 class StartupFailed(Exception):
     """livemap cannot start, for a reason its message says in one line."""
-
-
-def say_startup_failure(message: str, status: int = 1) -> int:
-    """Write the one line to the real stderr (twistd redirects sys.stderr into its log)."""
-    stream = sys.__stderr__ or sys.stderr
-    stream.write(f"livemap: {message}\n")
-    stream.flush()
-    return status
 
 
 def _startup_excepthook(kind: Any, value: BaseException, traceback: Any) -> None:
@@ -430,14 +160,6 @@ def _say_if_unlinked(how: str, backplane: Backplane) -> None:
                    f"node's clients alone and retrying (check --redis)")
         log.warn("{message}", message=message)
         say_startup_failure(message)
-
-
-def livemap_version() -> str:
-    """The installed distribution's version: setup.cfg says it once."""
-    try:
-        return metadata.version("livemap")
-    except metadata.PackageNotFoundError:
-        return "unknown (not installed)"
 
 
 def with_backlog(description: str, backlog: int = LISTEN_BACKLOG) -> str:
@@ -534,8 +256,8 @@ def make_node(reactor: Any, options: Options, *,
     # One admission for both transports: switching to SockJS gets around nothing.
     admission = Admission(
         max_connections=options["max-connections"], max_per_ip=options["max-per-ip"],
-        allowed_origins=_split(options["allow-origin"]),
-        trusted_proxies=[*parse_networks(_split(options["trust-proxy"])), *trusted])
+        allowed_origins=split_commas(options["allow-origin"]),
+        trusted_proxies=[*parse_networks(split_commas(options["trust-proxy"])), *trusted])
     registry.register(AdmissionCollector(admission))
 
     def in_use(name: str) -> bool:
