@@ -18,7 +18,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from livemap_tx.hub import Hub
-from livemap_tx.transports.small_frames import SMALL_FRAME_LIMIT, small_text_frame, unmask
+from livemap_tx.transports.small_frames import (
+    SMALL_FRAME_LIMIT, small_text_frame, text_frame, unmask)
 from livemap_tx.transports.ws import LiveMapFactory, LiveMapProtocol
 
 
@@ -29,6 +30,16 @@ def reference_unmask(mask: bytes, payload: bytes) -> bytes:
 @given(mask=st.binary(min_size=4, max_size=4), payload=st.binary(max_size=600))
 def test_unmask_is_the_rfc_6455_xor(mask, payload):
     assert unmask(mask, payload) == reference_unmask(mask, payload)
+
+
+@settings(max_examples=200)
+@given(payload=st.one_of(st.binary(max_size=300),
+                         st.sampled_from([125, 126, 127, 65535, 65536, 70000]).map(
+                             lambda n: b"x" * n)))
+def test_a_server_frame_is_what_autobahn_frames(payload):
+    clock = Clock()
+    factory = LiveMapFactory(Hub(clock), clock)
+    assert text_frame(payload) == factory.prepareMessage(payload).payloadHybi
 
 
 def frame(payload: bytes, *, opcode: int = 1, fin: bool = True, masked: bool = True,

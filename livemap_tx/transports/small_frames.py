@@ -1,6 +1,8 @@
 """
-Reading the frames a map's clients send most: small, whole, masked text
-frames (a move is about 80 bytes).
+The WebSocket frames livemap reads and writes itself: the small, whole,
+masked text frames its clients send most (a move is about 80 bytes), and
+the server's own text frames (unmasked, never compressed: their bytes are
+the header and the payload).
 
 Autobahn reads every frame through a dozen method calls, a masker object
 and an incremental UTF-8 validator: about 30 microseconds a frame, which at
@@ -21,6 +23,16 @@ from typing import Optional
 # through Autobahn.
 SMALL_FRAME_LIMIT = 4096
 _FIN_TEXT = 0x81
+
+
+def text_frame(payload: bytes) -> bytes:
+    """A whole server-to-client text frame (RFC 6455 section 5.2), as Autobahn would frame it."""
+    length = len(payload)
+    if length < 126:
+        return bytes((_FIN_TEXT, length)) + payload
+    if length < 65536:
+        return bytes((_FIN_TEXT, 126)) + length.to_bytes(2, "big") + payload
+    return bytes((_FIN_TEXT, 127)) + length.to_bytes(8, "big") + payload
 
 
 def unmask(mask: bytes, payload: bytes) -> bytes:
