@@ -77,6 +77,19 @@ class Level:
 LEVELS = [Level(k) for k in range(MAX_LEVEL + 1)]
 
 
+def ring_cells(row: int, column: int, ring: int) -> Iterator[tuple[int, int]]:
+    """The (row, column) cells exactly `ring` steps (Chebyshev) from (row, column)."""
+    if ring == 0:
+        yield row, column
+        return
+    for c in range(column - ring, column + ring + 1):
+        yield row - ring, c
+        yield row + ring, c
+    for r in range(row - ring + 1, row + ring):
+        yield r, column - ring
+        yield r, column + ring
+
+
 def boxes_meet(a: BBox, b: BBox) -> bool:
     """Whether two boxes (either may cross the antimeridian) overlap."""
     if a[1] > b[3] or b[1] > a[3]:

@@ -16,9 +16,9 @@ from __future__ import annotations
 import heapq
 import math
 from itertools import chain, islice
-from typing import Callable, Iterable, Iterator, Mapping, Optional
+from typing import Callable, Iterable, Mapping, Optional
 
-from .grid import PinGrid
+from .grid import PinGrid, ring_cells
 from .pins import Pin
 
 DEFAULT_LIMIT = 50
@@ -135,19 +135,6 @@ def search(pins: Mapping[str, Pin], names: Names, grid: PinGrid, text: str,
     return [pin.as_dict() for pin in chosen]
 
 
-def _ring(row: int, column: int, ring: int) -> Iterator[tuple[int, int]]:
-    """The cells exactly `ring` steps (Chebyshev) from (row, column)."""
-    if ring == 0:
-        yield row, column
-        return
-    for c in range(column - ring, column + ring + 1):
-        yield row - ring, c
-        yield row + ring, c
-    for r in range(row - ring + 1, row + ring):
-        yield r, column - ring
-        yield r, column + ring
-
-
 def _nearest_in_grid(pins: Mapping[str, Pin], grid: PinGrid, point: tuple[float, float],
                      limit: int, wanted: Callable[[str], bool],
                      found: Iterable[Pin]) -> list[Pin]:
@@ -168,7 +155,7 @@ def _nearest_in_grid(pins: Mapping[str, Pin], grid: PinGrid, point: tuple[float,
         if (2 * ring + 1) ** 2 > 4 * len(cells) or ring > level.columns // 2:
             return heapq.nsmallest(limit, found,
                                    key=lambda pin: _distance(pin.lat, pin.lng, point))
-        for r, c in _ring(row, column, ring):
+        for r, c in ring_cells(row, column, ring):
             if not 0 <= r < level.rows:
                 continue
             for pin_id in cells.get(r * level.columns + c % level.columns, ()):

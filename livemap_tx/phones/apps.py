@@ -32,6 +32,7 @@ from urllib.parse import quote
 import orjson
 
 from .. import wire
+from ..hub.grid import ring_cells
 from .devices import MAX_FUTURE, Fix
 
 # An Overland batch holds at most this many points.
@@ -353,7 +354,7 @@ class Neighbours:
                          for n, pin in enumerate(p for pins in self.cells.values()
                                                  for p in pins if wanted(p))]
                 break
-            for key in _ring(row, col, ring):
+            for key in ring_cells(row, col, ring):
                 for pin in self.cells.get(key, ()):
                     if wanted(pin):
                         found.append((_distance(lat, lng, pin), len(found), pin))
@@ -362,19 +363,6 @@ class Neighbours:
                 if heapq.nsmallest(limit, found)[-1][0] <= ring * self.cell * scale:
                     break
         return [pin for _, _, pin in heapq.nsmallest(limit, found)]
-
-
-def _ring(row: int, col: int, ring: int) -> Iterator[tuple[int, int]]:
-    """The cells at exactly `ring` steps (Chebyshev) from (row, col)."""
-    if ring == 0:
-        yield row, col
-        return
-    for c in range(col - ring, col + ring + 1):
-        yield row - ring, c
-        yield row + ring, c
-    for r in range(row - ring + 1, row + ring):
-        yield r, col - ring
-        yield r, col + ring
 
 
 class Friends:
