@@ -145,9 +145,9 @@ def test_no_name_covers_a_cluster_mark_and_axe_finds_nothing_serious(
     expect(own).to_be_visible()
     label = own.bounding_box()
     assert label is not None
-    # A mark of 18 px radius whose top is at the middle of the name.
+    # A mark of 22 px radius (the smallest) whose top is at the middle of the name.
     x = label["x"] + label["width"] / 2
-    y = label["y"] + label["height"] / 2 + 18
+    y = label["y"] + label["height"] / 2 + 22
     lat, lng = lat_lng_at(ada, x, y)
     under = cluster("c:13/4401/2685", lat, lng, 12, 0.001)
     # Walkers around, whose names the crowd places too.
@@ -160,7 +160,10 @@ def test_no_name_covers_a_cluster_mark_and_axe_finds_nothing_serious(
     ada.page.wait_for_timeout(500)
     marks = mark_boxes(ada)
     box = next(m for m in marks if m["id"] == under["id"])
-    assert abs((box["left"] + box["right"]) / 2 - x) < 2 and abs(box["top"] - (y - 18)) < 2
+    assert abs((box["left"] + box["right"]) / 2 - x) < 2 and abs(box["top"] - (y - 22)) < 2
+    # Every mark is a touch target of 44 px or more, as every control of the page.
+    for mark in marks:
+        assert mark["right"] - mark["left"] >= 44 and mark["bottom"] - mark["top"] >= 44, mark
     names = visible_boxes(ada)
     assert any(n["text"] == "Ada" for n in names), names  # still shown: above the pin
     for name in names:

@@ -254,7 +254,8 @@ export class Crowd {
     for (const m of marks) {
       const p = map.latLngToContainerPoint([m.lat, m.lng]);
       if (!onScreen(p.x, p.y)) continue;
-      const r = m.count >= 1000 ? 26 : m.count >= 100 ? 22 : 18;
+      // At least 44 px across: a touch target a finger can hit (the page's rule).
+      const r = m.count >= 1000 ? 28 : m.count >= 100 ? 25 : 22;
       keepMarks.add(m.id);
       markBoxes.push({left: p.x - r, top: p.y - r, right: p.x + r, bottom: p.y + r});
       shownMarks.push({id: m.id, count: m.count, x: p.x, y: p.y});
