@@ -67,7 +67,7 @@ def _close_now(transport: Any) -> None:
 
 
 class Sheddable(Protocol):
-    """What the table needs of a connection it may drop (web.BoundedChannel)."""
+    """What the table needs of a connection it may drop (http_site.BoundedChannel)."""
 
     transport: Any
 

@@ -18,12 +18,13 @@ from . import wire
 from .admission import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PER_IP, parse_networks
 from .cluster.backplane import DEFAULT_CLUSTER, DEFAULT_NODE_TTL
 from .cluster.redis_link import parse_redis_urls
+from .http_site import BODY_TIMEOUT, MIN_BODY_RATE
 from .hub.people import SEARCH_BURST, SEARCH_RATE
 from .maps import MAX_TTL, MIN_TTL
 from .phones.apps import DEFAULT_MAX_FRIENDS
 from .phones.devices import CREATE_BURST
 from .transports.client import DEFAULT_RATE
-from .web import BODY_TIMEOUT, MIN_BODY_RATE, OSM_ATTRIBUTION, OSM_TILES
+from .web import OSM_ATTRIBUTION, OSM_TILES
 
 LISTEN_BACKLOG = 1024
 SHUTDOWN_GRACE = 3.0

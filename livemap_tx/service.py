@@ -53,7 +53,8 @@ from .sqlite_store import DiskDevices, SqliteStore, StoreError, StoreService, de
 from .sqlite_store import restore as restore_store
 from .transports.sockjs_endpoint import sockjs_resource
 from .transports.ws import LiveMapFactory
-from .web import LiveMapSite, make_site
+from .web import LiveMapSite
+from .http_site import make_site
 from .workers import (
     LOOPBACK,
     PRIVATE_FD,

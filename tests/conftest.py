@@ -25,7 +25,7 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 
 from livemap_tx.service import GracefulClose, Options, make_server
-from livemap_tx.web import make_site
+from livemap_tx.http_site import make_site
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"

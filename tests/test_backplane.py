@@ -806,7 +806,7 @@ def test_health_and_metrics_say_when_the_link_is_down():
 @pytest_twisted.ensureDeferred
 async def test_healthz_is_degraded_but_200_and_metrics_show_the_link(tmp_path):
     from livemap_tx.service import make_node
-    from livemap_tx.web import make_site
+    from livemap_tx.http_site import make_site
     # A Redis URL nobody answers: the node serves, degraded.
     node = make_node(reactor, server_options("--redis", "redis://127.0.0.1:1/0"))
     assert node.backplane is not None

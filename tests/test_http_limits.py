@@ -23,7 +23,7 @@ from conftest import (deferLater, eventually, free_port, server_options, twistd_
                       wait_healthy)
 from livemap_tx.admission import Admission, Refused
 from livemap_tx.service import make_server
-from livemap_tx.web import make_site
+from livemap_tx.http_site import make_site
 from wsclient import connect
 
 
@@ -139,7 +139,7 @@ async def test_tls_end_to_end_page_and_websocket(tmp_path):
 
 
 def test_accepted_connections_detect_half_open_peers():
-    from livemap_tx.web import KEEPALIVE_IDLE, detect_half_open
+    from livemap_tx.http_site import KEEPALIVE_IDLE, detect_half_open
 
     class Transport:
         def __init__(self, sock):
@@ -159,7 +159,7 @@ def test_accepted_connections_detect_half_open_peers():
 @pytest_twisted.ensureDeferred
 async def test_accepted_connections_have_a_bounded_kernel_send_buffer(server):
     """A stalled client can hold at most twice SEND_BUFFER in the kernel, not 4 MiB."""
-    from livemap_tx.web import SEND_BUFFER
+    from livemap_tx.http_site import SEND_BUFFER
 
     client = await connect(server.ws_url())
     my_id = (await client.next("welcome"))["id"]
@@ -175,7 +175,7 @@ async def test_accepted_connections_have_a_bounded_kernel_send_buffer(server):
 @pytest_twisted.ensureDeferred
 async def test_a_request_body_over_the_bound_is_refused_unread(server, chunked):
     """twisted.web would read any body; livemap answers 413 and closes instead."""
-    from livemap_tx.web import MAX_BODY
+    from livemap_tx.http_site import MAX_BODY
     from twisted.internet import protocol
 
     received: list[bytes] = []
@@ -242,7 +242,7 @@ async def test_a_client_that_writes_its_whole_body_first_still_reads_the_413(ser
 @pytest_twisted.ensureDeferred
 async def test_after_a_413_a_client_that_keeps_sending_is_cut_off(server, monkeypatch):
     """The lingering close is bounded: what comes after the 413 is dropped, then the connection."""
-    from livemap_tx.web import BoundedChannel
+    from livemap_tx.http_site import BoundedChannel
 
     monkeypatch.setattr(BoundedChannel, "linger", 0.3)
     sock = socket.create_connection(("127.0.0.1", server.port))
@@ -274,7 +274,7 @@ async def test_after_a_413_a_client_that_keeps_sending_is_cut_off(server, monkey
     assert sent > 1024 * 1024  # it was read (and dropped) while lingering, not buffered
 
 
-# The body's deadlines (web.BODY_TIMEOUT, MIN_BODY_RATE), the per-address
+# The body's deadlines (http_site.BODY_TIMEOUT, MIN_BODY_RATE), the per-address
 # limit of every connection and the descriptor budget (connections.py).
 
 
@@ -355,7 +355,7 @@ async def test_a_body_dribbler_is_cut_off_at_the_body_deadline():
 @pytest_twisted.ensureDeferred
 async def test_an_honest_large_overland_batch_over_a_slow_link_is_taken(server):
     """About 110 KB at 4 KB/s in bursts (28 s) under the default deadlines: 200 and the pin."""
-    from livemap_tx.web import BODY_TIMEOUT
+    from livemap_tx.http_site import BODY_TIMEOUT
 
     made = await treq.post(f"{server.url}/api/maps/slowlink/devices", data=b'{"name":"Far"}')
     device = orjson.loads(await made.content())

@@ -26,7 +26,7 @@ from livemap_tx.maps import (
     parse_ttl,
 )
 from livemap_tx.service import Options, make_node
-from livemap_tx.web import make_site
+from livemap_tx.http_site import make_site
 from wsclient import connect
 
 

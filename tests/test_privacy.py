@@ -13,7 +13,7 @@ from twisted.web.test.requesthelper import DummyRequest
 from livemap_tx.transports.client import Client
 from livemap_tx.hub import Hub
 from livemap_tx.privacy import METRES_PER_DEGREE, coarsen
-from livemap_tx.web import private_log_formatter
+from livemap_tx.http_site import private_log_formatter
 from livemap_tx.wire import Move
 
 from test_hub import FakeSubscriber
@@ -112,7 +112,7 @@ def test_sockjs_transport_requests_are_not_access_logged(monkeypatch):
     from twisted.web.resource import Resource
     from twisted.web.server import Site
 
-    from livemap_tx.web import make_site
+    from livemap_tx.http_site import make_site
 
     logged = []
     monkeypatch.setattr(Site, "log", lambda self, request: logged.append(request.uri))
@@ -129,7 +129,7 @@ def test_sockjs_requests_are_logged_when_asked_for(monkeypatch):
     from twisted.web.resource import Resource
     from twisted.web.server import Site
 
-    from livemap_tx.web import make_site
+    from livemap_tx.http_site import make_site
 
     logged = []
     monkeypatch.setattr(Site, "log", lambda self, request: logged.append(request.uri))
